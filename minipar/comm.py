@@ -1,0 +1,334 @@
+"""The one place where minipar communicates: traced collectives, p2p, and the
+autograd-aware operators of Megatron-LM (f, g) and sequence parallelism.
+
+`group` everywhere is None (the world), a mesh axis name ("dp", "tp", ...)
+resolved through the current `Mesh`, or a ProcessGroup. A group of one rank
+communicates nothing and records nothing. Byte conventions: see `trace`.
+
+Megatron-LM (Shoeybi et al. 2019, Fig. 3) names two conjugate operators:
+    f: forward identity,   backward all-reduce   (enters a parallel region)
+    g: forward all-reduce, backward identity     (leaves a parallel region)
+Sequence parallelism (Korthikanti et al. 2022, Sec. 4.2.2) replaces them with
+    g_sp:    forward all-gather along the sequence, backward reduce-scatter
+    gbar_sp: forward reduce-scatter along the sequence, backward all-gather
+An all-gather followed by a reduce-scatter moves the same bytes as one
+all-reduce, which is why SP costs no extra communication.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from . import trace
+from .mesh import get_mesh, group_name
+
+__all__ = ["resolve", "size", "local_rank", "all_reduce", "all_gather", "reduce_scatter", "all_to_all",
+           "broadcast", "send", "recv", "isend", "irecv", "batch_p2p", "barrier",
+           "f", "g", "copy_to_parallel_region", "reduce_from_parallel_region",
+           "gather_along", "reduce_scatter_along", "split_along", "all_to_all_autograd"]
+
+# The *_tensor collectives warn as deprecated in favour of the *_single forms; we use
+# the new names, and silence the warning in this one place should torch route through them.
+warnings.filterwarnings("ignore", message=".*_into_tensor.*deprecated.*")
+warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*deprecated.*")
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def resolve(group):
+    """-> (ProcessGroup or None for the world, name for the trace, group size)."""
+    if isinstance(group, str):
+        mesh = get_mesh()
+        if mesh is None:
+            raise RuntimeError(f"group={group!r} names a mesh axis, but no Mesh exists yet; build one first")
+        if mesh.size(group) == 1:
+            return None, group, 1
+        return mesh.group(group), group, mesh.size(group)
+    n = dist.get_world_size(group) if dist.is_initialized() else 1
+    return group, group_name(group), n
+
+
+def size(group=None) -> int:
+    return resolve(group)[2]
+
+
+def local_rank(group=None) -> int:
+    """This rank's index inside `group`."""
+    pg, _, n = resolve(group)
+    return 0 if n == 1 else dist.get_rank(pg)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _sync(t: torch.Tensor) -> None:
+    if t.is_cuda:  # GPU collectives are asynchronous; wall-clock spans need the stream drained
+        torch.cuda.synchronize(t.device)
+
+
+class TracedWork:
+    """An async handle whose wait() closes the traced span."""
+
+    def __init__(self, work, ev: trace.Event, tensor: torch.Tensor, after=None):
+        self.work, self.ev, self.tensor, self.after, self.done = work, ev, tensor, after, False
+
+    def wait(self):
+        if not self.done:
+            if self.work is not None:
+                self.work.wait()
+            _sync(self.tensor)
+            if self.after is not None:
+                self.after()
+            self.ev.end = time.perf_counter()
+            trace.record(self.ev)
+            self.done = True
+        return self.tensor
+
+
+class _Done:
+    """The handle of a communication that had nothing to do (a group of one)."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def wait(self):
+        return self.tensor
+
+
+def _run(op, name, axis, payload, wire, tensor, async_op, after=None, **meta):
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    ev = trace.Event(rank, name, "comm", time.perf_counter(), 0.0, axis=axis, bytes=payload, wire_bytes=wire, meta=meta)
+    work = op(async_op)
+    handle = TracedWork(work, ev, tensor, after)
+    return handle if async_op else handle.wait()
+
+
+# ----------------------------------------------------------------------------- collectives
+def all_reduce(t: torch.Tensor, op: str = "sum", group=None, async_op: bool = False):
+    """In place. op: "sum", "avg", "max", "min" (avg = sum then divide: gloo has no AVG)."""
+    pg, name, n = resolve(group)
+    if n == 1:
+        return _Done(t) if async_op else t
+    S = _nbytes(t)
+    after = (lambda: t.div_(n)) if op == "avg" else None
+    return _run(lambda a: dist.all_reduce(t, _OPS["sum" if op == "avg" else op], group=pg, async_op=a),
+                "all_reduce", name, S, 2 * (n - 1) / n * S, t, async_op, after)
+
+
+def all_gather(t: torch.Tensor, dim: int = 0, group=None, async_op: bool = False):
+    """Concatenate every rank's `t` along `dim`; returns a new tensor."""
+    pg, name, n = resolve(group)
+    if n == 1:
+        return _Done(t) if async_op else t
+    src = t.movedim(dim, 0).contiguous()
+    out = torch.empty((n * src.shape[0], *src.shape[1:]), dtype=t.dtype, device=t.device)
+    S = _nbytes(out)
+    h = _run(lambda a: dist.all_gather_single(out, src, group=pg, async_op=a),
+             "all_gather", name, S, (n - 1) / n * S, out, True)
+    h.tensor = out.movedim(0, dim)
+    return h if async_op else h.wait()
+
+
+def reduce_scatter(t: torch.Tensor, dim: int = 0, op: str = "sum", group=None, async_op: bool = False):
+    """Sum every rank's `t`, keep this rank's 1/n slice along `dim`; returns a new tensor."""
+    pg, name, n = resolve(group)
+    if n == 1:
+        return _Done(t) if async_op else t
+    if t.shape[dim] % n:
+        raise ValueError(f"reduce_scatter along dim {dim} of size {t.shape[dim]} needs a multiple of {n} ranks")
+    src = t.movedim(dim, 0).contiguous()
+    out = torch.empty((src.shape[0] // n, *src.shape[1:]), dtype=t.dtype, device=t.device)
+    S = _nbytes(src)
+    after = (lambda: out.div_(n)) if op == "avg" else None
+    h = _run(lambda a: dist.reduce_scatter_single(out, src, _OPS["sum" if op == "avg" else op], group=pg, async_op=a),
+             "reduce_scatter", name, S, (n - 1) / n * S, out, True, after)
+    h.tensor = out.movedim(0, dim)
+    return h if async_op else h.wait()
+
+
+def all_to_all(t: torch.Tensor, output_split_sizes=None, input_split_sizes=None, group=None, async_op: bool = False):
+    """all_to_all_single along dim 0, with optional uneven splits (rows sent to / received from each rank)."""
+    pg, name, n = resolve(group)
+    if n == 1:
+        return _Done(t) if async_op else t
+    t = t.contiguous()
+    rows = sum(output_split_sizes) if output_split_sizes is not None else t.shape[0]
+    out = torch.empty((rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    row_bytes = t.element_size() * (t[0].numel() if t.shape[0] else int(torch.tensor(t.shape[1:]).prod()))
+    me = dist.get_rank(pg)
+    own = (input_split_sizes[me] if input_split_sizes is not None else t.shape[0] // n) * row_bytes
+    S = _nbytes(t)
+    return _run(lambda a: dist.all_to_all_single(out, t, output_split_sizes, input_split_sizes, group=pg, async_op=a),
+                "all_to_all", name, S, S - own, out, async_op)
+
+
+def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False):
+    """In place, from global rank `src`."""
+    pg, name, n = resolve(group)
+    if n == 1:
+        return _Done(t) if async_op else t
+    S = _nbytes(t)
+    me = dist.get_rank()
+    return _run(lambda a: dist.broadcast(t, src, group=pg, async_op=a), "broadcast", name, S,
+                S if me == src else 0, t, async_op)
+
+
+def barrier(group=None) -> None:
+    pg, _, n = resolve(group)
+    if n > 1:
+        dist.barrier(group=pg)
+
+
+# ----------------------------------------------------------------------------- point to point
+def isend(t: torch.Tensor, dst: int, group=None, tag: int = 0) -> TracedWork:
+    """Post a send to global rank `dst`."""
+    pg, name, _ = resolve(group)
+    S = _nbytes(t)
+    return _run(lambda a: dist.isend(t.contiguous(), dst, group=pg, tag=tag), "send", name, S, S, t, True, peer=dst)
+
+
+def irecv(t: torch.Tensor, src: int, group=None, tag: int = 0) -> TracedWork:
+    """Post a receive into `t` from global rank `src`."""
+    pg, name, _ = resolve(group)
+    return _run(lambda a: dist.irecv(t, src, group=pg, tag=tag), "recv", name, _nbytes(t), 0, t, True, peer=src)
+
+
+def send(t: torch.Tensor, dst: int, group=None, tag: int = 0) -> None:
+    isend(t, dst, group, tag).wait()
+
+
+def recv(t: torch.Tensor, src: int, group=None, tag: int = 0) -> torch.Tensor:
+    return irecv(t, src, group, tag).wait()
+
+
+def batch_p2p(sends=(), recvs=(), group=None) -> list[TracedWork]:
+    """Post many sends [(tensor, dst)] and receives [(tensor, src)] at once (batch_isend_irecv),
+    so that no pairing order can deadlock. Returns one handle per op, sends first."""
+    pg, name, _ = resolve(group)
+    ops = [dist.P2POp(dist.isend, t.contiguous(), d, group=pg) for t, d in sends]
+    ops += [dist.P2POp(dist.irecv, t, s, group=pg) for t, s in recvs]
+    if not ops:
+        return []
+    rank = dist.get_rank()
+    start = time.perf_counter()
+    works = dist.batch_isend_irecv(ops)
+    evs = [trace.Event(rank, "send", "comm", start, 0.0, axis=name, bytes=_nbytes(t), wire_bytes=_nbytes(t),
+                       meta={"peer": d}) for t, d in sends]
+    evs += [trace.Event(rank, "recv", "comm", start, 0.0, axis=name, bytes=_nbytes(t), meta={"peer": s})
+            for t, s in recvs]
+    tensors = [t for t, _ in sends] + [t for t, _ in recvs]
+    return [TracedWork(w, e, t) for w, e, t in zip(works, evs, tensors)]
+
+
+# ----------------------------------------------------------------------------- autograd operators
+class _F(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return all_reduce(dy.contiguous().clone(), group=ctx.group), None
+
+
+class _G(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce(x.contiguous().clone(), group=group)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy, None
+
+
+def f(x: torch.Tensor, group="tp") -> torch.Tensor:
+    """Megatron's f: identity forward, all-reduce backward."""
+    return _F.apply(x, group)
+
+
+def g(x: torch.Tensor, group="tp") -> torch.Tensor:
+    """Megatron's g: all-reduce forward, identity backward."""
+    return _G.apply(x, group)
+
+
+copy_to_parallel_region, reduce_from_parallel_region = f, g
+
+
+class _GatherAlong(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group, grad):
+        ctx.dim, ctx.group, ctx.grad = dim, group, grad
+        return all_gather(x, dim=dim, group=group)
+
+    @staticmethod
+    def backward(ctx, dy):
+        if ctx.grad == "reduce_scatter":
+            return reduce_scatter(dy, dim=ctx.dim, group=ctx.group), None, None, None
+        return _chunk(dy, ctx.dim, ctx.group), None, None, None
+
+
+class _ReduceScatterAlong(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return reduce_scatter(x, dim=dim, group=group)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return all_gather(dy, dim=ctx.dim, group=ctx.group), None, None
+
+
+class _SplitAlong(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _chunk(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return all_gather(dy, dim=ctx.dim, group=ctx.group), None, None
+
+
+def _chunk(x, dim, group):
+    n = size(group)
+    if x.shape[dim] % n:
+        raise ValueError(f"cannot split dim {dim} of size {x.shape[dim]} over {n} ranks")
+    return x.chunk(n, dim=dim)[local_rank(group)].contiguous()
+
+
+def gather_along(x, dim: int, group="tp", grad: str = "reduce_scatter"):
+    """All-gather along `dim`. Backward: reduce-scatter (SP's g, the default) or plain split
+    (grad="split": when every rank's copy of the output gets the same gradient)."""
+    return _GatherAlong.apply(x, dim, group, grad)
+
+
+def reduce_scatter_along(x, dim: int, group="tp"):
+    """SP's g-bar: reduce-scatter along `dim` forward, all-gather backward."""
+    return _ReduceScatterAlong.apply(x, dim, group)
+
+
+def split_along(x, dim: int, group="tp"):
+    """Keep this rank's chunk along `dim` forward (no communication), all-gather backward."""
+    return _SplitAlong.apply(x, dim, group)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        return all_to_all(x, out_splits, in_splits, group=group)
+
+    @staticmethod
+    def backward(ctx, dy):
+        out_splits, in_splits = ctx.splits
+        return all_to_all(dy.contiguous(), in_splits, out_splits, group=ctx.group), None, None, None
+
+
+def all_to_all_autograd(x, output_split_sizes=None, input_split_sizes=None, group=None):
+    """Differentiable all_to_all_single along dim 0: backward sends the gradients back the same way."""
+    return _AllToAll.apply(x, output_split_sizes, input_split_sizes, group)

@@ -1,0 +1,369 @@
+"""Context parallelism: cut the *sequence* across ranks, and make attention work anyway.
+
+Everything in a transformer but attention is per token, so a rank holding N/cp of
+the N tokens holds N/cp of every activation. Attention needs every key for every
+query; two ways to get them (tensors are [batch b, heads h, seq s, head_dim d]):
+
+Ring attention (Liu et al. 2023, "Ring Attention with Blockwise Transformers").
+  Rank r keeps its query block Q_r and passes key/value blocks around a ring: at
+  step t it holds KV from rank (r - t) mod cp. Each block gives a partial softmax
+  (O_t, lse_t) that merges exactly with the log-sum-exp rule (Milakov & Gimelshein
+  2018; FlashAttention, Dao et al. 2022):
+      lse = log(e^lse_a + e^lse_b),   O = e^(lse_a - lse) O_a + e^(lse_b - lse) O_b
+  The next block's send/recv is posted *before* the current block is computed, so
+  the transfer hides behind compute. Backward runs the ring again: KV travels with
+  its gradient dKV, which comes home after a full circle; nothing gathers the sequence.
+  Per rank per layer (KV block = 2·b·h_kv·(N/cp)·d elements):
+      forward sends  (cp-1) KV blocks,   backward sends (cp-1) KV + cp dKV blocks.
+  Activation memory: Q, K, V, O and lse of N/cp tokens, i.e. 1/cp of one device.
+
+Causal load balancing, "zigzag" (Brandon et al. 2023, Striped/zigzag in
+  ring-flash-attention and Megatron-LM's CP). With a contiguous split, rank r's
+  queries see r+1 of the cp key blocks: the last rank does cp times rank 0's work.
+  Cut the sequence into 2·cp chunks and give rank r chunks r and 2cp-1-r (one early,
+  one late): every rank then computes the same 2cp+1 chunk pairs per causal pass.
+
+DeepSpeed-Ulysses (Jacobs et al. 2023). An all-to-all turns sequence-sharded Q, K, V
+  [b, h, N/cp, d] into head-sharded [b, h/cp, N, d]; each rank runs ordinary attention
+  on its heads over the whole sequence, and one more all-to-all turns the output back.
+  4 all-to-alls per layer forward (and 4 backward), each sending b·(N/cp)·h·d elements
+  per rank. Needs h % cp == 0 (and h_kv % cp == 0 under grouped-query attention).
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from . import comm, trace
+from .collectives import ring_neighbours
+
+__all__ = ["LAYOUTS", "chunk_ids", "shard_sequence", "unshard_sequence", "sequence_positions",
+           "attend", "attend_backward", "merge_attention", "ring_attention", "ulysses_attention",
+           "ring_bytes", "ulysses_bytes", "ring_flops", "check_config", "parallelize_attention",
+           "local_batch", "train_rank", "ActivationMeter"]
+
+LAYOUTS = ("zigzag", "contiguous")
+
+
+# ----------------------------------------------------------------------------- sharding the sequence
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def chunk_ids(rank: int, size: int, layout: str = "zigzag") -> tuple[int, ...]:
+    """The sequence chunks `rank` holds: zigzag cuts 2·size chunks and gives rank r chunks
+    r and 2·size-1-r; contiguous cuts `size` chunks and gives rank r chunk r."""
+    _check_layout(layout)
+    return (rank, 2 * size - 1 - rank) if layout == "zigzag" else (rank,)
+
+
+def shard_sequence(x: torch.Tensor, rank: int, size: int, layout: str = "zigzag", dim: int = 2) -> torch.Tensor:
+    """This rank's slice of the sequence dimension `dim` of `x`."""
+    n = len(chunk_ids(0, size, layout)) * size
+    if x.shape[dim] % n:
+        raise ValueError(f"a {layout} split over {size} ranks cuts the sequence into {n} equal chunks, but its "
+                         f"length is {x.shape[dim]}; use a sequence length divisible by {n}")
+    chunks = x.chunk(n, dim)
+    return torch.cat([chunks[c] for c in chunk_ids(rank, size, layout)], dim)
+
+
+def unshard_sequence(local: torch.Tensor, size: int, layout: str = "zigzag", dim: int = 2, group=None) -> torch.Tensor:
+    """Gather every rank's slice and put the chunks back in sequence order (an all-gather;
+    its backward keeps this rank's slice of the gradient)."""
+    if comm.size(group) != size:
+        raise ValueError(f"unshard_sequence(size={size}) on a group of {comm.size(group)} ranks; pass the group size")
+    gathered = comm.gather_along(local, dim, group, grad="split")  # rank 0's chunks, rank 1's chunks, ...
+    held = [c for r in range(size) for c in chunk_ids(r, size, layout)]
+    pieces = gathered.chunk(len(held), dim)
+    return torch.cat([pieces[held.index(c)] for c in range(len(held))], dim)
+
+
+def sequence_positions(seq: int, rank: int, size: int, layout: str = "zigzag") -> torch.Tensor:
+    """Global positions of this rank's tokens (for the position embedding and the causal mask)."""
+    return shard_sequence(torch.arange(seq), rank, size, layout, dim=0)
+
+
+# ----------------------------------------------------------------------------- one block of attention
+def attend(q, k, v, mask=None):
+    """Softmax attention of queries over one block of keys, in fp32, with its log-sum-exp:
+        S = QKᵀ/√d,   lse_i = log Σ_j exp S_ij,   O = exp(S - lse) V.
+    (Plain matmuls: SDPA does not return the lse that merging needs.)"""
+    s = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.exp(s - lse.unsqueeze(-1)) @ v.float(), lse
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+    """Merge two partial softmax results over disjoint key sets into the result over their union:
+        lse = log(e^lse_a + e^lse_b),   O = e^(lse_a - lse) O_a + e^(lse_b - lse) O_b.
+    logaddexp subtracts the larger lse first, so large scores never overflow fp32."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    return torch.exp(lse_a - lse).unsqueeze(-1) * out_a + torch.exp(lse_b - lse).unsqueeze(-1) * out_b, lse
+
+
+def attend_backward(q, k, v, mask, dout, lse, delta):
+    """Gradients of one block, given the *final* lse and D = rowsum(dO ∘ O) (FlashAttention-2, Alg. 2):
+        P = exp(S - lse),  dV = Pᵀ dO,  dS = P ∘ (dO Vᵀ - D),  dQ = dS K/√d,  dK = dSᵀ Q/√d.
+    With the final lse, P is the block's slice of the full softmax, so block gradients just add up."""
+    scale = 1 / math.sqrt(q.shape[-1])
+    s = (q @ k.transpose(-2, -1)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = torch.exp(s - lse.unsqueeze(-1))
+    ds = p * (dout @ v.transpose(-2, -1) - delta.unsqueeze(-1))
+    return ds @ k * scale, ds.transpose(-2, -1) @ q * scale, p.transpose(-2, -1) @ dout
+
+
+def _visible(q_ids, k_ids, causal: bool, c: int, device):
+    """(i, j, mask) for each (query chunk i, key chunk j) with work to do. Causally, chunk a sees
+    chunk b whole if a > b, through a lower-triangular mask if a == b, and not at all if a < b."""
+    tril = torch.ones(c, c, dtype=torch.bool, device=device).tril()
+    for i, a in enumerate(q_ids):
+        for j, b in enumerate(k_ids):
+            if not causal or a > b:
+                yield i, j, None
+            elif a == b:
+                yield i, j, tril
+
+
+def _expand(t, g):  # grouped-query attention: each KV head serves g query heads
+    return t if g == 1 else t.repeat_interleave(g, dim=1)
+
+
+def _fold(t, g):  # the gradient of _expand: sum over the g query heads sharing a KV head
+    return t if g == 1 else t.unflatten(1, (-1, g)).sum(2)
+
+
+# ----------------------------------------------------------------------------- ring attention
+def _pass(t, right, left, group):
+    """Post the ring step: send `t` right, receive the left neighbour's into a new buffer."""
+    buf = torch.empty_like(t)
+    return buf, comm.batch_p2p(sends=[(t, right)], recvs=[(buf, left)], group=group)
+
+
+def _wait(works):
+    for w in works:
+        w.wait()
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, layout, group):
+        me, n, left, right = ring_neighbours(group)
+        m, g = len(chunk_ids(0, n, layout)), q.shape[1] // k.shape[1]
+        c = q.shape[2] // m
+        qs = q.chunk(m, 2)
+        out, lse = [None] * m, [None] * m
+        kv = torch.stack([k, v])                              # one message per step
+        for step in range(n):
+            src = (me - step) % n                             # whose KV block we hold now
+            if step < n - 1:                                  # overlap: the next block travels while we compute
+                incoming, works = _pass(kv, right, left, group)
+            pairs = list(_visible(chunk_ids(me, n, layout), chunk_ids(src, n, layout), causal, c, q.device))
+            ks, vs = kv[0].chunk(m, 2), kv[1].chunk(m, 2)
+            with trace.span(f"F{step}", flops=len(pairs) * 4 * q.shape[0] * q.shape[1] * c * c * q.shape[3]):
+                for i, j, mask in pairs:
+                    o, s = attend(qs[i], _expand(ks[j], g), _expand(vs[j], g), mask)
+                    out[i], lse[i] = (o, s) if out[i] is None else merge_attention(out[i], lse[i], o, s)
+            if step < n - 1:
+                _wait(works)
+                kv = incoming
+        out, lse = torch.cat(out, 2), torch.cat(lse, 2)
+        ctx.save_for_backward(q, k, v, out, lse)              # all of N/cp tokens: memory falls as 1/cp
+        ctx.cfg = (causal, layout, group)
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        causal, layout, group = ctx.cfg
+        me, n, left, right = ring_neighbours(group)
+        m, g = len(chunk_ids(0, n, layout)), q.shape[1] // k.shape[1]
+        c = q.shape[2] // m
+        dout = dout.float()
+        delta = (dout * out).sum(-1)                          # D_i = Σ_d dO_id O_id, shared by all blocks
+        qs, dos, lses, deltas = (t.chunk(m, 2) for t in (q.float(), dout, lse, delta))
+        dq = [torch.zeros_like(t) for t in qs]
+        kv = torch.stack([k, v]).float()
+        for step in range(n):
+            src = (me - step) % n
+            if step < n - 1:
+                incoming, works = _pass(kv, right, left, group)
+            pairs = list(_visible(chunk_ids(me, n, layout), chunk_ids(src, n, layout), causal, c, q.device))
+            ks, vs = kv[0].chunk(m, 2), kv[1].chunk(m, 2)
+            dks, dvs = [torch.zeros_like(t) for t in ks], [torch.zeros_like(t) for t in vs]
+            with trace.span(f"B{step}", flops=len(pairs) * 10 * q.shape[0] * q.shape[1] * c * c * q.shape[3]):
+                for i, j, mask in pairs:
+                    dqi, dkj, dvj = attend_backward(qs[i], _expand(ks[j], g), _expand(vs[j], g), mask,
+                                                    dos[i], lses[i], deltas[i])
+                    dq[i] += dqi
+                    dks[j] += _fold(dkj, g)
+                    dvs[j] += _fold(dvj, g)
+            dkv = torch.stack([torch.cat(dks, 2), torch.cat(dvs, 2)])
+            if step > 0:                                      # this block's gradient so far, from the last holder
+                _wait(dkv_works)
+                dkv += dkv_in
+            if n > 1:                                         # pass it on with its block; after n passes it is home
+                dkv_in, dkv_works = _pass(dkv, right, left, group)
+            if step < n - 1:
+                _wait(works)
+                kv = incoming
+        if n > 1:
+            _wait(dkv_works)
+            dkv = dkv_in
+        return torch.cat(dq, 2).to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+
+
+def ring_attention(q, k, v, causal: bool = True, layout: str = "zigzag", group=None) -> torch.Tensor:
+    """Attention of this rank's queries over every rank's keys, passing KV blocks around the ring.
+    q, k, v: local shards [b, h, N/cp, d] in `layout` (see `shard_sequence`); k, v may have fewer
+    (grouped-query) heads. Returns the local output shard; differentiable."""
+    _check_layout(layout)
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads cannot share {k.shape[1]} KV heads; use a divisor of {q.shape[1]}")
+    if layout == "zigzag" and q.shape[2] % 2:
+        raise ValueError(f"a zigzag shard holds two equal chunks, but has {q.shape[2]} tokens; shard with shard_sequence")
+    return _RingAttention.apply(q, k, v, causal, layout, group)
+
+
+# ----------------------------------------------------------------------------- DeepSpeed-Ulysses
+def _seq_to_heads(x, group):
+    """[b, h, N/cp, d] -> [b, h/cp, N, d]: send head group j to rank j, receive every rank's tokens."""
+    n = comm.size(group)
+    x = comm.all_to_all_autograd(rearrange(x, "b (n hh) s d -> n b hh s d", n=n).contiguous(), group=group)
+    return rearrange(x, "n b hh s d -> b hh (n s) d")
+
+
+def _heads_to_seq(y, group):
+    """[b, h/cp, N, d] -> [b, h, N/cp, d]: the inverse all-to-all."""
+    n = comm.size(group)
+    y = comm.all_to_all_autograd(rearrange(y, "b hh (n s) d -> n b hh s d", n=n).contiguous(), group=group)
+    return rearrange(y, "n b hh s d -> b (n hh) s d")
+
+
+def ulysses_attention(q, k, v, causal: bool = True, group=None) -> torch.Tensor:
+    """Attention over the full sequence for h/cp heads per rank, between two all-to-alls.
+    q, k, v: local contiguous shards [b, h, N/cp, d]; returns the local output shard; differentiable."""
+    n, h, h_kv = comm.size(group), q.shape[1], k.shape[1]
+    if h % n:
+        raise ValueError(f"Ulysses gives each of the {n} ranks h/cp heads, but h={h} is not divisible by cp={n}; "
+                         f"use a head count divisible by {n}, or ring attention")
+    if h_kv % n:
+        raise ValueError(f"grouped-query attention with {h_kv} KV heads cannot be split over cp={n} ranks; repeat "
+                         f"the KV heads (k.repeat_interleave({h // h_kv}, dim=1)) or use ring attention")
+    q, k, v = (_seq_to_heads(t, group) for t in (q, k, v))
+    with trace.span("attn", flops=4 * q.shape[0] * q.shape[1] * q.shape[2] ** 2 * q.shape[3]):
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=h_kv != h)
+    return _heads_to_seq(y, group)
+
+
+# ----------------------------------------------------------------------------- formulas
+def ring_bytes(b, h_kv, seq, d, cp, elem=4) -> dict:
+    """Bytes each rank sends per layer: forward (cp-1) KV blocks, backward (cp-1) KV + cp dKV."""
+    block = 2 * b * h_kv * (seq // cp) * d * elem
+    return {"forward": (cp - 1) * block, "backward": (2 * cp - 1) * block if cp > 1 else 0}
+
+
+def ulysses_bytes(b, h, seq, d, cp, elem=4) -> dict:
+    """Payload each rank sends per layer: 4 all-to-alls (Q, K, V, O) of b·(N/cp)·h·d, each way."""
+    each = b * (seq // cp) * h * d * elem if cp > 1 else 0
+    return {"forward": 4 * each, "backward": 4 * each}
+
+
+def ring_flops(b, h, seq, d, cp, rank, layout="zigzag", causal=True) -> int:
+    """Forward attention FLOPs rank computes: 4·b·h·c²·d per (query chunk, key chunk) pair it visits."""
+    m = len(chunk_ids(0, cp, layout))
+    c = seq // (m * cp)
+    pairs = sum(1 for src in range(cp) for _ in _visible(chunk_ids(rank, cp, layout), chunk_ids(src, cp, layout),
+                                                         causal, 1, "cpu"))
+    return pairs * 4 * b * h * c * c * d
+
+
+# ----------------------------------------------------------------------------- a GPT with context parallelism
+def check_config(cfg, cp: int, method: str = "ring", layout: str = "zigzag") -> None:
+    """Raise ValueError, saying how to fix it, unless `cfg` runs with this context parallelism."""
+    if method not in ("ring", "ulysses"):
+        raise ValueError(f"method must be 'ring' or 'ulysses', got {method!r}")
+    _check_layout(layout)
+    if not isinstance(cp, int) or cp < 1:
+        raise ValueError(f"cp must be an int >= 1, got {cp!r}")
+    if method == "ulysses" and layout != "contiguous":
+        raise ValueError("Ulysses gathers the whole sequence per head, so it needs layout='contiguous'")
+    if method == "ulysses" and cfg.heads % cp:
+        raise ValueError(f"Ulysses needs heads % cp == 0; heads={cfg.heads}, cp={cp}: pick cp dividing {cfg.heads}")
+    n = len(chunk_ids(0, cp, layout)) * cp
+    if cfg.seq % n:
+        raise ValueError(f"seq={cfg.seq} must be divisible by {n} ({layout} split over cp={cp}); "
+                         f"try seq={(cfg.seq // n + 1) * n}")
+
+
+def parallelize_attention(model, method: str = "ring", layout: str = "zigzag", group=None):
+    """Swap every block's attention for ring or Ulysses attention over `group` (in place)."""
+    fn = (partial(ring_attention, causal=True, layout=layout, group=group) if method == "ring"
+          else partial(ulysses_attention, causal=True, group=group))
+    for blk in model.blocks:
+        blk.attn.attn_fn = fn
+    return model
+
+
+def local_batch(x, y, rank: int, size: int, layout: str = "zigzag"):
+    """This rank's (inputs, targets, positions): its slice of the sequence and where it sits."""
+    pos = sequence_positions(x.shape[1], rank, size, layout)
+    return shard_sequence(x, rank, size, layout, 1), shard_sequence(y, rank, size, layout, 1), pos
+
+
+def train_rank(cfg, steps: int = 3, batch_size: int = 4, seed: int = 0, method: str = "ring",
+               layout: str = "zigzag", group=None) -> dict:
+    """Run inside `launch`: the reference loop with the sequence split over `group`.
+
+    Every rank holds the same tokens count, so the full-sequence mean loss is the mean of the
+    ranks' local means: each rank backpropagates local/cp, and parameter gradients (partial sums,
+    as in data parallelism) are all-reduced. Returns {"losses", "grads" of the last step}."""
+    from .model import GPT, SyntheticData, make_optimizer
+    from .runtime import device
+    n, r = comm.size(group), comm.local_rank(group)
+    check_config(cfg, n, method, layout)
+    torch.manual_seed(seed)
+    model = parallelize_attention(GPT(cfg, seed).to(device()), method, layout, group)
+    data, opt = SyntheticData(cfg.vocab, cfg.seq, seed), make_optimizer(model.parameters())
+    losses, grads = [], {}
+    for step in range(steps):
+        x, y, pos = (t.to(device()) for t in local_batch(*data.batch(step, batch_size), r, n, layout))
+        opt.zero_grad(set_to_none=True)
+        _, loss = model(x, y, pos=pos)
+        (loss / n).backward()
+        for p in model.parameters():
+            comm.all_reduce(p.grad, group=group)
+        losses.append(comm.all_reduce(loss.detach().clone(), "avg", group=group).item())
+        grads = {k: p.grad.detach().cpu().clone() for k, p in model.named_parameters()}
+        opt.step()
+    return {"losses": losses, "grads": grads}
+
+
+# ----------------------------------------------------------------------------- measuring activation memory
+class ActivationMeter(torch.autograd.graph.saved_tensors_hooks):
+    """`with ActivationMeter(model.parameters()) as m: loss = model(...)` -> m.bytes: what autograd keeps
+    for backward, each storage counted once, parameters excluded. At the end of the forward pass this
+    stash is all alive at once: it is the activation memory (Korthikanti et al. 2022, Sec. 4)."""
+
+    def __init__(self, params=()):
+        self.skip = {p.untyped_storage().data_ptr() for p in params}
+        self.storages: dict[int, int] = {}
+        super().__init__(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self.skip:
+            self.storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())

@@ -1,0 +1,135 @@
+"""Sequence parallelism (Korthikanti et al. 2022, "Reducing Activation Recomputation
+in Large Transformer Models", Sec. 4.2.2), and the cost formulas of TP and TP+SP.
+
+Tensor parallelism (see `minipar.tp`) splits the attention and MLP GEMMs, but the
+LayerNorms and residual adds between them run on the full [b, s, h] activation on
+every one of the t ranks. SP splits those regions along the sequence instead:
+
+    [b, s/t, h] --LN--> all-gather(s) --> column GEMMs | local | row GEMM --> reduce-scatter(s) --> [b, s/t, h]
+                  g_sp (bwd: reduce-scatter)                     gbar_sp (bwd: all-gather)
+
+An all-reduce is a reduce-scatter followed by an all-gather, so replacing each of
+TP's all-reduces by one of each moves the same bytes; what changes is that
+nothing of size sbh is stored whole any more.
+
+One more trick makes the saving complete: the all-gathered input of the column
+GEMMs is needed again in backward (dW = dY^T X). Storing it would keep sbh bytes;
+Megatron stores the s/t shard and all-gathers it again in backward, overlapped
+with the input-gradient GEMM (`regather=True` here, the default). That costs one
+extra all-gather per column region in backward:
+
+    per layer, per micro-batch, M = b*s*h*bytes:
+      TP:      4 all-reduces of M          (2 forward: g after attention and MLP;
+                                            2 backward: f before them)
+      TP+SP:   4 reduce-scatters of M, 4 + 2*regather all-gathers of M
+
+Activation bytes saved per layer, measured by `minipar.activations.SavedActivations`.
+The paper's formulas (2-byte activations, 1-byte dropout masks, a heads):
+      TP:      sbh (10 + 24/t + 5as/(ht))        TP+SP:  sbh (34/t + 5as/(ht))
+Adapted to this model (fp32 = 4 bytes, no dropout, fused SDPA): see `activation_bytes`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import comm
+
+__all__ = ["gather_linear", "sync_sequence_parallel_grads", "activation_bytes", "korthikanti_bytes",
+           "comm_per_layer"]
+
+SEQ = 1  # our activations are [b, s, h]; Megatron's are [s, b, h], hence its dim 0
+
+
+class _GatherLinear(torch.autograd.Function):
+    """All-gather x along the sequence, then apply column-parallel linears to it.
+
+    Backward all-gathers the saved shard again (when `regather`) while the input
+    gradient is computed, and reduce-scatters that gradient while the weight
+    gradients are computed: Megatron's LinearWithGradAccumulationAndAsyncCommunication."""
+
+    @staticmethod
+    def forward(ctx, x, group, regather, *wb):
+        full = comm.all_gather(x, dim=SEQ, group=group)
+        ctx.group, ctx.regather = group, regather
+        ctx.save_for_backward(x if regather else full, *wb)
+        return tuple(F.linear(full, w, b) for w, b in zip(wb[::2], wb[1::2]))
+
+    @staticmethod
+    def backward(ctx, *dys):
+        saved, *wb = ctx.saved_tensors
+        weights, biases = wb[::2], wb[1::2]
+        gather = comm.all_gather(saved, dim=SEQ, group=ctx.group, async_op=True) if ctx.regather else None
+        dx = sum(dy @ w for dy, w in zip(dys, weights))                 # overlaps the all-gather
+        scatter = comm.reduce_scatter(dx, dim=SEQ, group=ctx.group, async_op=True)
+        full = gather.wait() if gather is not None else saved
+        full2d = full.reshape(-1, full.shape[-1])
+        grads = []
+        for dy, b in zip(dys, biases):                                  # overlaps the reduce-scatter
+            dy2d = dy.reshape(-1, dy.shape[-1])
+            grads += [dy2d.t() @ full2d, dy2d.sum(0) if b is not None else None]
+        return (scatter.wait(), None, None, *grads)
+
+
+def gather_linear(x, layers, group="tp", regather: bool = True) -> list:
+    """SP's entry operator fused with the column-parallel `layers` that read its output.
+    x: [b, s/t, h] -> one [b, s, out/t] per layer."""
+    wb = [t for layer in layers for t in (layer.weight, layer.bias)]
+    return list(_GatherLinear.apply(x, group, regather, *wb))
+
+
+def sync_sequence_parallel_grads(model: torch.nn.Module, group="tp") -> None:
+    """Sum the gradients of replicated parameters that saw only this rank's s/t tokens
+    (LayerNorms, row-parallel biases, position embeddings): one coalesced all-reduce
+    per step, as Megatron's finalize_model_grads does for `sequence_parallel` params."""
+    params = [p for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if not params or comm.size(group) == 1:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    comm.all_reduce(flat, group=group)
+    for p, gnew in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(gnew.view_as(p.grad))
+
+
+def korthikanti_bytes(s, b, h, a, t, sp=False) -> float:
+    """The paper's per-layer activation bytes (Sec. 4.2, eqs. 2-4: 2-byte activations, dropout, unfused attention)."""
+    return s * b * h * ((34 / t if sp else 10 + 24 / t) + 5 * a * s / (h * t))
+
+
+def activation_bytes(s, b, h, a, t, sp=False, regather=True, nbytes=4) -> float:
+    """Per-layer bytes saved for backward by *this* model, term by term (Korthikanti's
+    table, with B = nbytes per element and every s-sized region divided by t where it is split):
+
+        LayerNorm 1, 2 inputs            2 * Bsbh            (/t under SP)
+        LayerNorm mean and rstd          2 * 2Bsb            (/t under SP)   not in the paper: O(sb)
+        attention, MLP GEMM inputs       2 * Bsbh            (/t under SP with regather)
+        q, k, v                          3 * Bsbh / t
+        SDPA output (fused backward)     Bsbh / t            the paper stores softmax + dropout instead
+        SDPA log-sum-exp                 B a s b / t         replaces the paper's 5as^2b: no s x s matrix
+        projection input                 Bsbh / t
+        GELU input, output (4h wide)     2 * 4Bsbh / t
+        dropout masks                    0                   no dropout (the paper's 2sbh + as^2b)
+
+    TP: sbh(4B + 13B/t) + sb(4B + aB/t);  TP+SP (regather): sbh 17B/t + sb(4B + aB)/t.
+    With B = 2 and dropout this is the paper's sbh(10 + 24/t) ... up to the SDPA terms."""
+    B = nbytes
+    split_norm = t if sp else 1
+    split_in = t if (sp and regather) else 1
+    norms = 2 * B * s * b * h / split_norm + 2 * 2 * B * s * b / split_norm
+    gemm_inputs = 2 * B * s * b * h / split_in
+    attention = (3 + 1 + 1) * B * s * b * h / t + B * a * s * b / t
+    mlp = 2 * 4 * B * s * b * h / t
+    return norms + gemm_inputs + attention + mlp
+
+
+def comm_per_layer(b, s, h, t, sp=False, regather=True, nbytes=4) -> dict:
+    """{op: (count, payload bytes)} of one transformer layer's forward + backward on one
+    rank, in trace's byte convention (all_reduce: the tensor; all_gather: its output;
+    reduce_scatter: its input). Empty when t = 1: a group of one communicates nothing."""
+    if t == 1:
+        return {}
+    M = b * s * h * nbytes
+    if not sp:
+        return {"all_reduce": (4, 4 * M)}
+    gathers = 4 + (2 if regather else 0)
+    return {"all_gather": (gathers, gathers * M), "reduce_scatter": (4, 4 * M)}

@@ -1,0 +1,78 @@
+"""The one timeline renderer: a per-rank Gantt chart of traced events.
+
+Each rank gets a row with two lanes: compute on top, communication below, so
+overlap of the two is visible at a glance. Colours are fixed per op kind across
+every notebook and figure (see `COLORS`). Pipeline actions ("0F1", "1B0",
+"0W2", "F", "B", ...) are coloured by their kind letter.
+"""
+from __future__ import annotations
+
+import re
+
+__all__ = ["COLORS", "color_of", "plot_timeline"]
+
+COLORS = {
+    # compute
+    "F": "#4C72B0", "B": "#55A868", "I": "#8FD19E", "W": "#8172B2", "compute": "#4C72B0",
+    "opt": "#B4B4B4", "recompute": "#E3C16F",
+    # communication
+    "all_reduce": "#C44E52", "all_gather": "#DD8452", "reduce_scatter": "#937860",
+    "all_to_all": "#DA8BC3", "broadcast": "#CCB974", "send": "#8C8C8C", "recv": "#BDBDBD",
+}
+_ACTION = re.compile(r"^\d*([FBIW])\d*$")
+
+
+def color_of(ev) -> str:
+    name = ev.name if hasattr(ev, "name") else str(ev)
+    if name in COLORS:
+        return COLORS[name]
+    m = _ACTION.match(name.split(":")[0])
+    if m:
+        return COLORS[m.group(1)]
+    kind = getattr(ev, "meta", {}).get("kind") if hasattr(ev, "meta") else None
+    return COLORS.get(kind, COLORS["compute"] if getattr(ev, "cat", "compute") == "compute" else "#8C8C8C")
+
+
+def plot_timeline(events, ax=None, title: str | None = None, unit: str = "ms", label: bool = True,
+                  ranks=None, legend: bool = True, clock: str = "wall"):
+    """Draw `events` (trace.Event-like: rank, name, cat, start, end in seconds).
+
+    `clock` only labels the x axis: "wall" for measured time, "modeled" for a
+    simulator's re-timing. Returns the matplotlib Axes."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    scale = {"s": 1.0, "ms": 1e3, "us": 1e6, "units": 1.0}[unit]
+    ranks = sorted({e.rank for e in events}) if ranks is None else list(ranks)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(11, 0.55 * len(ranks) + 1.2))
+    row = {r: i for i, r in enumerate(ranks)}
+    end = max((e.end for e in events), default=1.0) * scale
+    used = {}
+    for e in events:
+        if e.rank not in row:
+            continue
+        y = row[e.rank]
+        comm = e.cat == "comm"
+        # point-to-point sends and receives overlap in time: give each half of the comm lane
+        y0, h = (y - 0.42, 0.46) if not comm else {"send": (y + 0.08, 0.16), "recv": (y + 0.24, 0.16)}.get(
+            e.name, (y + 0.08, 0.32))
+        w = max((e.end - e.start) * scale, end * 1e-4)
+        c = color_of(e)
+        ax.broken_barh([(e.start * scale, w)], (y0, h), facecolors=c, edgecolor="white", linewidth=0.4)
+        used[e.name if e.name in COLORS else ("compute" if not comm else e.name)] = c
+        if label and not comm and w > end / 60:
+            ax.text(e.start * scale + w / 2, y0 + h / 2, e.name, ha="center", va="center", fontsize=7, color="white")
+        if _ACTION.match(e.name):
+            used[_ACTION.match(e.name).group(1)] = c
+    ax.set_yticks(range(len(ranks)), [f"rank {r}" for r in ranks])
+    ax.set_ylim(len(ranks) - 0.4, -0.6)
+    ax.set_xlim(0, end * 1.01)
+    ax.set_xlabel(f"{'modeled' if clock == 'modeled' else 'wall-clock'} time ({unit})")
+    ax.grid(axis="x", alpha=0.3)
+    if title:
+        ax.set_title(title)
+    if legend and used:
+        handles = [Patch(color=c, label=k) for k, c in sorted(used.items()) if k != "compute" or len(used) > 1]
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+    return ax
