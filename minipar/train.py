@@ -92,6 +92,8 @@ def main(argv=None) -> int:
     t = time.time()
     res = runtime.launch(run, a.dp, a)
     wall = time.time() - t
+    if runtime.is_torchrun() and int(os.environ["RANK"]) != 0:
+        return 0  # under torchrun every process gets the results; rank 0 reports
     r0 = res[0]
     tokens = a.batch * a.seq
     step_time = sorted(r0["times"])[len(r0["times"]) // 2]
