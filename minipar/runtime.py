@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import pickle
 import signal
-import socket
 import sys
 import time
 import traceback
@@ -65,12 +64,6 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _die_with_parent() -> None:
     # Linux only: if the parent (a notebook kernel) dies, the kernel kills us too,
     # so a crashed kernel never leaves ranks behind.
@@ -87,11 +80,10 @@ def _child(fn, args, kwargs, r, n, port, timeout, conn) -> None:
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
     _die_with_parent()
-    os.environ.update(RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r))
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=r,
-                                world_size=n, timeout=timedelta(seconds=timeout))
+        store = dist.TCPStore("127.0.0.1", port, n, is_master=False, timeout=timedelta(seconds=timeout))
+        dist.init_process_group("gloo", store=store, rank=r, world_size=n, timeout=timedelta(seconds=timeout))
         from . import trace
         trace.reset()
         out = fn(*args, **kwargs)
@@ -129,7 +121,11 @@ def launch(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT, **kwarg
         return _launch_torchrun(fn, world_size, args, kwargs, timeout)
 
     ctx = get_context("fork")
-    port = _free_port()
+    # The parent hosts the rendezvous store on a port the OS hands it atomically. (Picking a
+    # free port and letting rank 0 bind it later races with every other process on the host.)
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=timeout))
+    port = store.port
     procs, conns = [], []
     for r in range(world_size):
         parent_end, child_end = ctx.Pipe(duplex=False)
@@ -166,6 +162,7 @@ def launch(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT, **kwarg
         _kill(procs)
         for c in conns:
             c.close()
+        del store
     return [results[r] for r in range(world_size)]
 
 

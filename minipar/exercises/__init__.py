@@ -53,6 +53,8 @@ def checker(name: str):
         def safe(solution=None, *args, **kwargs):
             if solution is None:
                 return Verdict(False, "not yet: no solution given", "define your function and pass it in")
+            if _is_stub(solution):
+                return Verdict(False, "not yet: the solution still raises NotYet", "fill in the solution cell")
             try:
                 return fn(solution, *args, **kwargs)
             except NotYet:
@@ -60,6 +62,8 @@ def checker(name: str):
             except NotImplementedError:
                 return Verdict(False, "not yet: the solution is not implemented", "fill in the solution cell")
             except Exception as e:  # noqa: BLE001 - a wrong answer is a verdict, not a crash
+                if "NotYet" in getattr(e, "remote_traceback", ""):
+                    return Verdict(False, "not yet: the solution still raises NotYet", "fill in the solution cell")
                 last = traceback.format_exception_only(type(e), e)[-1].strip()
                 return Verdict(False, f"your code raised {last}", "read the message above; the "
                                "exercise text says what the function receives and must return")
@@ -67,6 +71,15 @@ def checker(name: str):
         CHECKERS[name] = safe
         return safe
     return wrap
+
+
+def _is_stub(fn) -> bool:
+    """True for the placeholder of a student copy (its body raises NotYet)."""
+    import inspect
+    try:
+        return "raise NotYet(" in inspect.getsource(fn)
+    except (OSError, TypeError):
+        return False
 
 
 def check(name: str, solution, *args, **kwargs) -> Verdict:

@@ -41,6 +41,8 @@ def check_ring_all_gather(solution, world_size: int = 4, numel: int = 6) -> Verd
     try:
         out = launch(_run_ring_all_gather, world_size, solution, numel, timeout=10)
     except RankError as e:
+        if "NotYet" in e.remote_traceback:
+            raise
         last = e.remote_traceback.strip().splitlines()[-1]
         return Verdict(False, f"rank {e.rank} failed: {last}",
                        "every send needs a matching receive on the neighbour; post both together with comm.batch_p2p")
