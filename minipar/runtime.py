@@ -74,7 +74,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def _child(fn, args, kwargs, r, n, port, timeout, conn) -> None:
+def _child(fn, args, kwargs, r, n, timeout, conn) -> None:
     # One OpenMP thread per rank: forking after the parent used several threads
     # deadlocks GNU OpenMP, and N ranks on few cores run faster this way anyway.
     torch.set_num_threads(1)
@@ -82,6 +82,7 @@ def _child(fn, args, kwargs, r, n, port, timeout, conn) -> None:
     _die_with_parent()
     os.environ.update(RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r))
     try:
+        port = conn.recv()  # sent once every rank is forked and the parent's store is up
         store = dist.TCPStore("127.0.0.1", port, n, is_master=False, timeout=timedelta(seconds=timeout))
         dist.init_process_group("gloo", store=store, rank=r, world_size=n, timeout=timedelta(seconds=timeout))
         from . import trace
@@ -121,20 +122,26 @@ def launch(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT, **kwarg
         return _launch_torchrun(fn, world_size, args, kwargs, timeout)
 
     ctx = get_context("fork")
-    # The parent hosts the rendezvous store on a port the OS hands it atomically. (Picking a
-    # free port and letting rank 0 bind it later races with every other process on the host.)
-    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=timeout))
-    port = store.port
-    procs, conns = [], []
+    procs, conns, store = [], [], None
     for r in range(world_size):
-        parent_end, child_end = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_child, args=(fn, args, kwargs, r, world_size, port, timeout, child_end),
+        parent_end, child_end = ctx.Pipe(duplex=True)
+        p = ctx.Process(target=_child, args=(fn, args, kwargs, r, world_size, timeout, child_end),
                         daemon=True, name=f"minipar-rank{r}")
         p.start()
         child_end.close()
         procs.append(p)
         conns.append(parent_end)
+    # The parent hosts the rendezvous store on a port the OS hands it atomically (picking a free
+    # port for rank 0 to bind later races with every other process on the host). It starts only
+    # after every fork, so no child inherits the store's server thread mid-request.
+    try:
+        store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                              timeout=timedelta(seconds=timeout))
+        for c in conns:
+            c.send(store.port)
+    except BaseException:
+        _kill(procs)
+        raise
 
     results: dict[int, object] = {}
     try:

@@ -33,6 +33,16 @@ def color_of(ev) -> str:
     return COLORS.get(kind, COLORS["compute"] if getattr(ev, "cat", "compute") == "compute" else "#8C8C8C")
 
 
+def _legend_key(ev) -> str:
+    if ev.name in COLORS:
+        return ev.name
+    m = _ACTION.match(ev.name.split(":")[0])
+    if m:
+        return m.group(1)
+    kind = getattr(ev, "meta", {}).get("kind")
+    return kind if kind in COLORS else ("compute" if ev.cat == "compute" else ev.name)
+
+
 def plot_timeline(events, ax=None, title: str | None = None, unit: str = "ms", label: bool = True,
                   ranks=None, legend: bool = True, clock: str = "wall"):
     """Draw `events` (trace.Event-like: rank, name, cat, start, end in seconds).
@@ -60,11 +70,9 @@ def plot_timeline(events, ax=None, title: str | None = None, unit: str = "ms", l
         w = max((e.end - e.start) * scale, end * 1e-4)
         c = color_of(e)
         ax.broken_barh([(e.start * scale, w)], (y0, h), facecolors=c, edgecolor="white", linewidth=0.4)
-        used[e.name if e.name in COLORS else ("compute" if not comm else e.name)] = c
+        used[_legend_key(e)] = c
         if label and not comm and w > end / 60:
             ax.text(e.start * scale + w / 2, y0 + h / 2, e.name, ha="center", va="center", fontsize=7, color="white")
-        if _ACTION.match(e.name):
-            used[_ACTION.match(e.name).group(1)] = c
     ax.set_yticks(range(len(ranks)), [f"rank {r}" for r in ranks])
     ax.set_ylim(len(ranks) - 0.4, -0.6)
     ax.set_xlim(0, end * 1.01)
