@@ -17,8 +17,9 @@ Ring attention (Liu et al. 2023, "Ring Attention with Blockwise Transformers").
       forward sends  (cp-1) KV blocks,   backward sends (cp-1) KV + cp dKV blocks.
   Activation memory: Q, K, V, O and lse of N/cp tokens, i.e. 1/cp of one device.
 
-Causal load balancing, "zigzag" (Brandon et al. 2023, Striped/zigzag in
-  ring-flash-attention and Megatron-LM's CP). With a contiguous split, rank r's
+Causal load balancing, "zigzag" (the split of Megatron-LM's context parallelism and of
+  ring-flash-attention; Striped Attention, Brandon et al. 2023, balances with a
+  round-robin split instead). With a contiguous split, rank r's
   queries see r+1 of the cp key blocks: the last rank does cp times rank 0's work.
   Cut the sequence into 2·cp chunks and give rank r chunks r and 2cp-1-r (one early,
   one late): every rank then computes the same 2cp+1 chunk pairs per causal pass.
@@ -42,7 +43,7 @@ from . import comm, trace
 from .collectives import ring_neighbours
 
 __all__ = ["LAYOUTS", "chunk_ids", "shard_sequence", "unshard_sequence", "sequence_positions",
-           "attend", "attend_backward", "merge_attention", "ring_attention", "ulysses_attention",
+           "attend", "attend_backward", "merge_attention", "visible_pairs", "ring_attention", "ulysses_attention",
            "ring_bytes", "ulysses_bytes", "ring_flops", "check_config", "parallelize_attention",
            "local_batch", "train_rank", "ActivationMeter"]
 
@@ -121,7 +122,7 @@ def attend_backward(q, k, v, mask, dout, lse, delta):
     return ds @ k * scale, ds.transpose(-2, -1) @ q * scale, p.transpose(-2, -1) @ dout
 
 
-def _visible(q_ids, k_ids, causal: bool, c: int, device):
+def visible_pairs(q_ids, k_ids, causal: bool, c: int, device):
     """(i, j, mask) for each (query chunk i, key chunk j) with work to do. Causally, chunk a sees
     chunk b whole if a > b, through a lower-triangular mask if a == b, and not at all if a < b."""
     tril = torch.ones(c, c, dtype=torch.bool, device=device).tril()
@@ -166,7 +167,7 @@ class _RingAttention(torch.autograd.Function):
             src = (me - step) % n                             # whose KV block we hold now
             if step < n - 1:                                  # overlap: the next block travels while we compute
                 incoming, works = _pass(kv, right, left, group)
-            pairs = list(_visible(chunk_ids(me, n, layout), chunk_ids(src, n, layout), causal, c, q.device))
+            pairs = list(visible_pairs(chunk_ids(me, n, layout), chunk_ids(src, n, layout), causal, c, q.device))
             ks, vs = kv[0].chunk(m, 2), kv[1].chunk(m, 2)
             with trace.span(f"F{step}", flops=len(pairs) * 4 * q.shape[0] * q.shape[1] * c * c * q.shape[3]):
                 for i, j, mask in pairs:
@@ -196,7 +197,7 @@ class _RingAttention(torch.autograd.Function):
             src = (me - step) % n
             if step < n - 1:
                 incoming, works = _pass(kv, right, left, group)
-            pairs = list(_visible(chunk_ids(me, n, layout), chunk_ids(src, n, layout), causal, c, q.device))
+            pairs = list(visible_pairs(chunk_ids(me, n, layout), chunk_ids(src, n, layout), causal, c, q.device))
             ks, vs = kv[0].chunk(m, 2), kv[1].chunk(m, 2)
             dks, dvs = [torch.zeros_like(t) for t in ks], [torch.zeros_like(t) for t in vs]
             with trace.span(f"B{step}", flops=len(pairs) * 10 * q.shape[0] * q.shape[1] * c * c * q.shape[3]):
@@ -229,7 +230,8 @@ def ring_attention(q, k, v, causal: bool = True, layout: str = "zigzag", group=N
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads cannot share {k.shape[1]} KV heads; use a divisor of {q.shape[1]}")
     if layout == "zigzag" and q.shape[2] % 2:
-        raise ValueError(f"a zigzag shard holds two equal chunks, but has {q.shape[2]} tokens; shard with shard_sequence")
+        raise ValueError(f"a zigzag shard holds two equal chunks, but has {q.shape[2]} tokens; "
+                         "cut the inputs with shard_sequence")
     return _RingAttention.apply(q, k, v, causal, layout, group)
 
 
@@ -271,18 +273,23 @@ def ring_bytes(b, h_kv, seq, d, cp, elem=4) -> dict:
     return {"forward": (cp - 1) * block, "backward": (2 * cp - 1) * block if cp > 1 else 0}
 
 
-def ulysses_bytes(b, h, seq, d, cp, elem=4) -> dict:
-    """Payload each rank sends per layer: 4 all-to-alls (Q, K, V, O) of b·(N/cp)·h·d, each way."""
-    each = b * (seq // cp) * h * d * elem if cp > 1 else 0
-    return {"forward": 4 * each, "backward": 4 * each}
+def ulysses_bytes(b, h, seq, d, cp, elem=4, h_kv=None) -> dict:
+    """Payload each rank sends per layer: 4 all-to-alls (Q, K, V, O) of b·(N/cp)·h·d each way
+    (K and V carry h_kv heads under grouped-query attention)."""
+    h_kv = h if h_kv is None else h_kv
+    each = b * (seq // cp) * d * elem if cp > 1 else 0
+    return {"forward": (2 * h + 2 * h_kv) * each, "backward": (2 * h + 2 * h_kv) * each}
 
 
 def ring_flops(b, h, seq, d, cp, rank, layout="zigzag", causal=True) -> int:
-    """Forward attention FLOPs rank computes: 4·b·h·c²·d per (query chunk, key chunk) pair it visits."""
+    """Forward attention FLOPs `rank` computes: 4·b·h·c²·d per (query chunk, key chunk) pair it visits
+    (diagonal pairs are computed whole, then masked). Causally that is
+        contiguous (c = N/cp):   (r+1)·4·b·h·c²·d   -> the last rank does cp x rank 0's work
+        zigzag   (c = N/2cp):   (2cp+1)·4·b·h·c²·d on every rank."""
     m = len(chunk_ids(0, cp, layout))
     c = seq // (m * cp)
-    pairs = sum(1 for src in range(cp) for _ in _visible(chunk_ids(rank, cp, layout), chunk_ids(src, cp, layout),
-                                                         causal, 1, "cpu"))
+    mine = chunk_ids(rank, cp, layout)
+    pairs = sum(len(list(visible_pairs(mine, chunk_ids(src, cp, layout), causal, 1, "cpu"))) for src in range(cp))
     return pairs * 4 * b * h * c * c * d
 
 
@@ -363,6 +370,10 @@ class ActivationMeter(torch.autograd.graph.saved_tensors_hooks):
         if ptr not in self.skip:
             self.storages[ptr] = t.untyped_storage().nbytes()
         return t
+
+    def __enter__(self):
+        super().__enter__()
+        return self
 
     @property
     def bytes(self) -> int:

@@ -15,8 +15,9 @@ nothing of size sbh is stored whole any more.
 One more trick makes the saving complete: the all-gathered input of the column
 GEMMs is needed again in backward (dW = dY^T X). Storing it would keep sbh bytes;
 Megatron stores the s/t shard and all-gathers it again in backward, overlapped
-with the input-gradient GEMM (`regather=True` here, the default). That costs one
-extra all-gather per column region in backward:
+with the input-gradient GEMM (`regather=True` here, the default: `gather_linear`).
+With `regather=False` the entry is plainly `comm.gather_along` and autograd keeps
+the gathered tensor. The re-gather costs one all-gather per column region:
 
     per layer, per micro-batch, M = b*s*h*bytes:
       TP:      4 all-reduces of M          (2 forward: g after attention and MLP;
@@ -35,47 +36,47 @@ import torch.nn.functional as F
 
 from . import comm
 
-__all__ = ["gather_linear", "sync_sequence_parallel_grads", "activation_bytes", "korthikanti_bytes",
-           "comm_per_layer"]
+__all__ = ["SEQ", "gather_linear", "sync_sequence_parallel_grads", "activation_bytes", "korthikanti_bytes",
+           "comm_per_layer", "comm_per_step", "measure_layer"]
 
 SEQ = 1  # our activations are [b, s, h]; Megatron's are [s, b, h], hence its dim 0
 
 
 class _GatherLinear(torch.autograd.Function):
-    """All-gather x along the sequence, then apply column-parallel linears to it.
+    """All-gather x [b, s/t, h] along the sequence and apply column-parallel linears to it,
+    keeping only the shard for backward (b*s*h/t elements instead of b*s*h).
 
-    Backward all-gathers the saved shard again (when `regather`) while the input
-    gradient is computed, and reduce-scatters that gradient while the weight
-    gradients are computed: Megatron's LinearWithGradAccumulationAndAsyncCommunication."""
+    Backward all-gathers the shard again while the input gradient is computed, then
+    reduce-scatters that gradient while the weight gradients are computed: Megatron's
+    LinearWithGradAccumulationAndAsyncCommunication. Cost: one more all-gather of b*s*h."""
 
     @staticmethod
-    def forward(ctx, x, group, regather, *wb):
-        full = comm.all_gather(x, dim=SEQ, group=group)
-        ctx.group, ctx.regather = group, regather
-        ctx.save_for_backward(x if regather else full, *wb)
+    def forward(ctx, x, group, *wb):
+        full = comm.all_gather(x, dim=SEQ, group=group).contiguous()  # one copy, not one per linear
+        ctx.group = group
+        ctx.save_for_backward(x, *wb)
         return tuple(F.linear(full, w, b) for w, b in zip(wb[::2], wb[1::2]))
 
     @staticmethod
     def backward(ctx, *dys):
-        saved, *wb = ctx.saved_tensors
+        shard, *wb = ctx.saved_tensors
         weights, biases = wb[::2], wb[1::2]
-        gather = comm.all_gather(saved, dim=SEQ, group=ctx.group, async_op=True) if ctx.regather else None
-        dx = sum(dy @ w for dy, w in zip(dys, weights))                 # overlaps the all-gather
-        scatter = comm.reduce_scatter(dx, dim=SEQ, group=ctx.group, async_op=True)
-        full = gather.wait() if gather is not None else saved
-        full2d = full.reshape(-1, full.shape[-1])
+        gather = comm.all_gather(shard, dim=SEQ, group=ctx.group, async_op=True)
+        dfull = sum(dy @ w for dy, w in zip(dys, weights))              # overlaps the all-gather
+        scatter = comm.reduce_scatter(dfull, dim=SEQ, group=ctx.group, async_op=True)
+        full = gather.wait().reshape(-1, shard.shape[-1])
         grads = []
         for dy, b in zip(dys, biases):                                  # overlaps the reduce-scatter
-            dy2d = dy.reshape(-1, dy.shape[-1])
-            grads += [dy2d.t() @ full2d, dy2d.sum(0) if b is not None else None]
-        return (scatter.wait(), None, None, *grads)
+            dy = dy.reshape(-1, dy.shape[-1])
+            grads += [dy.t() @ full, dy.sum(0) if b is not None else None]
+        return (scatter.wait(), None, *grads)
 
 
-def gather_linear(x, layers, group="tp", regather: bool = True) -> list:
+def gather_linear(x, layers, group="tp") -> list:
     """SP's entry operator fused with the column-parallel `layers` that read its output.
     x: [b, s/t, h] -> one [b, s, out/t] per layer."""
     wb = [t for layer in layers for t in (layer.weight, layer.bias)]
-    return list(_GatherLinear.apply(x, group, regather, *wb))
+    return list(_GatherLinear.apply(x, group, *wb))
 
 
 def sync_sequence_parallel_grads(model: torch.nn.Module, group="tp") -> None:
@@ -104,20 +105,20 @@ def activation_bytes(s, b, h, a, t, sp=False, regather=True, nbytes=4) -> float:
         LayerNorm mean and rstd          2 * 2Bsb            (/t under SP)   not in the paper: O(sb)
         attention, MLP GEMM inputs       2 * Bsbh            (/t under SP with regather)
         q, k, v                          3 * Bsbh / t
-        SDPA output (fused backward)     Bsbh / t            the paper stores softmax + dropout instead
+        SDPA output = projection input   Bsbh / t            SDPA writes [b, s, a, d]: one storage
         SDPA log-sum-exp                 B a s b / t         replaces the paper's 5as^2b: no s x s matrix
-        projection input                 Bsbh / t
         GELU input, output (4h wide)     2 * 4Bsbh / t
         dropout masks                    0                   no dropout (the paper's 2sbh + as^2b)
 
-    TP: sbh(4B + 13B/t) + sb(4B + aB/t);  TP+SP (regather): sbh 17B/t + sb(4B + aB)/t.
-    With B = 2 and dropout this is the paper's sbh(10 + 24/t) ... up to the SDPA terms."""
+    TP: sbh(4B + 12B/t) + sb(4B + aB/t);   TP+SP (regather): sbh 16B/t + sb(4B + aB)/t.
+    With B = 4 the sbh terms are sbh(16 + 48/t) and sbh 64/t: exactly twice the paper's
+    10 + 24/t and 34/t once its two 1-byte dropout masks (2sbh) are taken out."""
     B = nbytes
     split_norm = t if sp else 1
     split_in = t if (sp and regather) else 1
     norms = 2 * B * s * b * h / split_norm + 2 * 2 * B * s * b / split_norm
     gemm_inputs = 2 * B * s * b * h / split_in
-    attention = (3 + 1 + 1) * B * s * b * h / t + B * a * s * b / t
+    attention = (3 + 1) * B * s * b * h / t + B * a * s * b / t
     mlp = 2 * 4 * B * s * b * h / t
     return norms + gemm_inputs + attention + mlp
 
@@ -133,3 +134,65 @@ def comm_per_layer(b, s, h, t, sp=False, regather=True, nbytes=4) -> dict:
         return {"all_reduce": (4, 4 * M)}
     gathers = 4 + (2 if regather else 0)
     return {"all_gather": (gathers, gathers * M), "reduce_scatter": (4, 4 * M)}
+
+
+def measure_layer(cfg, batch_size: int, group="tp", sequence_parallel=False, regather=True, seed=0) -> dict:
+    """Run one block's forward and backward on this rank (inside `launch`, with a Mesh
+    holding `group`) and measure it: {"activation_bytes": saved for backward, "comm" and
+    "comm_forward": {op: (count, payload bytes)} from the trace, for the whole step and for
+    the forward alone, "events": the traced events, "saved": what was saved}."""
+    from . import trace
+    from .activations import SavedActivations
+    from .model import GPT
+    from .runtime import device
+    from .tp import ParallelBlock
+
+    block = ParallelBlock(GPT(cfg, seed).blocks[0], group, sequence_parallel, regather).to(device())
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, cfg.seq, cfg.hidden, generator=gen).to(device())
+    if sequence_parallel:
+        x = x.chunk(comm.size(group), SEQ)[comm.local_rank(group)].clone()  # its own storage
+    x.requires_grad_(True)  # as inside a model: the layer's input gradient is computed, and its f all-reduced
+    trace.reset()
+    with SavedActivations(block) as meter:
+        with trace.span("F"):
+            y = block(x)
+    n_forward = len(trace.events())
+    with trace.span("B"):
+        y.backward(torch.ones_like(y))
+    evs = trace.events()
+
+    def tally(events):
+        counts: dict = {}
+        for e in events:
+            if e.cat == "comm":
+                c, b = counts.get(e.name, (0, 0))
+                counts[e.name] = (c + 1, b + e.bytes)
+        return counts
+    return {"activation_bytes": meter.bytes, "comm": tally(evs), "comm_forward": tally(evs[:n_forward]),
+            "events": evs, "saved": meter.tensors}
+
+
+def comm_per_step(cfg, batch_size: int, t: int, sp=False, regather=True, nbytes=4) -> dict:
+    """{op: (count, payload bytes)} of one whole training step of `minipar.tp.TPGPT` on one rank:
+    L layers, plus the vocab-parallel embedding (g, or under SP a reduce-scatter), the head's
+    entry (f, or SP's all-gather), the cross-entropy's 3 all-reduces of one float per token,
+    and under SP one all-reduce of the replicated parameters' partial gradients."""
+    if t == 1:
+        return {}
+    b, s, h, L = batch_size, cfg.seq, cfg.hidden, cfg.layers
+    M, tokens = b * s * h * nbytes, b * s * nbytes
+    out = {op: (L * c, L * n) for op, (c, n) in comm_per_layer(b, s, h, t, sp, regather, nbytes).items()}
+
+    def add(op, count, payload):
+        c, n = out.get(op, (0, 0))
+        out[op] = (c + count, n + count * payload)
+
+    add("all_reduce", 3, tokens)                      # cross-entropy: max, target logit, sum of exps
+    if not sp:
+        add("all_reduce", 2, M)                       # embedding's g (fwd), head's f (bwd)
+    else:
+        add("reduce_scatter", 2, M)                   # embedding (fwd), head's input gradient (bwd)
+        add("all_gather", 2 + regather, M)            # embedding (bwd), head (fwd, + regather in bwd)
+        add("all_reduce", 1, (s * h + 6 * L * h + 2 * h) * nbytes)  # wpe, LayerNorms, row biases
+    return out

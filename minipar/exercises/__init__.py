@@ -32,7 +32,8 @@ class Verdict:
 
     def __str__(self) -> str:
         head = "PASSED" if self.passed else ("NOT YET" if self.message.startswith("not yet") else "NOT RIGHT")
-        s = f"{head}: {self.message}"
+        msg = self.message[len("not yet: "):] if self.message.startswith("not yet: ") else self.message
+        s = f"{head}: {msg}"
         if self.details:
             s += "\n  " + "\n  ".join(self.details)
         if self.hint and not self.passed:

@@ -12,7 +12,8 @@ logical payload of each collective and as what a ring algorithm puts on the wire
 from __future__ import annotations
 
 __all__ = ["num_params", "model_flops", "hardware_flops", "mfu", "activation_bytes_per_layer",
-           "in_flight_microbatches", "activation_bytes_per_gpu", "comm_bytes", "RECOMPUTE"]
+           "in_flight_microbatches", "context_parallel_layer_bytes", "activation_bytes_per_gpu", "comm_bytes",
+           "RECOMPUTE"]
 
 RECOMPUTE = (None, "selective", "full")
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
@@ -118,6 +119,23 @@ def in_flight_microbatches(schedule: str, pp: int, num_microbatches: int, v: int
     return float(min(m, p))
 
 
+def context_parallel_layer_bytes(seq, cp, micro_batch, hidden, heads, tp=1, sequence_parallel=False,
+                                 recompute=None, bytes_per_value=2) -> float:
+    """`activation_bytes_per_layer` on one of c context-parallel ranks: its s/c queries keep
+    s/c of every per-token tensor, but their attention scores span all s keys, so the 5as/h
+    term shrinks by c, not c² (Liu et al. 2023, ring attention)."""
+    if seq % cp:
+        raise ValueError(f"seq={seq} must be divisible by cp={cp}")
+    s = seq // cp
+    out = activation_bytes_per_layer(s, micro_batch, hidden, heads, tp, sequence_parallel, recompute,
+                                     bytes_per_value)
+    if recompute is None and cp > 1:
+        scores = out - activation_bytes_per_layer(s, micro_batch, hidden, heads, tp, sequence_parallel,
+                                                  "selective", bytes_per_value)
+        out += (cp - 1) * scores
+    return out
+
+
 def activation_bytes_per_gpu(seq: int, micro_batch: int, hidden: int, heads: int, layers: int, vocab: int,
                              tp: int = 1, pp: int = 1, cp: int = 1, num_microbatches: int = 1, v: int = 1,
                              schedule: str = "1f1b", sequence_parallel: bool = False, recompute=None,
@@ -133,12 +151,12 @@ def activation_bytes_per_gpu(seq: int, micro_batch: int, hidden: int, heads: int
         raise ValueError(f"seq={seq} must be divisible by cp={cp}")
     s = seq // cp
     inflight = in_flight_microbatches(schedule, pp, num_microbatches, v)
-    per_layer = activation_bytes_per_layer(s, micro_batch, hidden, heads, tp, sequence_parallel,
-                                           recompute, bytes_per_value)
+    per_layer = context_parallel_layer_bytes(seq, cp, micro_batch, hidden, heads, tp, sequence_parallel,
+                                             recompute, bytes_per_value)
     total = (layers / pp) * inflight * per_layer
     if recompute == "full":  # one layer's activations are live while it is recomputed
-        total += activation_bytes_per_layer(s, micro_batch, hidden, heads, tp, sequence_parallel,
-                                            None, bytes_per_value)
+        total += context_parallel_layer_bytes(seq, cp, micro_batch, hidden, heads, tp, sequence_parallel,
+                                              None, bytes_per_value)
     sbh = s * micro_batch * hidden * bytes_per_value / 2
     total += sbh * min(pp, num_microbatches) / 2 / (tp if sequence_parallel else 1)
     if pp == 1:
@@ -156,10 +174,11 @@ def comm_bytes(layers: int, hidden: int, seq: int, micro_batch: int, num_microba
     Ring cost per GPU (Patarasuk & Yuan 2009; NCCL docs): all-reduce of n bytes over k ranks
     puts 2(k-1)/k·n on the wire; all-gather / reduce-scatter (k-1)/k·n; all-to-all (k-1)/k·n.
 
-    dp:  ZeRO 0-2 reduce gradients once per step (an all-reduce, or reduce-scatter +
-         all-gather of parameters: the same 2Ψ on the wire); ZeRO-3 all-gathers parameters
-         in forward and backward and reduce-scatters gradients: 3Ψ, for every micro-batch
-         (Rajbhandari et al. 2020, Sec. 7). Megatron's
+    dp:  ZeRO 0-1 reduce gradients once per step (an all-reduce, or reduce-scatter +
+         all-gather of parameters: the same 2Ψ on the wire; Rajbhandari et al. 2020, Sec. 7).
+         ZeRO-2 keeps only its gradient shard, so with m micro-batches of accumulation it
+         reduce-scatters every micro-batch: (m + 1)Ψ. ZeRO-3 all-gathers parameters in
+         forward and backward and reduce-scatters gradients, every micro-batch: 3mΨ. Megatron's
          distributed optimizer shards over dp×cp, so cp ranks join this reduction.
     tp:  per layer per micro-batch, 2 all-reduces forward + 2 backward of s b h (Shoeybi 2019);
          with SP each becomes an all-gather + reduce-scatter, same wire bytes (Korthikanti 2022);
@@ -185,9 +204,11 @@ def comm_bytes(layers: int, hidden: int, seq: int, micro_batch: int, num_microba
 
     grads = params_per_gpu * grad_bytes
     k = dp * cp
-    if zero_stage == 3:  # gathers and reduce-scatters repeat for every micro-batch
+    if zero_stage == 3:    # parameters gathered twice and gradients reduce-scattered, per micro-batch
         add("dp", 3 * m * grads, (k - 1) / k, 3 * m if k > 1 else 0)
-    else:
+    elif zero_stage == 2:  # sharded gradients cannot accumulate: reduce-scatter every micro-batch
+        add("dp", (m + 1) * grads, (k - 1) / k, m + 1 if k > 1 else 0)
+    else:                  # one all-reduce (ZeRO-1: reduce-scatter + all-gather) per step
         add("dp", grads, 2 * (k - 1) / k, 1 if k > 1 else 0)
     n_tp = 4 + (2 if recompute == "full" else 0)
     add("tp", n_tp * l_stage * m * act, 2 * (t - 1) / t if t > 1 else 0, n_tp * l_stage * m if t > 1 else 0)

@@ -1,0 +1,124 @@
+"""Our TP(+SP) against torch's DTensor tensor parallelism, on the same model and ranks.
+
+    python -m minipar.bench.tp [--tp 2] [--steps 12] [--layers 2] [--hidden 128]
+
+torch's version: `parallelize_module` with ColwiseParallel (q, k, v, fc, head),
+RowwiseParallel (proj), SequenceParallel (LayerNorms) and `loss_parallel` (the
+vocab-parallel cross-entropy), the torchtitan recipe applied to minipar's GPT.
+Both train the same reference weights on the same batches; the command checks
+that the losses agree to 1e-5 and prints the median step-time ratio (ours / torch)
+and the peak resident memory of rank 0 (CPU: the process's max RSS).
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .. import Mesh, launch
+from ..model import GPT, GPTConfig, SyntheticData, make_optimizer
+from ..runtime import device
+from ..sp import sync_sequence_parallel_grads
+from ..tp import TPGPT, check_tp
+
+
+def dtensor_tp_model(cfg: GPTConfig, seed: int = 0, sequence_parallel: bool = False) -> GPT:
+    """The reference GPT parallelized by DTensor over every rank (call inside `launch`).
+    Its forward(idx) returns [b, s, V] logits as a DTensor sharded on the vocab."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+
+    mesh = init_device_mesh(device().type, (dist.get_world_size(),))
+    model = GPT(cfg, seed).to(device())
+    act = Shard(1) if sequence_parallel else Replicate()  # layout of the residual stream
+    plan = {"wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+            "head": ColwiseParallel(input_layouts=act, output_layouts=Shard(-1), use_local_output=False)}
+    if sequence_parallel:  # wpe is added to the full sequence, so split after the embedding
+        plan["blocks.0"] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
+                                                  use_local_output=True)
+        plan["ln_f"] = SequenceParallel()
+    for i in range(cfg.layers):
+        blk = {"attn": PrepareModuleInput(input_layouts=(act,), desired_input_layouts=(Replicate(),)),
+               "attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(),
+               "attn.proj": RowwiseParallel(output_layouts=act),
+               "mlp.fc": ColwiseParallel(input_layouts=act), "mlp.proj": RowwiseParallel(output_layouts=act)}
+        if sequence_parallel:
+            blk.update({"ln1": SequenceParallel(), "ln2": SequenceParallel()})
+        plan.update({f"blocks.{i}.{k}": v for k, v in blk.items()})
+    return parallelize_module(model, mesh, plan)
+
+
+def dtensor_loss(logits, targets):
+    """torch's vocab-parallel cross-entropy: F.cross_entropy on a vocab-sharded DTensor."""
+    from torch.distributed.tensor.parallel import loss_parallel
+    with loss_parallel():
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def _run(cfg, steps, batch_size, sp, ours):
+    torch.manual_seed(0)
+    if ours:
+        Mesh(tp=dist.get_world_size())
+        model = TPGPT(GPT(cfg, 0), "tp", sp).to(device())
+    else:
+        model = dtensor_tp_model(cfg, 0, sp)
+    opt = make_optimizer(model.parameters())
+    data = SyntheticData(cfg.vocab, cfg.seq, 0)
+    losses, times = [], []
+    for step in range(steps):
+        x, y = (t.to(device()) for t in data.batch(step, batch_size))
+        dist.barrier()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        if ours:
+            _, loss = model(x, y)
+            loss.backward()
+            if sp:
+                sync_sequence_parallel_grads(model)
+        else:
+            from torch.distributed.tensor.parallel import loss_parallel
+            loss = dtensor_loss(model(x), y)
+            with loss_parallel():
+                loss.backward()
+        opt.step()
+        losses.append(loss.full_tensor().item() if hasattr(loss, "full_tensor") else loss.item())
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"losses": losses, "median": statistics.median(times[2:]), "peak": peak}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--seq", type=int, default=64)
+    a = ap.parse_args(argv)
+    cfg = GPTConfig(vocab=256, seq=a.seq, layers=a.layers, heads=8, hidden=a.hidden)
+    check_tp(cfg, a.tp, sequence_parallel=True)
+    print(f"{cfg}\ntp={a.tp}, batch={a.batch}, {a.steps} steps (median of the last {a.steps - 2})")
+    print(f"{'':<8}{'ours ms':>10}{'torch ms':>10}{'ratio':>8}{'ours MB':>10}{'torch MB':>10}{'max |dloss|':>13}")
+    ratios = {}
+    for sp in (False, True):
+        ours = launch(_run, a.tp, cfg, a.steps, a.batch, sp, True, timeout=300)[0]
+        theirs = launch(_run, a.tp, cfg, a.steps, a.batch, sp, False, timeout=300)[0]
+        err = max(abs(x - y) for x, y in zip(ours["losses"], theirs["losses"]))
+        ratios[sp] = ours["median"] / theirs["median"]
+        print(f"{'TP+SP' if sp else 'TP':<8}{ours['median'] * 1e3:>10.2f}{theirs['median'] * 1e3:>10.2f}"
+              f"{ratios[sp]:>8.2f}{ours['peak'] / 2**20:>10.0f}{theirs['peak'] / 2**20:>10.0f}{err:>13.2e}")
+        if err > 1e-5:
+            raise SystemExit(f"losses disagree by {err:.3g} (> 1e-5)")
+    return ratios
+
+
+if __name__ == "__main__":
+    main()
