@@ -75,6 +75,14 @@ class TracedWork:
 
     def __init__(self, work, ev: trace.Event, tensor: torch.Tensor, after=None):
         self.work, self.ev, self.tensor, self.after, self.done = work, ev, tensor, after, False
+        self.finished_at = None
+        if work is not None and not tensor.is_cuda and hasattr(work, "get_future"):
+            # gloo completes a collective on its own thread: stamp that moment, so an
+            # overlapped collective ends on the timeline where it ended, not where it was waited on.
+            try:
+                work.get_future().add_done_callback(lambda _: setattr(self, "finished_at", time.perf_counter()))
+            except RuntimeError:  # a backend without futures: fall back to the wait time
+                pass
 
     def wait(self):
         if not self.done:
@@ -83,7 +91,7 @@ class TracedWork:
             _sync(self.tensor)
             if self.after is not None:
                 self.after()
-            self.ev.end = time.perf_counter()
+            self.ev.end = self.finished_at or time.perf_counter()
             trace.record(self.ev)
             self.done = True
         return self.tensor
@@ -119,13 +127,19 @@ def all_reduce(t: torch.Tensor, op: str = "sum", group=None, async_op: bool = Fa
                 "all_reduce", name, S, 2 * (n - 1) / n * S, t, async_op, after)
 
 
-def all_gather(t: torch.Tensor, dim: int = 0, group=None, async_op: bool = False):
-    """Concatenate every rank's `t` along `dim`; returns a new tensor."""
+def all_gather(t: torch.Tensor, dim: int = 0, group=None, async_op: bool = False, out: torch.Tensor | None = None):
+    """Concatenate every rank's `t` along `dim`; returns a new tensor, or fills `out`
+    (dim 0 only: a preallocated buffer, e.g. ZeRO-3's flat parameter)."""
     pg, name, n = resolve(group)
     if n == 1:
+        if out is not None and out.data_ptr() != t.data_ptr():
+            out.copy_(t)
+        t = t if out is None else out
         return _Done(t) if async_op else t
     src = t.movedim(dim, 0).contiguous()
-    out = torch.empty((n * src.shape[0], *src.shape[1:]), dtype=t.dtype, device=t.device)
+    if out is not None and (dim != 0 or out.shape != (n * src.shape[0], *src.shape[1:])):
+        raise ValueError(f"all_gather(out=) needs dim=0 and out of shape {(n * src.shape[0], *src.shape[1:])}")
+    out = torch.empty((n * src.shape[0], *src.shape[1:]), dtype=t.dtype, device=t.device) if out is None else out
     S = _nbytes(out)
     h = _run(lambda a: dist.all_gather_single(out, src, group=pg, async_op=a),
              "all_gather", name, S, (n - 1) / n * S, out, True)

@@ -1,0 +1,151 @@
+"""DDP from scratch: buckets, overlap, no_sync, reduce dtype; torch's DDP; recompute.
+(Parity of DDP with the single-device loop over the whole grid is in test_zero.py.)"""
+import pytest
+import torch
+
+from minipar import comm, launch, trace
+from minipar.dp import DDP, check_batch, local_batch, train_ddp, train_steps
+from minipar.exercises import check
+from minipar.model import GPT, GPTConfig, SyntheticData, make_optimizer, train_reference
+from minipar.activations import SavedActivations
+from minipar.recompute import apply_recompute
+
+CFG = GPTConfig(vocab=64, seq=16, layers=2, heads=4, hidden=32)
+SMALL_BUCKET = 0.01  # MiB: about 10k bytes, several buckets for this model
+
+
+def _buckets_and_overlap():
+    torch.manual_seed(0)
+    model = GPT(CFG, 0)
+    ddp = DDP(model, bucket_mb=SMALL_BUCKET)
+    opt = make_optimizer(model.parameters())
+    trace.reset()
+    losses = train_steps(ddp, opt.step, CFG, steps=3, batch_size=8, grad_accum=2)
+    order = [[n for n, p in model.named_parameters() if any(p is q for q in b.params)] for b in ddp.buckets]
+    return dict(evs=trace.events(), order=order, n_buckets=len(ddp.buckets), losses=losses,
+                sizes=[b.buffer.numel() * 4 for b in ddp.buckets],
+                params={n: p.detach().clone() for n, p in model.named_parameters()})
+
+
+def test_buckets_overlap_backward_and_no_sync_communicates_only_the_last_micro_batch():
+    res = launch(_buckets_and_overlap, 2)
+    r0 = res[0]
+    # buckets: reverse registration order (the head's gradients come first), each under the cap
+    assert r0["n_buckets"] >= 3 and r0["order"][0][-1] == "head.weight" and r0["order"][-1][0] == "wte.weight"
+    # a bucket stays under the cap unless one parameter alone exceeds it
+    assert all(s <= SMALL_BUCKET * 2**20 or len(names) == 1 for s, names in zip(r0["sizes"], r0["order"]))
+    evs = r0["evs"]
+    reduces = [e for e in evs if e.name == "all_reduce"]
+    # no_sync: 3 steps x 2 micro-batches, but one all-reduce per bucket per step
+    assert len(reduces) == 3 * r0["n_buckets"]
+    assert sum(e.bytes for e in reduces) == 3 * sum(r0["sizes"])
+    # overlap: in every step some bucket's all-reduce starts before the last backward ends
+    backward = [e for e in evs if e.name == "B"][1::2]  # the second (synchronizing) micro-batch
+    for b in backward:
+        inside = [e for e in reduces if b.start < e.start < b.end]
+        assert len(inside) >= r0["n_buckets"] - 1
+    ref = train_reference(CFG, 3, 8, 0, grad_accum=2)
+    assert r0["losses"] == pytest.approx(ref.losses, abs=1e-5)
+    for n, p in ref.model.named_parameters():
+        assert (res[1]["params"][n] - p).abs().max() < 1e-5, n
+
+
+def _ours_and_torch_ddp(steps=5, batch=8):
+    from torch.nn.parallel import DistributedDataParallel
+    ours = train_ddp(CFG, steps=steps, batch_size=batch, bucket_mb=SMALL_BUCKET)
+    torch.manual_seed(0)
+    model = DistributedDataParallel(GPT(CFG, 0), bucket_cap_mb=SMALL_BUCKET)
+    opt = make_optimizer(model.parameters())
+    data, losses = SyntheticData(CFG.vocab, CFG.seq, 0), []
+    for step in range(steps):
+        x, y = local_batch(data, step, batch)
+        opt.zero_grad()
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        losses.append(comm.all_reduce(loss.detach(), op="avg").item())
+    return ours, losses, {n: p.detach() for n, p in model.module.named_parameters()}
+
+
+def test_our_ddp_matches_torch_ddp():
+    ours, losses, params = launch(_ours_and_torch_ddp, 2)[0]
+    assert ours["losses"] == pytest.approx(losses, abs=1e-6)
+    for n, p in params.items():
+        assert (ours["params"][n] - p).abs().max().item() < 1e-6, n
+
+
+def _reduce_in_bf16():
+    trace.reset()
+    lo = train_ddp(CFG, steps=3, reduce_dtype=torch.bfloat16)
+    lo_bytes = sum(e.bytes for e in trace.events() if e.name == "all_reduce")
+    trace.reset()
+    hi = train_ddp(CFG, steps=3)
+    hi_bytes = sum(e.bytes for e in trace.events() if e.name == "all_reduce")
+    return lo, hi, lo_bytes, hi_bytes
+
+
+def test_reducing_gradients_in_bf16_halves_the_traffic_and_stays_close():
+    lo, hi, lo_bytes, hi_bytes = launch(_reduce_in_bf16, 2)[0]
+    assert lo_bytes * 2 == hi_bytes
+    assert lo["losses"] == pytest.approx(hi["losses"], abs=1e-2)
+    assert lo["losses"] != hi["losses"]  # bf16 rounding is visible: the switch did something
+
+
+def _zero_grad_misuse():
+    model = GPT(CFG, 0)
+    ddp = DDP(model)
+    opt = make_optimizer(model.parameters())
+    opt.zero_grad(set_to_none=True)
+    x, y = local_batch(SyntheticData(CFG.vocab, CFG.seq), 0, 4)
+    ddp(x, y)[1].backward()
+
+
+def test_dropping_the_bucket_views_is_caught():
+    with pytest.raises(Exception, match="ddp.zero_grad"):
+        launch(_zero_grad_misuse, 2)
+
+
+def test_recompute_keeps_gradients_and_saves_activation_memory():
+    x, y = SyntheticData(CFG.vocab, CFG.seq).batch(0, 4)
+    grads, saved = {}, {}
+    for mode in (None, "selective", "full"):
+        model = GPT(CFG, 0)
+        if mode:
+            apply_recompute(model, mode)
+        with SavedActivations(model) as meter:
+            _, loss = model(x, y)
+        saved[mode] = meter.bytes
+        loss.backward()
+        grads[mode] = {n: p.grad for n, p in model.named_parameters()}
+    for mode in ("selective", "full"):
+        for n, g in grads[None].items():
+            assert torch.equal(grads[mode][n], g), (mode, n)  # recompute is exact
+    assert saved["full"] < saved["selective"] < saved[None]
+    with pytest.raises(ValueError, match="full"):
+        apply_recompute(GPT(CFG), "partial")
+    with pytest.raises(ValueError, match="out of range"):
+        apply_recompute(GPT(CFG), "full", layers=[5])
+
+
+def test_bad_batch_and_bucket_sizes_raise_clear_errors():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        check_batch(12, dp=4, grad_accum=2)
+    with pytest.raises(ValueError, match="bucket_mb"):
+        DDP(GPT(CFG), bucket_mb=0)
+
+
+def test_dp_allreduce_checker_passes_the_solution_and_rejects_wrong_ones():
+    def solution(model):
+        for p in model.parameters():
+            comm.all_reduce(p.grad, op="avg")
+
+    def summed(model):
+        for p in model.parameters():
+            comm.all_reduce(p.grad)
+
+    def local_only(model):
+        pass
+
+    assert check("dp_allreduce", solution).passed
+    assert not check("dp_allreduce", summed).passed
+    assert not check("dp_allreduce", local_only).passed
