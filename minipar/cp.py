@@ -43,7 +43,7 @@ from . import comm, trace
 from .collectives import ring_neighbours
 
 __all__ = ["LAYOUTS", "chunk_ids", "shard_sequence", "unshard_sequence", "sequence_positions",
-           "attend", "attend_backward", "merge_attention", "visible_pairs", "ring_attention", "ulysses_attention",
+           "attend", "attend_backward", "attention_fn", "merge_attention", "visible_pairs", "ring_attention", "ulysses_attention",
            "ring_bytes", "ulysses_bytes", "ring_flops", "check_config", "parallelize_attention",
            "local_batch", "train_rank", "ActivationMeter"]
 
@@ -311,10 +311,16 @@ def check_config(cfg, cp: int, method: str = "ring", layout: str = "zigzag") -> 
                          f"try seq={(cfg.seq // n + 1) * n}")
 
 
+def attention_fn(method: str = "ring", layout: str = "zigzag", group=None):
+    """The causal `attn_fn(q, k, v)` a block calls: ring or Ulysses attention over `group`."""
+    if method == "ring":
+        return partial(ring_attention, causal=True, layout=layout, group=group)
+    return partial(ulysses_attention, causal=True, group=group)
+
+
 def parallelize_attention(model, method: str = "ring", layout: str = "zigzag", group=None):
     """Swap every block's attention for ring or Ulysses attention over `group` (in place)."""
-    fn = (partial(ring_attention, causal=True, layout=layout, group=group) if method == "ring"
-          else partial(ulysses_attention, causal=True, group=group))
+    fn = attention_fn(method, layout, group)
     for blk in model.blocks:
         blk.attn.attn_fn = fn
     return model

@@ -34,9 +34,6 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-# torch.optim imports torch._dynamo at its first optimizer, seconds per process: do it once
-# here, before `launch` forks, rather than in every rank at once.
-import torch._dynamo  # noqa: F401,E402
 
 from . import comm, trace
 from .mesh import get_mesh

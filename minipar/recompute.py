@@ -46,12 +46,14 @@ def apply_recompute(model: GPT, mode: str = "full", layers=None) -> GPT:
     block) or "selective" (the attention core only); layers: block indices (default all)."""
     if mode not in MODES:
         raise ValueError(f"recompute mode must be one of {MODES}, got {mode!r}")
-    layers = range(len(model.blocks)) if layers is None else list(layers)
-    bad = [i for i in layers if not 0 <= i < len(model.blocks)]
+    # a pipeline stage keeps its blocks in a dict keyed by their global index
+    blocks = list(model.blocks.values()) if isinstance(model.blocks, torch.nn.ModuleDict) else list(model.blocks)
+    layers = range(len(blocks)) if layers is None else list(layers)
+    bad = [i for i in layers if not 0 <= i < len(blocks)]
     if bad:
-        raise ValueError(f"recompute layers {bad} are out of range: the model has {len(model.blocks)} blocks")
+        raise ValueError(f"recompute layers {bad} are out of range: the model has {len(blocks)} blocks")
     for i in layers:
-        blk = model.blocks[i]
+        blk = blocks[i]
         if mode == "full":
             # The module's own __call__ (and so its hooks, e.g. ZeRO-3's gather) stays outside
             # the checkpoint; only the forward body is rerun.

@@ -121,6 +121,9 @@ def launch(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT, **kwarg
     if is_torchrun():
         return _launch_torchrun(fn, world_size, args, kwargs, timeout)
 
+    # torch.optim imports torch._dynamo at a process's first optimizer step, which takes
+    # seconds; importing it once here means every forked rank starts with it loaded.
+    import torch._dynamo  # noqa: F401
     ctx = get_context("fork")
     procs, conns, store = [], [], None
     for r in range(world_size):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["COLORS", "color_of", "plot_timeline"]
+__all__ = ["COLORS", "AXIS_COLORS", "color_of", "plot_timeline"]
 
 COLORS = {
     # compute
@@ -19,6 +19,9 @@ COLORS = {
     "all_reduce": "#C44E52", "all_gather": "#DD8452", "reduce_scatter": "#937860",
     "all_to_all": "#DA8BC3", "broadcast": "#CCB974", "send": "#8C8C8C", "recv": "#BDBDBD",
 }
+# communication coloured by mesh axis instead of by op (plot_timeline(color_by="axis"))
+AXIS_COLORS = {"tp": "#C44E52", "cp": "#DA8BC3", "ep": "#8172B2", "dp": "#DD8452", "pp": "#8C8C8C",
+               "world": "#CCB974"}
 _ACTION = re.compile(r"^\d*([FBIW])\d*$")
 
 
@@ -44,11 +47,12 @@ def _legend_key(ev) -> str:
 
 
 def plot_timeline(events, ax=None, title: str | None = None, unit: str = "ms", label: bool = True,
-                  ranks=None, legend: bool = True, clock: str = "wall"):
+                  ranks=None, legend: bool = True, clock: str = "wall", color_by: str = "op"):
     """Draw `events` (trace.Event-like: rank, name, cat, start, end in seconds).
 
     `clock` only labels the x axis: "wall" for measured time, "modeled" for a
-    simulator's re-timing. Returns the matplotlib Axes."""
+    simulator's re-timing. `color_by="axis"` colours communication by its mesh axis
+    (tp, cp, ep, dp, pp) rather than by op. Returns the matplotlib Axes."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
@@ -68,9 +72,9 @@ def plot_timeline(events, ax=None, title: str | None = None, unit: str = "ms", l
         y0, h = (y - 0.42, 0.46) if not comm else {"send": (y + 0.08, 0.16), "recv": (y + 0.24, 0.16)}.get(
             e.name, (y + 0.08, 0.32))
         w = max((e.end - e.start) * scale, end * 1e-4)
-        c = color_of(e)
+        c = AXIS_COLORS.get(e.axis, "#8C8C8C") if comm and color_by == "axis" else color_of(e)
         ax.broken_barh([(e.start * scale, w)], (y0, h), facecolors=c, edgecolor="white", linewidth=0.4)
-        used[_legend_key(e)] = c
+        used[f"{e.axis} comm" if comm and color_by == "axis" else _legend_key(e)] = c
         if label and not comm and w > end / 60:
             ax.text(e.start * scale + w / 2, y0 + h / 2, e.name, ha="center", va="center", fontsize=7, color="white")
     ax.set_yticks(range(len(ranks)), [f"rank {r}" for r in ranks])

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import comm
-from .model import GPT, GPTConfig, make_optimizer, SyntheticData
+from .model import GPT, GPTConfig, make_optimizer, sdpa_causal, SyntheticData
 from .mesh import Mesh
 from .runtime import device, launch
 from .sp import SEQ, gather_linear, sync_sequence_parallel_grads
@@ -172,6 +172,7 @@ class ParallelAttention(nn.Module):
         self.head_dim = full.head_dim
         self.q, self.k, self.v = (ColumnParallelLinear(getattr(full, n), group) for n in "qkv")
         self.proj = RowParallelLinear(full.proj, group, sequence_parallel)
+        self.attn_fn = sdpa_causal  # swappable, as in the reference (context parallelism, recompute)
 
     def heads(self, x):  # [b, s, a/t * d] -> [b, a/t, s, d]
         return x.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
@@ -179,7 +180,7 @@ class ParallelAttention(nn.Module):
     def forward(self, x):
         q, k, v = (self.heads(y) for y in column_parallel(x, [self.q, self.k, self.v], self.group,
                                                           self.sp, self.regather))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = self.attn_fn(q, k, v)
         return self.proj(y.transpose(1, 2).flatten(2))
 
 

@@ -1,0 +1,95 @@
+"""Lowering: add the SEND/RECV actions a compute schedule implies.
+
+Rules (the executor relies on each):
+  * F(s, i) whose next stage lives on another rank is followed by SEND_F(s, i) to it;
+    B/I(s, i) whose previous stage lives on another rank is followed by SEND_B(s, i).
+  * Receives are posted one compute action ahead of the action that needs them, so
+    the transfer overlaps that action (posted irecvs).
+  * Between two ranks, messages are received in the order they were sent: NCCL
+    matches point-to-point operations per pair in FIFO order and ignores tags. So a
+    rank that needs message k from a peer first posts every earlier one from it.
+Sends never block (isend) and posting a receive never blocks; a rank waits only
+when a compute action needs a received tensor. `validate` checks the result cannot deadlock
+under that model, which holds for gloo. NCCL runs each pair's sends and receives in order on
+one stream and a large send waits for its receive, so a receive posted early can hold up a
+send behind it; on GPUs with big activations prefer `comm.batch_p2p` pairing (as
+torch.distributed.pipelining does). This path is untested on NCCL here (no GPU).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from .schedules import Action, Schedule
+
+__all__ = ["lower", "messages_in", "message_out"]
+
+
+def message_out(schedule: Schedule, a: Action) -> tuple | None:
+    """(dst rank, consuming Action-kind key) of what compute action `a` sends, or None."""
+    rank = schedule.stage_to_rank
+    if a.kind == "F":
+        nxt = schedule.next_stage(a.stage, a.mb)
+        if nxt is not None and rank[nxt] != rank[a.stage]:
+            return rank[nxt], ("F", nxt, a.mb)
+    elif a.kind in ("B", "I"):
+        prev = schedule.prev_stage(a.stage, a.mb)
+        if prev is not None and rank[prev] != rank[a.stage]:
+            return rank[prev], ("B", prev, a.mb)
+    return None
+
+
+def messages_in(schedule: Schedule, a: Action) -> tuple | None:
+    """(src rank, message key) compute action `a` must receive first, or None."""
+    rank = schedule.stage_to_rank
+    if a.kind == "F":
+        prev = schedule.prev_stage(a.stage, a.mb)
+        if prev is not None and rank[prev] != rank[a.stage]:
+            return rank[prev], ("F", a.stage, a.mb)
+    elif a.kind in ("B", "I"):
+        nxt = schedule.next_stage(a.stage, a.mb)
+        if nxt is not None and rank[nxt] != rank[a.stage]:
+            return rank[nxt], ("B", a.stage, a.mb)
+    return None
+
+
+def lower(schedule: Schedule) -> dict[int, list[Action]]:
+    """{rank: compute actions with SEND_*/RECV_* inserted}. A message key is (direction, the
+    receiving stage, mb); SEND actions carry the sending stage, RECV the receiving one."""
+    # Pass 1: the order in which each pair's messages are sent.
+    sent = defaultdict(list)                          # (src, dst) -> [message key]
+    for r, acts in schedule.actions.items():
+        for a in acts:
+            out = message_out(schedule, a)
+            if out:
+                sent[r, out[0]].append(out[1])
+    order = {pair: {k: i for i, k in enumerate(keys)} for pair, keys in sent.items()}
+    # Pass 2: each rank's list, receives posted one compute action early, in send order.
+    lowered = {}
+    for r, acts in sorted(schedule.actions.items()):
+        posted = defaultdict(int)                     # src -> messages posted so far
+        out = []
+
+        def post_for(a):
+            need = messages_in(schedule, a)
+            if need is None:
+                return
+            src, key = need
+            k = order.get((src, r), {}).get(key)
+            if k is None:
+                raise ValueError(f"rank {r}: {a} needs {key} from rank {src}, which never sends it")
+            while posted[src] <= k:
+                d, stage, mb = sent[src, r][posted[src]]
+                out.append(Action(stage, f"RECV_{d}", mb, peer=src))
+                posted[src] += 1
+
+        if acts:
+            post_for(acts[0])
+        for i, a in enumerate(acts):
+            if i + 1 < len(acts):
+                post_for(acts[i + 1])
+            out.append(a)
+            msg = message_out(schedule, a)
+            if msg:
+                out.append(Action(a.stage, "SEND_F" if a.kind == "F" else "SEND_B", a.mb, peer=msg[0]))
+        lowered[r] = out
+    return lowered

@@ -1,0 +1,265 @@
+"""The executor: one runtime runs any lowered schedule on real ranks.
+
+Each rank holds the stages `schedule.stage_to_rank` gives it, cut from the reference
+`GPT(cfg, seed)` (stage 0 the embeddings, the last stage ln_f + head + loss), and walks
+its lowered action list:
+
+  F   forward; keep the stage input and output (the stashed activations). With
+      recompute=True keep only the input and re-run the forward at backward time
+      (GPipe's re-materialization: activation memory per micro-batch O(1 layer input)).
+  B   full backward: d loss / d input and d loss / d weights in one pass.
+  I   input-gradient only: the linear layers' weight GEMMs are queued as closures in a
+      weight-gradient store (`wgrad.py`, DualPipe's WeightGradStore), so the previous
+      stage gets its gradient after half the backward's work.
+  W   run that micro-batch's queued closures: dW = dyᵀ x for every linear layer.
+  SEND_*  comm.isend of an output / input-gradient (never blocks).
+  RECV_*  comm.irecv posted ahead; the compute action that needs it waits on it.
+
+The micro-batch losses are cross-entropy / m, so the summed gradients equal the
+reference loop's gradient accumulation. DualPipe holds two copies of each layer
+slice (stage k and its mirror p+k); their gradients are summed across the two
+ranks before the optimizer step, so both copies stay identical.
+Every compute action is a `trace.span` named like `0F1`.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import comm, runtime, trace
+from ..model import GPT, GPTConfig, SyntheticData, make_optimizer
+from .schedules import Schedule
+from .validate import validate
+from .wgrad import WeightGradStore, install
+
+__all__ = ["Stage", "check_config", "build_stages", "StepRunner", "train_pipeline"]
+
+
+class Stage(nn.Module):
+    """A contiguous slice of the GPT. Parameter names equal the reference's ("blocks.3.mlp.fc.weight")."""
+
+    def __init__(self, gpt: GPT, layers: range, first: bool, last: bool):
+        super().__init__()
+        self.first, self.last = first, last
+        if first:
+            self.wte, self.wpe = gpt.wte, gpt.wpe
+        self.blocks = nn.ModuleDict({str(i): gpt.blocks[i] for i in layers})
+        if last:
+            self.ln_f, self.head = gpt.ln_f, gpt.head
+
+    def forward(self, x):
+        if self.first:
+            x = self.wte(x) + self.wpe(torch.arange(x.shape[1], device=x.device))
+        for blk in self.blocks.values():
+            x = blk(x)
+        return self.head(self.ln_f(x)) if self.last else x
+
+
+def check_config(schedule: Schedule, cfg: GPTConfig, batch_size: int | None = None) -> None:
+    """Raise a ValueError that says how to fix a configuration the executor cannot run.
+    Call it before `launch` (train_pipeline calls it again on every rank)."""
+    n = schedule.num_parts
+    if cfg.layers % n:
+        raise ValueError(f"{cfg.layers} layers cannot be split evenly into {n} pipeline stages; "
+                         f"use a multiple of {n} layers")
+    if cfg.experts:
+        raise ValueError("the pipeline stages do not carry the MoE load-balancing loss; use experts=0 "
+                         "(see minipar.moe for expert parallelism)")
+    m = schedule.num_microbatches
+    if batch_size is not None and batch_size % m:
+        raise ValueError(f"batch_size={batch_size} must split into num_microbatches={m} equal micro-batches; "
+                         f"use a multiple of {m}")
+
+
+def build_stages(schedule: Schedule, cfg: GPTConfig, seed: int, rank: int) -> dict[int, Stage]:
+    """{stage: Stage} for the stages on `rank`; layers split evenly over the model parts."""
+    check_config(schedule, cfg)
+    n = schedule.num_parts
+    per = cfg.layers // n
+    out = {}
+    for s in schedule.stages_of(rank):
+        k = schedule.part[s]
+        gpt = GPT(cfg, seed)   # a fresh copy per stage: DualPipe's mirrored copies must not share tensors
+        out[s] = Stage(gpt, range(k * per, (k + 1) * per), first=k == 0, last=k == n - 1).to(runtime.device())
+    return out
+
+
+def loss_fn(logits, y):
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+class StepRunner:
+    """Runs one step of a lowered action list on this rank.
+
+    Hooks, which PipeDream's weight stashing overrides: `forward(stage, x, mb)`, `weights(stage,
+    mb)` (the tensors B differentiates), `accumulate(stage, mb, grads)` and `done_with(stage, mb)`
+    (called when a micro-batch's backward on a stage is complete).
+
+    Inside a larger mesh (`minipar.compose`): `rank` is this rank's pipeline index, `peer(r)`
+    the global rank of pipeline rank r in this rank's pp `group`, and `loss(logits, y)` the
+    loss (e.g. vocab-parallel under TP). By default the world is the pipeline."""
+
+    def __init__(self, schedule: Schedule, lowered: list, stages: dict, act_shape, recompute=False, *,
+                 rank: int | None = None, peer=None, loss=None, group=None):
+        self.sch, self.lowered, self.stages, self.shape, self.recompute = schedule, lowered, stages, act_shape, recompute
+        self.rank = runtime.rank() if rank is None else rank
+        self.peer, self.loss, self.group = peer or (lambda r: r), loss or loss_fn, group
+        self.store = WeightGradStore()
+        self.eager = {s: install(st, self.store) for s, st in stages.items()}   # params I differentiates
+        self.loss_scale = 1.0 / schedule.num_microbatches   # the mean over micro-batches, as the reference
+
+    # ---- hooks PipeDream overrides
+    def forward(self, stage, x, mb):
+        return self.stages[stage](x)
+
+    def weights(self, stage, mb):
+        return list(self.stages[stage].parameters())
+
+    def accumulate(self, stage, mb, grads):
+        for p, g in zip(self.stages[stage].parameters(), grads):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
+
+    # ---- one step
+    def run(self, xs, ys) -> float:
+        """Execute the lowered list once; returns the sum of the micro-batch losses computed here."""
+        dev = runtime.device()
+        self.inp, self.out, self.local, self.dx = {}, {}, {}, {}
+        self.xs, self.ys, self.loss_sum, self.mb_losses = xs, ys, 0.0, {}
+        recvs, sends, posted = {}, [], {}
+        for a in self.lowered:
+            if a.kind.startswith("RECV"):
+                k = posted[a.peer] = posted.get(a.peer, -1) + 1       # k-th receive from this peer
+                h = comm.irecv(torch.empty(self.shape(a.mb), device=dev), self.peer(a.peer), group=self.group)
+                recvs[a.kind[-1], a.stage, a.mb] = (h, (a.peer, k))
+            elif a.kind.startswith("SEND"):
+                key = (a.stage, a.mb)
+                if a.kind == "SEND_B":
+                    t = self.dx.pop(key)
+                else:   # with recompute the output is not kept past its send
+                    t = self.out.pop(key) if self.recompute else self.out[key]
+                sends.append(comm.isend(t.detach().contiguous(), self.peer(a.peer), group=self.group))
+            else:
+                # Wait for the input outside the span, so waiting shows as idle, not compute.
+                path = self.sch.paths[a.mb]
+                need = {"F": "F", "B": "B", "I": "B"}.get(a.kind)
+                first_or_last = path[0] if need == "F" else path[-1]
+                h, src = (None, None) if need is None or a.stage == first_or_last else \
+                    recvs.pop((need, a.stage, a.mb), (None, None))
+                got = h.wait() if h is not None else self.local.pop((need, a.stage, a.mb), None)
+                # `recv` names the message this action consumed, so the modeled clock (sim.retime)
+                # knows what it waited for.
+                with trace.span(str(a), stage=a.stage, mb=a.mb, kind=a.kind, **({"recv": src} if src else {})):
+                    self.compute(a, got)
+            for h in sends:             # close the sends that have gone out (ends their trace spans)
+                if h.work.is_completed():
+                    h.wait()
+            sends = [h for h in sends if not h.done]
+        for h in sends:
+            h.wait()
+        if len(self.store) or recvs:
+            raise RuntimeError(f"rank {self.rank}: the schedule left work undone: W of {list(self.store.pending)}, "
+                               f"receives {list(recvs)}")
+        return self.loss_sum
+
+    def compute(self, a, got):
+        sch, dev, key = self.sch, runtime.device(), (a.stage, a.mb)
+        path = sch.paths[a.mb]
+        first, last = path[0] == a.stage, path[-1] == a.stage
+        if a.kind == "F":
+            x = self.xs[a.mb].to(dev) if first else got.detach().requires_grad_()
+            with torch.no_grad() if self.recompute else contextlib.nullcontext():
+                y = self.forward(a.stage, x, a.mb)
+                if last:
+                    y = self.loss(y, self.ys[a.mb].to(dev)) * self.loss_scale
+                    self.mb_losses[a.mb] = y.item() / self.loss_scale
+                    self.loss_sum += y.item()
+            self.inp[key], self.out[key] = x, y
+            nxt = sch.next_stage(a.stage, a.mb)
+            if nxt is not None and sch.stage_to_rank[nxt] == self.rank:
+                self.local["F", nxt, a.mb] = y.detach()
+            if self.recompute and (nxt is None or sch.stage_to_rank[nxt] == self.rank):
+                del self.out[key]                 # else kept only until its SEND
+            return
+        if a.kind == "W":   # the deferred weight GEMMs
+            self.store.flush(key)
+            self.done_with(a.stage, a.mb)
+            return
+        g, x, y = got, self.inp.pop(key), self.out.pop(key, None)
+        if self.recompute:   # re-materialize the stage's activations from its input
+            y = self.forward(a.stage, x, a.mb)
+            if last:
+                y = self.loss(y, self.ys[a.mb].to(dev)) * self.loss_scale
+        if a.kind == "B":
+            ws = self.weights(a.stage, a.mb)
+            grads = torch.autograd.grad(y, ([] if first else [x]) + ws, g)
+            dx = None if first else grads[0]
+            self.accumulate(a.stage, a.mb, grads[0 if first else 1:])
+            self.done_with(a.stage, a.mb)
+        else:   # I: input gradient now, the linear weights' gradients queued in the store
+            with self.store.defer(key):
+                grads = torch.autograd.grad(y, ([] if first else [x]) + self.eager[a.stage], g)
+            dx = None if first else grads[0]
+            for p, gp in zip(self.eager[a.stage], grads[0 if first else 1:]):
+                p.grad = gp if p.grad is None else p.grad + gp
+        if dx is not None:
+            prev = sch.prev_stage(a.stage, a.mb)
+            if sch.stage_to_rank[prev] == self.rank:
+                self.local["B", prev, a.mb] = dx
+            else:
+                self.dx[key] = dx
+
+    def done_with(self, stage, mb):
+        """Called when (stage, mb)'s backward is complete (PipeDream updates weights here)."""
+
+
+def _mirror_groups(schedule):
+    """DualPipe: the process group {r, p-1-r} of each pair of ranks that hold the same layers."""
+    p = schedule.num_ranks
+    groups = {}
+    for r in range(p // 2):
+        g = dist.new_group([r, p - 1 - r])
+        groups[r] = groups[p - 1 - r] = g
+    return groups
+
+
+def train_pipeline(schedule: Schedule, cfg: GPTConfig, steps: int = 2, batch_size: int = 8, seed: int = 0,
+                   recompute: bool = False) -> dict:
+    """Run under `minipar.launch(train_pipeline, p, ...)`: `steps` AdamW steps on the reference data.
+
+    Returns per rank {"losses": this rank's share of each step's loss (sum over ranks = the
+    step loss), "grads": {name: last step's gradient}, "params": {name: final value},
+    "times": seconds per step, "events": this rank's trace}."""
+    rank, n_events = runtime.rank(), len(trace.events())
+    if runtime.world_size() != schedule.num_ranks:
+        raise ValueError(f"schedule is for {schedule.num_ranks} ranks, launched on {runtime.world_size()}")
+    check_config(schedule, cfg, batch_size)
+    m = schedule.num_microbatches
+    lowered = validate(schedule)[rank]
+    stages = build_stages(schedule, cfg, seed, rank)
+    mirror = _mirror_groups(schedule) if schedule.name == "dualpipe" else None
+    opt = make_optimizer([p for st in stages.values() for p in st.parameters()])
+    data = SyntheticData(cfg.vocab, cfg.seq, seed)
+    runner = StepRunner(schedule, lowered, stages, lambda mb: (batch_size // m, cfg.seq, cfg.hidden), recompute)
+    losses, grads, times = [], {}, []
+    for step in range(steps):
+        t0 = runtime.wall()
+        x, y = data.batch(step, batch_size)
+        opt.zero_grad(set_to_none=True)
+        losses.append(runner.run(x.chunk(m), y.chunk(m)))
+        if mirror is not None:   # sum the two copies' gradients, ordered by layer slice on both ranks
+            ps = [p for s in sorted(stages, key=lambda s: schedule.part[s]) for p in stages[s].parameters()]
+            flat = torch.cat([p.grad.flatten() for p in ps])
+            comm.all_reduce(flat, group=mirror[rank])
+            for p, g in zip(ps, flat.split([p.numel() for p in ps])):
+                p.grad.copy_(g.view_as(p))
+        grads = {n: p.grad.clone() for st in stages.values() for n, p in st.named_parameters()}
+        opt.step()
+        times.append(runtime.wall() - t0)
+    params = {n: p.detach().clone() for st in stages.values() for n, p in st.named_parameters()}
+    return {"losses": losses, "grads": grads, "params": params, "times": times,
+            "events": trace.events()[n_events:]}

@@ -1,0 +1,113 @@
+"""The validator: is a schedule complete, ordered, and free of deadlock once lowered?
+
+Checks, each with a message that names the offending action:
+  1. every action runs on the rank that holds its stage;
+  2. completeness: every (stage, mb) on mb's path has exactly one F, and one B or
+     one I and one W; nothing else;
+  3. order on a rank: F before its B/I, I before its W;
+  4. the lowered program (SEND/RECV, see `lower`) receives each pair's messages in the
+     order they were sent, posts each receive before the action that needs it, and
+     cannot deadlock: timed by the one simulator (`minipar.sim`) with non-blocking sends
+     and receives that complete when their send has run, it must finish. A cycle of
+     waits (rank a waits for b, which waits for a) raises `sim.Deadlock` there.
+"""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+from .. import sim
+from .lower import lower, messages_in
+from .schedules import Action, Schedule
+
+__all__ = ["ScheduleError", "validate"]
+
+
+class ScheduleError(ValueError):
+    pass
+
+
+def validate(schedule: Schedule) -> dict:
+    """Raise ScheduleError naming the first problem; return the lowered schedule if valid."""
+    S = schedule.num_stages
+    seen = Counter()
+    for r, acts in schedule.actions.items():
+        for a in acts:
+            if not a.is_compute:
+                raise ScheduleError(f"rank {r}: {a} is not a compute action (F, B, I, W); lower() adds SEND/RECV")
+            if not 0 <= a.stage < S or schedule.stage_to_rank[a.stage] != r:
+                raise ScheduleError(f"rank {r}: {a} runs stage {a.stage}, which lives on rank "
+                                    f"{schedule.stage_to_rank[a.stage] if 0 <= a.stage < S else '(none)'}")
+            if not 0 <= a.mb < schedule.num_microbatches or a.stage not in schedule.paths[a.mb]:
+                raise ScheduleError(f"rank {r}: {a}: micro-batch {a.mb} does not pass through stage {a.stage}")
+            seen[a.stage, a.kind, a.mb] += 1
+    for (s, k, i), n in seen.items():
+        if n > 1:
+            raise ScheduleError(f"{Action(s, k, i)} appears {n} times; each action runs exactly once")
+    for i, path in enumerate(schedule.paths):
+        for s in path:
+            f, b, inp, w = (seen[s, k, i] for k in "FBIW")
+            if not f:
+                raise ScheduleError(f"{Action(s, 'F', i)} is missing: every stage on a micro-batch's path runs F")
+            if b + inp == 0:
+                raise ScheduleError(f"{Action(s, 'B', i)} (or {Action(s, 'I', i)} + {Action(s, 'W', i)}) is missing")
+            if b and (inp or w):
+                raise ScheduleError(f"{Action(s, 'B', i)} and its I/W both appear; use B, or I then W")
+            if inp != w:
+                raise ScheduleError(f"{Action(s, 'I' if inp else 'W', i)} has no matching "
+                                    f"{Action(s, 'W' if inp else 'I', i)}: a split backward needs both halves")
+    for r, acts in schedule.actions.items():
+        pos = {a: j for j, a in enumerate(acts)}
+        for a in acts:
+            before = {"B": "F", "I": "F", "W": "I"}.get(a.kind)
+            if before and pos.get(Action(a.stage, before, a.mb), -1) > pos[a]:
+                raise ScheduleError(f"rank {r}: {a} comes before {Action(a.stage, before, a.mb)}")
+    lowered = lower(schedule)
+    _check_lowered(schedule, lowered)
+    return lowered
+
+
+def _check_lowered(schedule: Schedule, lowered: dict) -> None:
+    from .simulate import deps_of
+    present = {a for acts in schedule.actions.values() for a in acts}
+    # FIFO per pair: the k-th SEND a->b must be the k-th RECV on b from a.
+    sends, recvs = defaultdict(list), defaultdict(list)
+    for r, acts in lowered.items():
+        for a in acts:
+            if a.kind.startswith("SEND"):
+                nxt = (schedule.next_stage if a.kind == "SEND_F" else schedule.prev_stage)(a.stage, a.mb)
+                sends[r, a.peer].append((a.kind[-1], nxt, a.mb))
+            elif a.kind.startswith("RECV"):
+                recvs[a.peer, r].append((a.kind[-1], a.stage, a.mb))
+    for pair in set(sends) | set(recvs):
+        if sends[pair] != recvs[pair]:
+            raise ScheduleError(f"ranks {pair[0]}->{pair[1]}: sends {sends[pair]} but receives {recvs[pair]} "
+                                "(point-to-point messages match in FIFO order)")
+    # Deadlock: run the lowered program on the simulator with unit costs.
+    lanes, msg_index = {}, {}
+    for (src, dst), keys in sends.items():
+        for k, key in enumerate(keys):
+            msg_index[dst, key] = ("msg", src, dst, k)
+    for r, acts in sorted(lowered.items()):
+        lane, posted, count = [], set(), Counter()
+        for a in acts:
+            if a.kind.startswith("SEND"):
+                k = count[r, a.peer]
+                count[r, a.peer] += 1
+                lane.append(sim.Op(("send", r, a.peer, k), r, 0.0))
+                lanes[("msg", r, a.peer, k)] = [sim.Op(("msg", r, a.peer, k), ("link", r, a.peer, k), 0.0,
+                                                       (("send", r, a.peer, k),))]
+            elif a.kind.startswith("RECV"):
+                posted.add((a.kind[-1], a.stage, a.mb))
+            else:
+                need = messages_in(schedule, a)
+                deps = [d for d, cross in deps_of(schedule, a, present) if not cross]
+                if need:
+                    if need[1] not in posted:
+                        raise ScheduleError(f"rank {r}: {a} runs before its receive of {need[1]} is posted")
+                    deps.append(msg_index[r, need[1]])
+                lane.append(sim.Op(a, r, 1.0, tuple(deps)))
+        lanes[r] = lane
+    try:
+        sim.run(lanes)
+    except sim.Deadlock as e:
+        raise ScheduleError(f"the lowered schedule deadlocks: {e}") from None
