@@ -295,6 +295,16 @@ class Optimizer:
             for p, gp in zip(sp, flat.split([p.numel() for p in sp])):
                 p.grad = gp.view_as(p).clone()
 
+    def state_bytes(self) -> dict:
+        """Model-state bytes this rank holds now. Under ZeRO-1 the fp32 shard that AdamW steps
+        is a copy of the parameters, so it counts as optimizer state (K = 4 + 8 bytes, as the
+        ZeRO paper's mixed-precision K = 12)."""
+        nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+        moments = [v for st in self.opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0]
+        return dict(params=nbytes(self.params), grads=nbytes([p.grad for p in self.params if p.grad is not None]),
+                    optimizer=nbytes(moments) + (nbytes([self.shard]) if self.pc.zero == 1 else 0),
+                    numel=self.numel, padded=self.shard.numel() * comm.size("dp") if self.pc.zero == 1 else self.numel)
+
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None

@@ -180,7 +180,8 @@ def train_rank(cfg: GPTConfig, pc: ParallelConfig, a) -> dict:
         times.append(time.perf_counter() - t0)
         if a.save and a.save_every and (step + 1) % a.save_every == 0:
             save(a.save, step + 1, cfg, pc, mesh, named, opt, a.seed)
-    return {"losses": losses, "times": times, "peaks": peaks, "start": start, "events": trace.gather()}
+    return {"losses": losses, "times": times, "peaks": peaks, "start": start, "events": trace.gather(),
+            "state_bytes": opt.state_bytes(), "coords": mesh.coords()}
 
 
 def _describe(pc: ParallelConfig) -> str:
