@@ -35,6 +35,10 @@ __all__ = ["resolve", "size", "local_rank", "all_reduce", "all_gather", "reduce_
 warnings.filterwarnings("ignore", message=".*_into_tensor.*deprecated.*")
 warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*deprecated.*")
 
+# torch before 2.13 has only the *_into_tensor / *_tensor names of the single-tensor collectives
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
@@ -141,7 +145,7 @@ def all_gather(t: torch.Tensor, dim: int = 0, group=None, async_op: bool = False
         raise ValueError(f"all_gather(out=) needs dim=0 and out of shape {(n * src.shape[0], *src.shape[1:])}")
     out = torch.empty((n * src.shape[0], *src.shape[1:]), dtype=t.dtype, device=t.device) if out is None else out
     S = _nbytes(out)
-    h = _run(lambda a: dist.all_gather_single(out, src, group=pg, async_op=a),
+    h = _run(lambda a: _all_gather_single(out, src, group=pg, async_op=a),
              "all_gather", name, S, (n - 1) / n * S, out, True)
     h.tensor = out.movedim(0, dim)
     return h if async_op else h.wait()
@@ -158,7 +162,7 @@ def reduce_scatter(t: torch.Tensor, dim: int = 0, op: str = "sum", group=None, a
     out = torch.empty((src.shape[0] // n, *src.shape[1:]), dtype=t.dtype, device=t.device)
     S = _nbytes(src)
     after = (lambda: out.div_(n)) if op == "avg" else None
-    h = _run(lambda a: dist.reduce_scatter_single(out, src, _OPS["sum" if op == "avg" else op], group=pg, async_op=a),
+    h = _run(lambda a: _reduce_scatter_single(out, src, _OPS["sum" if op == "avg" else op], group=pg, async_op=a),
              "reduce_scatter", name, S, (n - 1) / n * S, out, True, after)
     h.tensor = out.movedim(0, dim)
     return h if async_op else h.wait()

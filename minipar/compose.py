@@ -256,7 +256,7 @@ class Optimizer:
             return
         n, r = comm.size("dp"), comm.local_rank("dp")
         self.shard_numel = -(-self.numel // n)
-        flat = torch.zeros(self.shard_numel * n)
+        flat = torch.zeros(self.shard_numel * n, device=self.params[0].device)
         flat[:self.numel] = torch.cat([p.detach().flatten() for p in self.params])
         self.shard = flat[r * self.shard_numel:(r + 1) * self.shard_numel].clone().requires_grad_()
         self.opt = make_optimizer([self.shard])
@@ -326,13 +326,13 @@ class Optimizer:
     @torch.no_grad()
     def load_moments(self, moments: dict, step: int) -> None:
         """Inverse of `moments`: this rank's slices of every parameter's moments."""
-        t = torch.tensor(float(step))
+        t = torch.tensor(float(step))  # AdamW keeps its step count on the CPU
         if self.pc.zero == 0:
             for n, p in zip(self.names, self.params):
                 self.opt.state[p] = {"step": t.clone(), "exp_avg": moments[n][0].clone(), "exp_avg_sq": moments[n][1].clone()}
             return
         n, r, S = comm.size("dp"), comm.local_rank("dp"), self.shard.numel()
-        flat = [torch.zeros(S * n) for _ in range(2)]
+        flat = [torch.zeros(S * n, device=self.shard.device) for _ in range(2)]
         for k in range(2):
             flat[k][:self.numel] = torch.cat([moments[name][k].flatten() for name in self.names])
         self.opt.state[self.shard] = {"step": t, "exp_avg": flat[0][r * S:(r + 1) * S].clone(),

@@ -190,6 +190,7 @@ def _launch_torchrun(fn, n, args, kwargs, timeout):
     out = fn(*args, **kwargs)
     gathered = [None] * n
     dist.all_gather_object(gathered, out)
+    dist.destroy_process_group()  # a later launch in the same program initializes afresh
     return gathered
 
 

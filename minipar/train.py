@@ -234,12 +234,16 @@ def report(a, cfg: GPTConfig, pc: ParallelConfig, r0: dict, wall: float) -> None
     if runtime.device().type == "cuda":
         from .plan import mfu, model_flops
         from .plan.hardware import get_gpu
-        try:
-            peak = get_gpu(torch.cuda.get_device_name().split()[-1]).bf16_flops
+        from .plan import GPUS
+        name = torch.cuda.get_device_name().lower()   # e.g. "nvidia h100 80gb hbm3"
+        known = [k for k in GPUS if k in name]
+        if known:
             f = model_flops(cfg.layers, cfg.hidden, cfg.vocab, cfg.seq, a.batch)
-            print(f"MFU {mfu(f, step_time, pc.world_size, peak):.1%} (Megatron-LM model FLOPs over bf16 peak)")
-        except (KeyError, ValueError, AttributeError):
-            print("MFU: this GPU is not in minipar.plan.hardware")
+            peak = get_gpu(known[0]).peak_flops
+            print(f"MFU {mfu(f, step_time, pc.world_size, peak):.1%} (Megatron-LM model FLOPs over the "
+                  f"{known[0]}'s bf16 dense peak)")
+        else:
+            print(f"MFU: {name!r} is not in minipar.plan.hardware (add it with plan.add_gpu)")
     if a.metrics:
         with open(a.metrics, "w") as f:
             for i, (l, dt, pk) in enumerate(zip(r0["losses"], r0["times"], r0["peaks"])):

@@ -75,7 +75,7 @@ def _run(kind: str, cfg: GPTConfig, steps: int, warmup: int, batch: int):
         backward(loss)
         step()
         if runtime.device().type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(runtime.device())
         times.append(time.perf_counter() - t0)
     return times[warmup:], _peak_mib(start), loss.item()
 

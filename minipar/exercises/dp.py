@@ -20,6 +20,8 @@ def _launch(fn, n, *args):
     try:
         return launch(fn, n, *args)
     except RankError as e:
+        if "NotYet" in e.remote_traceback:
+            raise  # an unfinished solution: `checker` turns it into a "not yet" verdict
         raise _Raised(f"your code raised on rank {e.rank} of {n}: {e.remote_traceback.strip().splitlines()[-1]}")
 
 

@@ -109,7 +109,10 @@ class StepRunner:
         self.rank = runtime.rank() if rank is None else rank
         self.peer, self.loss, self.group = peer or (lambda r: r), loss or loss_fn, group
         self.store = WeightGradStore()
-        self.eager = {s: install(st, self.store) for s, st in stages.items()}   # params I differentiates
+        # Route linear layers through the weight-gradient store only if the schedule splits B
+        # into I and W: the custom backward costs Python overhead that plain B does not need.
+        split = any(a.kind == "I" for a in lowered)
+        self.eager = {s: install(st, self.store) if split else list(st.parameters()) for s, st in stages.items()}
         self.loss_scale = 1.0 / schedule.num_microbatches   # the mean over micro-batches, as the reference
 
     # ---- hooks PipeDream overrides

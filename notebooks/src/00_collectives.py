@@ -30,7 +30,7 @@ import torch
 import minipar
 from minipar import comm, runtime, trace
 from minipar.mesh import Mesh, enumerate_groups
-from minipar.timeline import plot_timeline
+from minipar.timeline import COLORS, plot_timeline
 
 N = 4
 
@@ -163,9 +163,10 @@ measured = [minipar.launch(ring_vs_builtin, n, 1200)[0][1] for n in sizes]
 formula = [2 * (n - 1) / n * 1200 * 4 for n in sizes]
 plt.figure(figsize=(4.5, 3))
 plt.plot(sizes, formula, "k--", label="2(N−1)/N · S")
-plt.plot(sizes, measured, "o", color="#C44E52", label="measured (trace)")
-plt.axhline(2 * 1200 * 4, color="grey", lw=0.8, label="2S (limit)")
-plt.xlabel("ranks N"); plt.ylabel("bytes sent per rank"); plt.legend(fontsize=8); plt.tight_layout()
+plt.plot(sizes, measured, "o", color=COLORS["all_reduce"], label="measured (trace)")
+plt.axhline(2 * 1200 * 4, color=COLORS["recv"], lw=0.8, label="2S (limit)")
+plt.xlabel("ranks N"); plt.ylabel("bytes sent per rank (B)"); plt.legend(fontsize=8)
+plt.title("ring all-reduce of S = 4.8 kB: bytes per rank"); plt.tight_layout()
 assert measured == formula
 
 # %% [markdown]

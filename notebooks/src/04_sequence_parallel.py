@@ -61,8 +61,9 @@ def draw_layer(ax):
         x += w
     ax.set_xlim(0, x); ax.set_ylim(0, 1); ax.axis("off")
 
-fig, ax = plt.subplots(figsize=(12, 1.2))
+fig, ax = plt.subplots(figsize=(12, 1.4))
 draw_layer(ax)
+ax.set_title("one transformer layer under TP + SP, in order (shapes per rank)", fontsize=10)
 plt.show()
 
 # %% [markdown]

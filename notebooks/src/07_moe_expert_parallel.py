@@ -212,7 +212,8 @@ ax.imshow(table, cmap="Purples")
 for i in range(table.shape[0]):
     for j in range(table.shape[1]):
         ax.text(j, i, int(table[i, j]), ha="center", va="center")
-ax.set(xlabel="expert (0-1 on ep rank 0, 2-3 on ep rank 1)", ylabel="source ep rank", yticks=range(EPS))
+ax.set(xlabel="expert (0-1 on ep rank 0, 2-3 on ep rank 1)", ylabel="source ep rank", yticks=range(EPS),
+       title="tokens sent by the all-to-all")
 plt.tight_layout()
 
 # %% [markdown]
@@ -259,9 +260,13 @@ assert {"all_to_all", "all_gather", "all_reduce"} <= kinds
 # * `keep` [T, k] bool: at most `capacity` choices per expert, every token's first choice (in token
 #   order) served before any second choice.
 #
-# The cell holds a working solution; replace its body with your own and run the checker.
+# The solution cell below holds a working answer (the student copy, `scripts/make_student_copies.py`,
+# empties it); write your own and run the checker.
 
 # %%
+from minipar.exercises import check
+
+# %% tags=["solution"]
 def my_topk_route(probs, k, capacity):
     weights, index = probs.topk(k, dim=-1)
     if k > 1:
@@ -272,7 +277,7 @@ def my_topk_route(probs, k, capacity):
     slot = ((queue.cumsum(0) - 1) * queue).sum(-1).view(k, -1).T
     return index, weights, slot < capacity
 
-
+# %%
 verdict = check("moe_topk_capacity", my_topk_route)
 print(verdict)
-assert verdict.passed
+assert verdict  # solution-only

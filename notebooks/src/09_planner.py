@@ -77,6 +77,7 @@ fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.2), sharey=True)
 bars(a1, ests, "memory", MEM_COLORS, 1e9, "GB per GPU (first stage)")
 a1.axvline(80 * 0.9, color="k", ls="--", lw=0.8)
 bars(a2, ests, "time", TIME_COLORS, 1, "seconds per step")
+a1.set_title("GPT-3 175B on 1024 A100s: memory (dashed: 90% of 80 GB)"); a2.set_title("time per step")
 fig.tight_layout()
 for k, e in ests.items():
     print(f"{k:<22} {e.memory_per_gpu / 1e9:6.1f} GB  {e.step_time:6.2f} s  {e.tflops_per_gpu:5.0f} TFLOP/s  MFU {e.mfu:.1%}")
@@ -227,6 +228,7 @@ ns = list(sweep)
 ax.semilogx(ns, [sweep[n].mfu for n in ns], "o-", color=COLORS["F"], label="MFU")
 ax.semilogx(ns, [sweep[n].bubble_fraction for n in ns], "s--", color=COLORS["recv"], label="bubble")
 ax.set_xlabel("H100 GPUs (70B, 4M-token batch)")
+ax.set_ylabel("fraction"); ax.set_title("the best layout's MFU and bubble, by cluster size")
 ax.legend(fontsize=8)
 ax.grid(alpha=0.3)
 
@@ -255,6 +257,7 @@ def show(model, gpus, gpu):
     bars(m1, top, "memory", MEM_COLORS, 1e9, "GB per GPU")
     m1.axvline(res.best.gpu.memory * 0.9 / 1e9, color="k", ls="--", lw=0.8)
     bars(m2, top, "time", TIME_COLORS, 1, "seconds per step")
+    m1.set_title(f"{model} on {gpus} x {gpu}: memory of the top 3"); m2.set_title("time per step")
     fig.tight_layout()
     plt.show()
     return res
@@ -275,16 +278,16 @@ assert first is not None and first.best.fits
 # %% [markdown]
 # ## 7 · The modeled clock, generalized
 # The same hardware model re-times a *recorded* run. Here two CPU ranks of `minipar.train` (data
-# parallel, one all-reduce per gradient) are re-timed as if on two H100s over NVLink:
+# parallel: one all-reduce of the flat gradients per step) are re-timed as if on two H100s over NVLink:
 # `plan.retime(events, gpu)` keeps the order of what happened and replaces every duration. The result
-# is instructive: at this toy size each all-reduce costs its latency, not its bytes, which is why real
-# data parallelism buckets gradients.
+# is instructive: at this toy size the all-reduce costs mostly its latency, not its bytes, which is why
+# real data parallelism sends gradients in a few large buckets rather than one message per tensor.
 
 # %%
-from minipar.train import parse_args, run
+from minipar.train import configs, parse_args, train_rank
 
-args = parse_args(["--dp", "2", "--steps", "2", "--batch", "8", "--no-check"])
-recorded = minipar.launch(run, 2, args)[0]["events"]
+args = parse_args(["--dp", "2", "--pp", "1", "--tp", "1", "--zero", "0", "--steps", "2", "--batch", "8", "--no-check"])
+recorded = minipar.launch(train_rank, 2, *configs(args), args)[0]["events"]
 psi = plan.num_params(args.layers, args.hidden, args.vocab, args.seq)
 tokens = args.batch // 2 * args.seq
 modeled = plan.retime(recorded, "h100", flops={"F": 2 * psi * tokens, "B": 4 * psi * tokens, "opt": 0})
@@ -307,13 +310,17 @@ assert comm_us > 0
 # many micro-batches does 1F1B keep in flight on stage 0?
 
 # %%
+from minipar import plan
+from minipar.exercises import check
+
+# %% tags=["solution"]
 def memory_per_gpu(psi, layers, hidden, heads, seq, micro_batch, tp, pp, dp, zero_stage, recompute):
     states = plan.model_state_bytes(psi / (tp * pp), dp, zero_stage)
     per_layer = plan.activation_bytes_per_layer(seq, micro_batch, hidden, heads, tp, sequence_parallel=True,
                                                 recompute=recompute)
     return states + layers / pp * pp * per_layer
 
-
+# %%
 verdict = check("memory_per_gpu", memory_per_gpu)
 print(verdict)
-assert verdict.passed
+assert verdict  # solution-only
