@@ -58,24 +58,22 @@ def add_gpu(gpu: GPU) -> GPU:
     return gpu
 
 
+def lookup(table: dict, item, kind: type, what: str, how_to_add: str):
+    """`item` itself if it is a `kind`, else table[item] by case-insensitive name, or a clear error."""
+    if isinstance(item, kind):
+        return item
+    key = str(item).lower()
+    if key not in table:
+        raise ValueError(f"unknown {what} {item!r}; choose one of {sorted(table)} or {how_to_add}")
+    return table[key]
+
+
 def get_gpu(gpu) -> GPU:
-    if isinstance(gpu, GPU):
-        return gpu
-    key = str(gpu).lower()
-    if key not in GPUS:
-        raise ValueError(f"unknown gpu {gpu!r}; choose one of {sorted(GPUS)} or register yours with "
-                         "minipar.plan.add_gpu(GPU(...))")
-    return GPUS[key]
+    return lookup(GPUS, gpu, GPU, "gpu", "register yours with minipar.plan.add_gpu(GPU(...))")
 
 
 def get_link(link) -> Link:
-    if isinstance(link, Link):
-        return link
-    key = str(link).lower()
-    if key not in LINKS:
-        raise ValueError(f"unknown link {link!r}; choose one of {sorted(LINKS)} or register yours with "
-                         "minipar.plan.add_link(Link(...))")
-    return LINKS[key]
+    return lookup(LINKS, link, Link, "link", "register yours with minipar.plan.add_link(Link(...))")
 
 
 for _l in [

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 from .estimate import ASSUMPTIONS, Assumptions, Estimate, estimate, memory_breakdown
 from .formulas import num_params
-from .hardware import get_gpu, get_link
+from .hardware import get_gpu, get_link, lookup
 
 __all__ = ["MODELS", "ModelShape", "plan", "Plan", "get_model"]
 
@@ -56,13 +56,7 @@ MODELS = {
 
 
 def get_model(model) -> ModelShape:
-    if isinstance(model, ModelShape):
-        return model
-    key = str(model).lower()
-    if key not in MODELS:
-        raise ValueError(f"unknown model {model!r}; choose one of {list(MODELS)} or pass a "
-                         "ModelShape(layers, hidden, heads, vocab, seq, global_batch)")
-    return MODELS[key]
+    return lookup(MODELS, model, ModelShape, "model", "pass a ModelShape(layers, hidden, heads, vocab, seq, global_batch)")
 
 
 @dataclass
