@@ -17,6 +17,11 @@ Ulysses under CP, and keeps its experts under EP: the composed model *is* the
 reference model, cut into pieces. Data: the global batch is split into dp*ep data
 shards, each shard's sequence into cp slices, then into micro-batches.
 
+MoE blocks compose with dp, ep, tp and pp: experts are split over ep and replicated over tp
+(every tp rank routes the same tokens), and each pipeline stage backpropagates its own
+load-balancing loss. Capacity and the aux loss are per group of tokens, so every forward
+call (one micro-batch of one data shard) holds whole groups of the reference's batch.
+
 Gradients are then averaged over every replica of each parameter:
     SP partial sums over tp  ->  sum over cp, ep (non-expert), dp  ->  / (dp*ep*cp)
 ZeRO-1 shards the optimizer state over dp (reduce-scatter, step the shard, all-gather).
@@ -119,8 +124,9 @@ def check(cfg: GPTConfig, pc: ParallelConfig, batch: int, world_size: int | None
         shards *= pc.microbatches
         if cfg.experts % pc.ep:
             problems.append(f"experts={cfg.experts} must be divisible by ep={pc.ep}")
-        if pc.pp > 1 or c > 1 or pc.sp:
-            problems.append("MoE blocks compose with dp, ep and tp here; not with pp, cp or sp")
+        if c > 1 or pc.sp:
+            problems.append("MoE blocks compose with dp, ep, tp and pp here; not with cp or sp (capacity groups "
+                            "and experts replicated over tp need every tp rank to see the same whole tokens)")
         if cfg.moe_groups % shards:
             problems.append(f"moe_groups={cfg.moe_groups} must be a multiple of dp*ep*microbatches={shards}: "
                             "capacity and the aux loss are per group of tokens, and each micro-batch of each "

@@ -92,9 +92,9 @@ def check_ep(cfg: GPTConfig, ep: int, dp: int = 1, batch_size: int = 8) -> None:
 
 def expert_parallel(model: GPT, mesh: Mesh) -> GPT:
     """Keep only this rank's experts in every MoE layer and point the layers at the ep axis."""
-    if {a for a, n in mesh.axes.items() if n > 1} - {"dp", "ep", "tp"}:
-        raise ValueError(f"{mesh}: expert parallelism composes with dp and tp here (experts are replicated "
-                         "over tp, whose ranks see the same tokens); not with pp or cp")
+    if {a for a, n in mesh.axes.items() if n > 1} - {"dp", "ep", "tp", "pp"}:
+        raise ValueError(f"{mesh}: expert parallelism composes with dp, tp and pp here (experts are replicated "
+                         "over tp, whose ranks see the same tokens); not with cp")
     ep, shards = mesh.size("ep"), mesh.size("dp") * mesh.size("ep")
     for m in moe_layers(model):
         check_config(m.cfg, ep)

@@ -85,6 +85,10 @@ def _child(fn, args, kwargs, r, n, timeout, conn) -> None:
         port = conn.recv()  # sent once every rank is forked and the parent's store is up
         store = dist.TCPStore("127.0.0.1", port, n, is_master=False, timeout=timedelta(seconds=timeout))
         dist.init_process_group("gloo", store=store, rank=r, world_size=n, timeout=timedelta(seconds=timeout))
+    except BaseException:  # noqa: BLE001 - the parent may simply try again
+        conn.send(("rendezvous", traceback.format_exc()))
+        os._exit(0)
+    try:
         from . import trace
         trace.reset()
         out = fn(*args, **kwargs)
@@ -120,7 +124,25 @@ def launch(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT, **kwarg
 
     if is_torchrun():
         return _launch_torchrun(fn, world_size, args, kwargs, timeout)
+    for attempt in range(RENDEZVOUS_TRIES):
+        try:
+            return _launch_local(fn, world_size, args, kwargs, timeout)
+        except _RendezvousFailed as e:  # nothing ran yet: start over with fresh processes
+            failed = e
+    raise RankError(failed.rank, f"could not connect the {world_size} ranks after {RENDEZVOUS_TRIES} tries; "
+                                 f"the last error:\n{failed.tb}")
 
+
+RENDEZVOUS_TRIES = 3
+
+
+class _RendezvousFailed(Exception):
+    def __init__(self, rank: int, tb: str):
+        self.rank, self.tb = rank, tb
+
+
+def _launch_local(fn, world_size: int, args, kwargs, timeout: float) -> list:
+    """Fork the ranks, host their rendezvous, collect their results (one attempt)."""
     # torch.optim imports torch._dynamo at a process's first optimizer step, which takes
     # seconds; importing it once here means every forked rank starts with it loaded.
     import torch._dynamo  # noqa: F401
@@ -165,6 +187,8 @@ def launch(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT, **kwarg
                 except EOFError:
                     raise RankError(r, f"process died (exit code {procs[r].exitcode})") from None
                 del pending[r]
+                if status == "rendezvous":  # a process group that never formed: no fn has run
+                    raise _RendezvousFailed(r, data)
                 if status == "err":
                     raise RankError(r, data)
                 results[r] = pickle.loads(data)

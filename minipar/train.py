@@ -158,8 +158,10 @@ def train_rank(cfg: GPTConfig, pc: ParallelConfig, a) -> dict:
             xs, ys = [t.to(dev) for t in x.chunk(m)], [t.to(dev) for t in y.chunk(m)]
             opt.zero_grad()
             with autocast:
+                aux = 0.0
                 if runner is not None:
                     local = runner.run(xs, ys)
+                    aux = runner.aux_sum   # MoE stages' load-balancing losses, on every stage
                 else:
                     local, stage = 0.0, stages[0]
                     for mb, (xm, ym) in enumerate(zip(xs, ys)):
@@ -170,8 +172,9 @@ def train_rank(cfg: GPTConfig, pc: ParallelConfig, a) -> dict:
                         local += loss.item() / m
             with trace.span("opt"):
                 opt.step()
-        counted = last_stage and mesh.index("tp") == 0   # one copy of each data shard's loss
-        book = torch.tensor([local if counted else 0.0, _peak_mb()], dtype=torch.float64)
+        mine = (local if last_stage else 0.0) + aux
+        counted = mesh.index("tp") == 0   # one copy of each data shard's loss
+        book = torch.tensor([mine if counted else 0.0, _peak_mb()], dtype=torch.float64)
         with trace.enabled(False):
             total = comm.all_reduce(book[:1].clone()).item() / (shards * pc.cp)
             peak = comm.all_gather(book[1:].clone())

@@ -47,7 +47,14 @@ def test_more_layouts_match_over_a_few_steps():
                   ["--dp", "1", "--pp", "4", "--tp", "1", "--schedule", "interleaved_1f1b", "--chunks", "1",
                    "--microbatches", "4", "--zero", "0"],
                   ["--dp", "2", "--pp", "2", "--tp", "1", "--schedule", "zb_h1", "--microbatches", "4"],
-                  ["--dp", "2", "--pp", "1", "--tp", "2", "--sp", "--recompute", "full", "--zero", "1"]):
+                  ["--dp", "2", "--pp", "1", "--tp", "2", "--sp", "--recompute", "full", "--zero", "1"],
+                  # MoE through the pipeline: each stage backpropagates its own load-balancing loss.
+                  # (Routing is discontinuous: another summation order can flip a near-tied top-k
+                  # choice, so MoE parity runs use a seed whose routing has no near ties.)
+                  ["--dp", "2", "--pp", "2", "--tp", "1", "--ep", "2", "--experts", "4", "--microbatches", "2",
+                   "--seed", "1"],
+                  ["--dp", "1", "--pp", "2", "--tp", "2", "--ep", "2", "--experts", "4", "--microbatches", "2",
+                   "--schedule", "zb_h1", "--seed", "1"]):
         losses, cfg, a = run(flags, steps=4)
         assert close(losses, ref_losses(cfg, a), 2e-5), flags
 
@@ -74,7 +81,7 @@ BAD = [
     (["--dp", "1", "--pp", "2", "--tp", "1", "--schedule", "dualpipe", "--microbatches", "2"], "schedule 'dualpipe'"),
     (["--dp", "1", "--pp", "2", "--tp", "1", "--microbatches", "3"], "micro-batches"),
     (["--dp", "1", "--pp", "1", "--tp", "1", "--experts", "3", "--ep", "2"], "experts=3 must be divisible by ep=2"),
-    (["--dp", "1", "--pp", "2", "--tp", "1", "--experts", "4"], "not with pp"),
+    (["--dp", "1", "--pp", "1", "--tp", "1", "--cp", "2", "--experts", "4"], "not with cp"),
     (["--dp", "1", "--pp", "2", "--tp", "1", "--schedule", "nonsense"], "schedule 'nonsense'"),
     (["--dp", "2", "--pp", "1", "--tp", "1", "--zero", "3"], "invalid choice"),
 ]

@@ -133,6 +133,7 @@ class StepRunner:
         dev = runtime.device()
         self.inp, self.out, self.local, self.dx = {}, {}, {}, {}
         self.xs, self.ys, self.loss_sum, self.mb_losses = xs, ys, 0.0, {}
+        self.aux_sum, self.aux_out = 0.0, {}   # MoE stages' load-balancing losses (scaled by 1/m)
         recvs, sends, posted = {}, [], {}
         for a in self.lowered:
             if a.kind.startswith("RECV"):
@@ -176,11 +177,16 @@ class StepRunner:
         if a.kind == "F":
             x = self.xs[a.mb].to(dev) if first else got.detach().requires_grad_()
             with torch.no_grad() if self.recompute else contextlib.nullcontext():
-                y = self.forward(a.stage, x, a.mb)
+                y, aux = self._forward(a, x, last)
                 if last:
-                    y = self.loss(y, self.ys[a.mb].to(dev)) * self.loss_scale
                     self.mb_losses[a.mb] = y.item() / self.loss_scale
                     self.loss_sum += y.item()
+                if aux is not None:
+                    self.aux_sum += aux.item()
+                    if last:
+                        y = y + aux
+                    else:
+                        self.aux_out[key] = aux
             self.inp[key], self.out[key] = x, y
             nxt = sch.next_stage(a.stage, a.mb)
             if nxt is not None and sch.stage_to_rank[nxt] == self.rank:
@@ -193,10 +199,13 @@ class StepRunner:
             self.done_with(a.stage, a.mb)
             return
         g, x, y = got, self.inp.pop(key), self.out.pop(key, None)
+        aux = self.aux_out.pop(key, None)
         if self.recompute:   # re-materialize the stage's activations from its input
-            y = self.forward(a.stage, x, a.mb)
-            if last:
-                y = self.loss(y, self.ys[a.mb].to(dev)) * self.loss_scale
+            y, aux = self._forward(a, x, last)
+            if aux is not None and last:
+                y, aux = y + aux, None
+        if aux is not None:  # an MoE stage's load-balancing loss starts its own backward here
+            y, g = [y, aux], [g, torch.ones_like(aux)]
         if a.kind == "B":
             ws = self.weights(a.stage, a.mb)
             grads = torch.autograd.grad(y, ([] if first else [x]) + ws, g)
@@ -215,6 +224,18 @@ class StepRunner:
                 self.local["B", prev, a.mb] = dx
             else:
                 self.dx[key] = dx
+
+    def _forward(self, a, x, last):
+        """The stage's output (the scaled loss on the last stage) and its scaled auxiliary loss
+        (MoE load balancing: a stage module with `aux_loss()`), or None."""
+        y = self.forward(a.stage, x, a.mb)
+        if last:
+            y = self.loss(y, self.ys[a.mb].to(y.device)) * self.loss_scale
+        aux_of = getattr(self.stages[a.stage], "aux_loss", None)
+        aux = aux_of() if aux_of is not None else None
+        if aux is not None and not (torch.is_tensor(aux) and aux.requires_grad):
+            aux = None  # a dense stage: nothing to backpropagate
+        return y, (aux * self.loss_scale if aux is not None else None)
 
     def done_with(self, stage, mb):
         """Called when (stage, mb)'s backward is complete (PipeDream updates weights here)."""
