@@ -48,6 +48,7 @@ def test_more_layouts_match_over_a_few_steps():
                    "--microbatches", "4", "--zero", "0"],
                   ["--dp", "2", "--pp", "2", "--tp", "1", "--schedule", "zb_h1", "--microbatches", "4"],
                   ["--dp", "2", "--pp", "1", "--tp", "2", "--sp", "--recompute", "full", "--zero", "1"],
+                  ["--dp", "1", "--pp", "2", "--tp", "2", "--cp", "2", "--sp", "--zero", "0"],   # Llama 3's 4D
                   # MoE through the pipeline: each stage backpropagates its own load-balancing loss.
                   # (Routing is discontinuous: another summation order can flip a near-tied top-k
                   # choice, so MoE parity runs use a seed whose routing has no near ties.)
