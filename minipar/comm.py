@@ -26,7 +26,7 @@ from . import trace
 from .mesh import get_mesh, group_name
 
 __all__ = ["resolve", "size", "local_rank", "all_reduce", "all_gather", "reduce_scatter", "all_to_all",
-           "broadcast", "send", "recv", "isend", "irecv", "batch_p2p", "barrier",
+           "all_reduce_grads", "broadcast", "send", "recv", "isend", "irecv", "batch_p2p", "barrier",
            "f", "g", "copy_to_parallel_region", "reduce_from_parallel_region",
            "gather_along", "reduce_scatter_along", "split_along", "all_to_all_autograd"]
 
@@ -193,6 +193,20 @@ def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False):
     me = dist.get_rank()
     return _run(lambda a: dist.broadcast(t, src, group=pg, async_op=a), "broadcast", name, S,
                 S if me == src else 0, t, async_op)
+
+
+def all_reduce_grads(params, group=None, scale: float = 1.0) -> None:
+    """Sum the gradients of `params` over `group` in one flat all-reduce (one bucket rather than
+    one message per tensor), times `scale`, in place. Parameters without a gradient are skipped."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return
+    flat = torch.cat([p.grad.flatten() for p in params])
+    all_reduce(flat, group=group)
+    if scale != 1.0:
+        flat.mul_(scale)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p.grad))
 
 
 def barrier(group=None) -> None:

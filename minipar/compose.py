@@ -29,7 +29,7 @@ ZeRO-1 shards the optimizer state over dp (reduce-scatter, step the shard, all-g
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from . import comm
 from .mesh import Mesh, check_sizes
 from .model import GPT, GPTConfig
+from .sp import sync_sequence_parallel_grads
 
 __all__ = ["ParallelConfig", "AXES", "check", "ComposedStage", "build_stages", "stage_layers"]
 
@@ -273,7 +274,7 @@ class Optimizer:
     @torch.no_grad()
     def step(self) -> None:
         pc = self.pc
-        self._sync_sequence_parallel()
+        sync_sequence_parallel_grads(self.params, "tp")   # LayerNorms etc. saw only s/t tokens under SP
         g = self.flat_grads()
         comm.all_reduce(g, group="cp")                    # replicas that saw other sequence slices
         comm.all_reduce(g[:self.dense], group="ep")       # dense weights saw every ep rank's tokens
@@ -291,15 +292,6 @@ class Optimizer:
         full = comm.all_gather(self.shard.detach(), group="dp")[:self.numel]
         for p, v in zip(self.params, full.split([p.numel() for p in self.params])):
             p.copy_(v.view_as(p))
-
-    def _sync_sequence_parallel(self):
-        # LayerNorms and row-parallel biases saw only s/t tokens under SP: sum over tp
-        sp = [p for p in self.params if getattr(p, "sequence_parallel", False) and p.grad is not None]
-        if sp:
-            flat = torch.cat([p.grad.flatten() for p in sp])
-            comm.all_reduce(flat, group="tp")
-            for p, gp in zip(sp, flat.split([p.numel() for p in sp])):
-                p.grad = gp.view_as(p).clone()
 
     def state_bytes(self) -> dict:
         """Model-state bytes this rank holds now. Under ZeRO-1 the fp32 shard that AdamW steps

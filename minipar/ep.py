@@ -107,22 +107,11 @@ def expert_parallel(model: GPT, mesh: Mesh) -> GPT:
     return model
 
 
-def _all_reduce_grads(params, group, scale):
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return
-    flat = torch.cat([p.grad.flatten() for p in params])              # one bucket, one collective
-    comm.all_reduce(flat, group=group)
-    flat.mul_(scale)
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad.copy_(g.view_as(p))
-
-
 def sync_grads(model: GPT, mesh: Mesh) -> None:
     shards = mesh.size("dp") * mesh.size("ep")
     named = list(model.named_parameters())
-    _all_reduce_grads([p for n, p in named if ".experts." not in n], None, 1.0 / shards)  # every data shard
-    _all_reduce_grads([p for n, p in named if ".experts." in n], "dp", 1.0 / shards)      # same experts only
+    comm.all_reduce_grads([p for n, p in named if ".experts." not in n], None, 1.0 / shards)  # every data shard
+    comm.all_reduce_grads([p for n, p in named if ".experts." in n], "dp", 1.0 / shards)      # same experts only
 
 
 @dataclass

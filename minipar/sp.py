@@ -79,17 +79,13 @@ def gather_linear(x, layers, group="tp") -> list:
     return list(_GatherLinear.apply(x, group, *wb))
 
 
-def sync_sequence_parallel_grads(model: torch.nn.Module, group="tp") -> None:
+def sync_sequence_parallel_grads(model, group="tp") -> None:
     """Sum the gradients of replicated parameters that saw only this rank's s/t tokens
     (LayerNorms, row-parallel biases, position embeddings): one coalesced all-reduce
-    per step, as Megatron's finalize_model_grads does for `sequence_parallel` params."""
-    params = [p for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    if not params or comm.size(group) == 1:
-        return
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    comm.all_reduce(flat, group=group)
-    for p, gnew in zip(params, flat.split([p.numel() for p in params])):
-        p.grad.copy_(gnew.view_as(p.grad))
+    per step, as Megatron's finalize_model_grads does for `sequence_parallel` params.
+    `model` is a module or an iterable of parameters."""
+    params = model.parameters() if isinstance(model, torch.nn.Module) else model
+    comm.all_reduce_grads([p for p in params if getattr(p, "sequence_parallel", False)], group)
 
 
 def korthikanti_bytes(s, b, h, a, t, sp=False) -> float:

@@ -277,10 +277,7 @@ def train_pipeline(schedule: Schedule, cfg: GPTConfig, steps: int = 2, batch_siz
         losses.append(runner.run(x.chunk(m), y.chunk(m)))
         if mirror is not None:   # sum the two copies' gradients, ordered by layer slice on both ranks
             ps = [p for s in sorted(stages, key=lambda s: schedule.part[s]) for p in stages[s].parameters()]
-            flat = torch.cat([p.grad.flatten() for p in ps])
-            comm.all_reduce(flat, group=mirror[rank])
-            for p, g in zip(ps, flat.split([p.numel() for p in ps])):
-                p.grad.copy_(g.view_as(p))
+            comm.all_reduce_grads(ps, group=mirror[rank])
         grads = {n: p.grad.clone() for st in stages.values() for n, p in st.named_parameters()}
         opt.step()
         times.append(runtime.wall() - t0)
