@@ -10,6 +10,8 @@ from minipar.model import GPT, GPTConfig, SyntheticData, make_optimizer, train_r
 from minipar.activations import SavedActivations
 from minipar.recompute import apply_recompute
 
+from _peers import train_torch_peer
+
 CFG = GPTConfig(vocab=64, seq=16, layers=2, heads=4, hidden=32)
 SMALL_BUCKET = 0.01  # MiB: about 10k bytes, several buckets for this model
 
@@ -55,15 +57,7 @@ def _ours_and_torch_ddp(steps=5, batch=8):
     ours = train_ddp(CFG, steps=steps, batch_size=batch, bucket_mb=SMALL_BUCKET)
     torch.manual_seed(0)
     model = DistributedDataParallel(GPT(CFG, 0), bucket_cap_mb=SMALL_BUCKET)
-    opt = make_optimizer(model.parameters())
-    data, losses = SyntheticData(CFG.vocab, CFG.seq, 0), []
-    for step in range(steps):
-        x, y = local_batch(data, step, batch)
-        opt.zero_grad()
-        _, loss = model(x, y)
-        loss.backward()
-        opt.step()
-        losses.append(comm.all_reduce(loss.detach(), op="avg").item())
+    losses = train_torch_peer(model, CFG, steps, batch)
     return ours, losses, {n: p.detach() for n, p in model.module.named_parameters()}
 
 

@@ -8,10 +8,12 @@ from hypothesis import strategies as st
 from minipar import launch, trace
 from minipar.dp import train_ddp
 from minipar.exercises import check
-from minipar.model import GPT, GPTConfig, SyntheticData, make_optimizer, train_reference
+from minipar.model import GPT, GPTConfig, train_reference
 from minipar.plan import model_state_bytes
 from minipar.precision import MixedPrecision
 from minipar.zero import FSDP_NAMES, ZeRO, stage_of, train_zero
+
+from _peers import train_torch_peer
 
 # hidden=27, vocab=61: every unit has an odd number of parameters, so no unit divides
 # by 2 or 4 ranks and every flat buffer is padded.
@@ -138,8 +140,6 @@ def _ours_and_fsdp2(steps=5, batch=8, seed=0):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from minipar import comm
-    from minipar.dp import local_batch
     ours = train_zero(ODD, 3, steps=steps, batch_size=batch, seed=seed)
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     torch.manual_seed(seed)
@@ -147,15 +147,7 @@ def _ours_and_fsdp2(steps=5, batch=8, seed=0):
     for blk in model.blocks:
         fully_shard(blk, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    opt = make_optimizer(model.parameters())
-    data, losses = SyntheticData(ODD.vocab, ODD.seq, seed), []
-    for step in range(steps):
-        x, y = local_batch(data, step, batch)
-        opt.zero_grad()
-        _, loss = model(x, y)
-        loss.backward()
-        opt.step()
-        losses.append(comm.all_reduce(loss.detach(), op="avg").item())
+    losses = train_torch_peer(model, ODD, steps, batch, seed)
     return ours, losses, {n: p.full_tensor() for n, p in model.named_parameters()}
 
 
