@@ -88,6 +88,14 @@ def _cost(costs, ev) -> float:
     return float(costs.get(ev.cat, 0.0))
 
 
+def _named_recvs(e) -> list:
+    """The (peer, k) receives a compute event says it waited for: meta["recv"] is one or a list."""
+    r = e.meta.get("recv")
+    if not r:
+        return []
+    return [tuple(x) for x in r] if isinstance(r[0], (list, tuple)) else [tuple(r)]
+
+
 def retime(events: list, costs, p2p=0.0) -> list:
     """Re-time a recorded run: keep what happened in what order, replace how long it took.
 
@@ -101,9 +109,9 @@ def retime(events: list, costs, p2p=0.0) -> list:
       * each rank's compute spans run in their recorded order;
       * a send is posted when the compute before it (on the real clock) ends;
       * the k-th recv on b from a completes p2p after the k-th send from a to b is posted;
-      * a compute span starts after the recv it names in `meta["recv"] = (peer, k)` (its
-        k-th receive from peer), or, if it names none, after every recv that completed
-        before it started.
+      * a compute span starts after the recvs it names in `meta["recv"]`: (peer, k), its
+        k-th receive from peer, or a list of them; if it names none, after every recv that
+        completed before it started.
     Collectives are kept on their rank's compute lane at their `costs` price.
     Returns new Events (same names and metadata) on the modeled clock."""
     from .trace import Event
@@ -118,7 +126,7 @@ def retime(events: list, costs, p2p=0.0) -> list:
         seq = sorted((e for e in evs if e.cat != "comm" or e.name not in ("send", "recv")), key=lambda e: e.start)
         lanes[r] = [Op(("op", r, i), r, _cost(costs, e), data=e) for i, e in enumerate(seq)]
         starts, ends = [e.start for e in seq], [e.end for e in seq]
-        named = {tuple(e.meta["recv"]): i for i, e in enumerate(seq) if e.meta.get("recv")}
+        named = {tuple(src): i for i, e in enumerate(seq) for src in _named_recvs(e)}
         for j, e in enumerate(sorted((e for e in evs if e.name == "send" and e.cat == "comm"), key=lambda e: e.start)):
             before = [i for i, t in enumerate(ends) if t <= e.start]
             key = ("send", r, j)

@@ -70,25 +70,38 @@ def test_zbv(p, m):
 
 
 @pytest.mark.parametrize("p,m", [(2, 4), (4, 8), (4, 16), (6, 12), (8, 16), (8, 32)])
-def test_dualpipe(p, m):
-    """DeepSeek-V3 report (2024), Table 2 with F = I = W: DualPipe's bubble (PP/2-1)(F&B+B-3W) with 2x
-    parameters and PP+1 activations; DualPipeV (PP/2 devices, PP = 2p chunks) the same per chunk.
-    Listing the overlapped F&B serially (F&B = F + B) the table bounds the bubble by (p/2-1)(F+2B-3W);
-    the event simulation measures (p/2-1)(F+B-2W), and the activation peaks PP+1 exactly."""
-    r = simulate(build_schedule("dualpipe", p, m), 1.0, 2.0, 1.0)
-    F, B, W = 1.0, 2.0, 1.0
-    for q in range(p):
-        assert r.makespan - r.busy[q] == pytest.approx((p / 2 - 1) * (F + B - 2 * W))
-        assert r.makespan - r.busy[q] <= (p / 2 - 1) * (F + 2 * B - 3 * W) + 1e-9
-    assert max(r.peak_activations.values()) == p + 1
+@pytest.mark.parametrize("t_fb", [None, 2.0, 2.5])
+def test_dualpipe(p, m, t_fb):
+    """DeepSeek-V3 report (2024), Table 2 (and github.com/deepseek-ai/DualPipe): bubble
+    (PP/2-1)(F&B+B-3W) with 2x parameters and PP+1 activations, F, B, W the costs of one chunk and
+    F&B of an overlapped forward+backward pair. DualPipe: PP = p ranks, a chunk is a rank's stage.
+    DualPipeV: PP = 2p stages on p devices, a chunk is half a device's layers.
+    The bubble is the most any rank idles over the makespan; with no overlap gain (F&B = F+B)
+    every rank idles exactly that much."""
+    for name, PP, c in (("dualpipe", p, 1.0), ("dualpipev", 2 * p, 0.5)):
+        r = simulate(build_schedule(name, p, m), 1.0, 2.0, 1.0, t_fb=t_fb)
+        F, B, W, FB = 1.0 * c, 2.0 * c, 1.0 * c, (3.0 if t_fb is None else t_fb) * c
+        table = (PP / 2 - 1) * (FB + B - 3 * W)
+        idle = [r.makespan - r.busy[q] for q in range(p)]
+        assert max(idle) == pytest.approx(table), name
+        if t_fb is None:
+            assert idle == pytest.approx([table] * p), name
+        assert max(r.peak_activations.values()) == PP + 1, name
     s = build_schedule("dualpipe", p, m)
     assert len(s.stages_of(0)) == 2 and s.part[s.stages_of(0)[0]] != s.part[s.stages_of(0)[1]]  # 2x params
-    v = simulate(build_schedule("dualpipev", p, m), 1.0, 2.0, 1.0)
-    F, B, W = 0.5, 1.0, 0.5     # a chunk is half a rank's layers
-    for q in range(p):
-        assert v.makespan - v.busy[q] == pytest.approx((p - 1) * (F + B - 2 * W))
-        assert v.makespan - v.busy[q] <= (p - 1) * (F + 2 * B - 3 * W) + 1e-9
-    assert max(v.peak_activations.values()) == 2 * p + 1
+
+
+def test_dualpipe_pairs_start_together():
+    """The F of an F&B pair waits for its partner's gradient; listed serially without the pairing
+    (a plain F then B) the same order idles less: (p/2-1)(F+B-2W), below the table."""
+    s = build_schedule("dualpipe", 4, 8)
+    r = simulate(s, 1.0, 2.0, 1.0)
+    for f, b in s.overlapped:
+        assert r.times[f][0] < r.times[b][0] and r.times[f][1] == r.times[b][0]
+    serial = simulate(Schedule(**{**vars(s), "overlapped": frozenset()}), 1.0, 2.0, 1.0)
+    assert [serial.makespan - serial.busy[q] for q in range(4)] == pytest.approx([1.0] * 4)
+    with pytest.raises(ValueError, match="max\\(t_f, t_b\\)"):
+        simulate(s, 1.0, 2.0, 1.0, t_fb=1.5)
 
 
 def test_t_comm_adds_hops():
@@ -137,6 +150,8 @@ def test_validator_rejects():
         validate(_sched({0: [A(1, "F", 0), A(0, "B", 0)], 1: [A(0, "F", 0), A(1, "B", 0)]}))
     with pytest.raises(ScheduleError, match="no matching"):
         validate(_sched({0: [A(0, "F", 0), A(0, "I", 0)], 1: [A(1, "F", 0), A(1, "B", 0)]}))
+    with pytest.raises(ScheduleError, match="overlapped pair"):   # an F&B pair must be adjacent, other stage
+        validate(Schedule(**{**vars(_sched(ok)), "overlapped": frozenset({(A(0, "F", 0), A(0, "B", 0))})}))
     # Rank 0 runs mb 1's backward before mb 0's forward has been handed on: a wait cycle.
     dead = {0: [A(0, "F", 1), A(0, "B", 1), A(0, "F", 0), A(0, "B", 0)],
             1: [A(1, "F", 0), A(1, "B", 0), A(1, "F", 1), A(1, "B", 1)]}

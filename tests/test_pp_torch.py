@@ -12,7 +12,7 @@ STEPS = 2
 
 @pytest.fixture(scope="module")
 def runs():
-    return launch(_both, 4, list(PEERS), CFG, STEPS, 8, 8, timeout=180)
+    return launch(_both, 4, list(PEERS), CFG, STEPS, 8, 8, 1, timeout=180)
 
 
 @pytest.mark.parametrize("name", list(PEERS))

@@ -1,6 +1,6 @@
 """Our pipeline executor against torch.distributed.pipelining, on the same stages and gloo ranks.
 
-    python -m minipar.bench.pp [--ranks 4] [--microbatches 8] [--steps 6]
+    python -m minipar.bench.pp [--ranks 4] [--microbatches 8] [--steps 6] [--rounds 2]
 
 For each schedule both implement, both train the same stage-partitioned GPT for a few
 steps; prints the median step time of ours / torch's, the peak RSS per rank, and
@@ -54,24 +54,35 @@ def torch_pipeline(name: str, cfg: GPTConfig, steps: int, batch_size: int, m: in
     return {"losses": losses, "grads": grads, "times": times}
 
 
-def _both(names, cfg, steps, batch_size, m):
+def _both(names, cfg, steps, batch_size, m, rounds):
+    """Alternate ours and torch's for `rounds` rounds (swapping who goes first), so drift in the
+    machine's load hits both alike; pool the step times, leaving out each run's first (warm-up) step."""
     out = {}
+    run = {"ours": lambda sch: train_pipeline(sch, cfg, steps, batch_size),
+           "torch": lambda sch: torch_pipeline(sch.name, cfg, steps, batch_size, m)}
     for name in names:
         sch = build_schedule(name, runtime.world_size(), m, 2 if name == "interleaved_1f1b" else 1)
-        out[name] = {"ours": train_pipeline(sch, cfg, steps, batch_size),
-                     "torch": torch_pipeline(name, cfg, steps, batch_size, m)}
+        out[name], times = {}, {k: [] for k in run}
+        for i in range(rounds):
+            for k in (("ours", "torch") if i % 2 == 0 else ("torch", "ours")):
+                r = run[k](sch)
+                out[name].setdefault(k, r)          # losses and gradients of the first run
+                times[k] += r["times"][1:]
+        for k in run:
+            out[name][k]["times"] = times[k]
     out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
 
-def compare(names=tuple(PEERS), ranks=4, m=8, steps=6, cfg=None, batch_size=16) -> dict:
+def compare(names=tuple(PEERS), ranks=4, m=8, steps=6, cfg=None, batch_size=16, rounds=2) -> dict:
     cfg = cfg or GPTConfig(vocab=64, seq=32, layers=8, heads=4, hidden=64)
-    res = launch(_both, ranks, list(names), cfg, steps, batch_size, m, timeout=300)
+    res = launch(_both, ranks, list(names), cfg, steps, batch_size, m, rounds, timeout=600)
     rows = {}
     for name in names:
         ours = [sum(r[name]["ours"]["losses"][i] for r in res) for i in range(steps)]
         theirs = [sum(r[name]["torch"]["losses"][i] for r in res) for i in range(steps)]
-        med = lambda key: statistics.median(max(r[name][key]["times"][i] for r in res) for i in range(1, steps))
+        n = len(res[0][name]["ours"]["times"])
+        med = lambda key: statistics.median(max(r[name][key]["times"][i] for r in res) for i in range(n))
         rows[name] = {"ratio": med("ours") / med("torch"), "ours_ms": 1e3 * med("ours"), "torch_ms": 1e3 * med("torch"),
                       "loss_diff": max(abs(a - b) for a, b in zip(ours, theirs))}
     rows["peak_rss_mb"] = max(r["rss_mb"] for r in res)
@@ -82,9 +93,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ranks", type=int, default=4)
     ap.add_argument("--microbatches", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=6, help="steps per run")
+    ap.add_argument("--rounds", type=int, default=2, help="runs of each, alternating which goes first")
     a = ap.parse_args()
-    rows = compare(ranks=a.ranks, m=a.microbatches, steps=a.steps)
+    rows = compare(ranks=a.ranks, m=a.microbatches, steps=a.steps, rounds=a.rounds)
     print(f"{'schedule':<18}{'ours ms':>10}{'torch ms':>10}{'ratio':>8}{'max |loss diff|':>17}")
     for name, r in rows.items():
         if name == "peak_rss_mb":

@@ -5,9 +5,18 @@
     ZB1P       (PP-1)(F+B-2W)          1x          PP           PP
     DualPipe   (PP/2-1)(F&B+B-3W)      2x          PP+1         PP
     DualPipeV  (PP/2-1)(F&B+B-3W)      2x          PP+1         PP/2
-F&B is a forward and a backward chunk run overlapped; B a full backward, W its weight part.
+F, B and W are one chunk's forward, full backward and weight-gradient costs; F&B is a
+forward and a backward chunk run overlapped (one's compute hides the other's all-to-all).
+PP is the number of stages: p ranks for DualPipe, 2p stages on p devices for DualPipeV.
 DualPipe feeds micro-batches from both ends of the pipeline at once (each rank holds a
 stage of each direction: 2x parameters); DualPipeV folds that into a V on half the devices.
+
+Where the bubble comes from: the main step is pairs F&B, and a pair starts only when both
+its forward input and its backward gradient have arrived. The generator records the pairs
+in `Schedule.overlapped`; the simulator and the executor start each pair as one unit, and
+then the bubble the simulator measures is the table's exactly (tests/test_pp_schedules.py):
+every rank idles (PP/2-1)(F&B+B-3W) when F&B = F+B, and the worst rank does when the
+overlap hides some of it.
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ def _dualpipe_rank(n, pos, chunks, s0, s1, first0, first1):
     zero bubble on, an I is emitted and its W queued, to be popped by a later W slot.
     DualPipe overlaps an F of one phase with a B of the other ("F&B"); here they are
     listed one after the other, which is the same order of work."""
-    acts, queue = [], []
+    acts, queue, pairs = [], [], []
     cnt = defaultdict(int)
     stage, first = (s0, s1), (first0, first1)
 
@@ -43,6 +52,10 @@ def _dualpipe_rank(n, pos, chunks, s0, s1, first0, first1):
         if queue:
             acts.append(queue.pop(0))
 
+    def fb(f_ph, b_ph):                              # F&B: one phase's F overlapped with the other's B
+        f(f_ph), b(b_ph)
+        pairs.append((acts[-2], acts[-1]))
+
     for _ in range((n - pos - 1) * 2):              # 1: nF0
         f(0)
     for _ in range(pos + 1):                         # 2: nF0F1
@@ -50,9 +63,9 @@ def _dualpipe_rank(n, pos, chunks, s0, s1, first0, first1):
     for _ in range(n - pos - 1):                     # 3: nB1W1F1 (zero bubble)
         b(1, zb=True), w(), f(1)
     for _ in range(chunks - 2 * n + pos + 1):        # 4: nF0B1F1B0 (main step)
-        f(0), b(1), f(1), b(0)
+        fb(0, 1), fb(1, 0)
     for _ in range(n - pos - 1):                     # 5: nB1F1B0
-        b(1), f(1), b(0)
+        b(1), fb(1, 0)
     zb = False
     for i in range(pos + 1):                         # 6: nB1B0 (second half zero bubble)
         if i == (pos + 1) // 2 and pos % 2 == 1:
@@ -67,11 +80,16 @@ def _dualpipe_rank(n, pos, chunks, s0, s1, first0, first1):
         w()
     while queue:
         w()
-    return acts
+    return acts, pairs
+
+
+def _collect(per_rank):
+    """{rank: (acts, pairs)} -> ({rank: acts}, all F&B pairs)."""
+    return {r: a for r, (a, _) in per_rank.items()}, frozenset(x for _, ps in per_rank.values() for x in ps)
 
 
 def _dualpipev(p, m, v):
-    return {r: _dualpipe_rank(p, r, m, r, 2 * p - 1 - r, 0, 0) for r in range(p)}
+    return _collect({r: _dualpipe_rank(p, r, m, r, 2 * p - 1 - r, 0, 0) for r in range(p)})
 
 
 def _dualpipe(p, m, v):
@@ -85,4 +103,4 @@ def _dualpipe(p, m, v):
             out[r] = _dualpipe_rank(h, r, m // 2, down, up, 0, m // 2)
         else:
             out[r] = _dualpipe_rank(h, p - 1 - r, m // 2, up, down, m // 2, 0)
-    return out
+    return _collect(out)

@@ -109,21 +109,23 @@ class StepRunner:
         self.rank = runtime.rank() if rank is None else rank
         self.peer, self.loss, self.group = peer or (lambda r: r), loss or loss_fn, group
         self.store = WeightGradStore()
+        self.params = {s: list(st.parameters()) for s, st in stages.items()}   # walked once, not per action
         # Route linear layers through the weight-gradient store only if the schedule splits B
         # into I and W: the custom backward costs Python overhead that plain B does not need.
         split = any(a.kind == "I" for a in lowered)
         self.eager = {s: install(st, self.store) if split else list(st.parameters()) for s, st in stages.items()}
         self.loss_scale = 1.0 / schedule.num_microbatches   # the mean over micro-batches, as the reference
+        self.partner = dict(schedule.overlapped)              # DualPipe's F&B pairs: F -> its B
 
     # ---- hooks PipeDream overrides
     def forward(self, stage, x, mb):
         return self.stages[stage](x)
 
     def weights(self, stage, mb):
-        return list(self.stages[stage].parameters())
+        return self.params[stage]
 
     def accumulate(self, stage, mb, grads):
-        for p, g in zip(self.stages[stage].parameters(), grads):
+        for p, g in zip(self.params[stage], grads):
             if g is not None:
                 p.grad = g if p.grad is None else p.grad + g
 
@@ -134,7 +136,7 @@ class StepRunner:
         self.inp, self.out, self.local, self.dx = {}, {}, {}, {}
         self.xs, self.ys, self.loss_sum, self.mb_losses = xs, ys, 0.0, {}
         self.aux_sum, self.aux_out = 0.0, {}   # MoE stages' load-balancing losses (scaled by 1/m)
-        recvs, sends, posted = {}, [], {}
+        recvs, sends, posted, early = {}, [], {}, {}
         for a in self.lowered:
             if a.kind.startswith("RECV"):
                 k = posted[a.peer] = posted.get(a.peer, -1) + 1       # k-th receive from this peer
@@ -148,16 +150,19 @@ class StepRunner:
                     t = self.out.pop(key) if self.recompute else self.out[key]
                 sends.append(comm.isend(t.detach().contiguous(), self.peer(a.peer), group=self.group))
             else:
-                # Wait for the input outside the span, so waiting shows as idle, not compute.
-                path = self.sch.paths[a.mb]
-                need = {"F": "F", "B": "B", "I": "B"}.get(a.kind)
-                first_or_last = path[0] if need == "F" else path[-1]
-                h, src = (None, None) if need is None or a.stage == first_or_last else \
-                    recvs.pop((need, a.stage, a.mb), (None, None))
-                got = h.wait() if h is not None else self.local.pop((need, a.stage, a.mb), None)
-                # `recv` names the message this action consumed, so the modeled clock (sim.retime)
+                # Wait for the input outside the span, so waiting shows as idle, not compute. The F
+                # of an F&B pair also waits for its partner's input: the pair starts as one unit.
+                got, src = self._receive(a, recvs)
+                srcs = [src] if src else []
+                if a in self.partner:
+                    b = self.partner[a]
+                    early[b] = self._receive(b, recvs)
+                    srcs += [early[b][1]] if early[b][1] else []
+                elif a in early:
+                    got, _ = early.pop(a)
+                # `recv` names the messages this action waited for, so the modeled clock (sim.retime)
                 # knows what it waited for.
-                with trace.span(str(a), stage=a.stage, mb=a.mb, kind=a.kind, **({"recv": src} if src else {})):
+                with trace.span(str(a), stage=a.stage, mb=a.mb, kind=a.kind, **({"recv": srcs} if srcs else {})):
                     self.compute(a, got)
             for h in sends:             # close the sends that have gone out (ends their trace spans)
                 if h.work.is_completed():
@@ -169,6 +174,15 @@ class StepRunner:
             raise RuntimeError(f"rank {self.rank}: the schedule left work undone: W of {list(self.store.pending)}, "
                                f"receives {list(recvs)}")
         return self.loss_sum
+
+    def _receive(self, a, recvs):
+        """(a's input tensor or None, (peer, k) of the message it came in, or None)."""
+        path = self.sch.paths[a.mb]
+        need = {"F": "F", "B": "B", "I": "B"}.get(a.kind)
+        if need is None or a.stage == (path[0] if need == "F" else path[-1]):
+            return None, None
+        h, src = recvs.pop((need, a.stage, a.mb), (None, None))
+        return (h.wait(), src) if h is not None else (self.local.pop((need, a.stage, a.mb), None), None)
 
     def compute(self, a, got):
         sch, dev, key = self.sch, runtime.device(), (a.stage, a.mb)

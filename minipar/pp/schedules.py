@@ -16,11 +16,12 @@ t_f / t_b the forward / backward time of one micro-batch on one rank.
 | 1f1b | PipeDream-Flush, Narayanan et al. 2021 | p | (p-1)(t_f+t_b) | p |
 | interleaved_1f1b | Megatron-LM, Narayanan et al. 2021, Sec. 2.2 | vp, looped | (p-1)(t_f+t_b)/v | more than p |
 | zb_h1 / zb_h2 / zbv | Zero Bubble, Qi et al. 2024 (`zerobubble.py`) | p / p / 2p in a V | see there | p / 2p-1 / 2p chunks |
-| dualpipe / dualpipev | DeepSeek-V3 report (`dualpipe.py`) | 2p mirrored / 2p in a V | see there | p+1 / 2p+1 chunks |
+| dualpipe / dualpipev | DeepSeek-V3 report (`dualpipe.py`) | 2p mirrored / 2p in a V | (PP/2-1)(F&B+B-3W) | p+1 / 2p+1 chunks |
 | pipedream(_2bw) | Narayanan et al. 2019 / 2021 (`pipedream.py`) | p | 1F1B order, no flush | p |
 
-Each generator is `fn(p, m, v) -> {rank: [Action]}`; `build_schedule` checks the
-configuration first and wraps the lists with their placement in a `Schedule`.
+Each generator is `fn(p, m, v) -> {rank: [Action]}` (DualPipe's also returns its overlapped
+F&B pairs); `build_schedule` checks the configuration first and wraps the lists with their
+placement in a `Schedule`.
 """
 from __future__ import annotations
 
@@ -150,4 +151,6 @@ def build_schedule(name: str, num_ranks: int, num_microbatches: int, num_chunks:
         paths, part, chunk_cost = (tuple(range(S)),) * m, tuple(range(S)), 1.0 / v
     if name == "pipedream":
         update_every = 1
-    return Schedule(name, p, m, v, placement, _GEN[name](p, m, v), paths, part, chunk_cost, update_every)
+    acts = _GEN[name](p, m, v)
+    acts, overlapped = acts if isinstance(acts, tuple) else (acts, frozenset())    # DualPipe's F&B pairs
+    return Schedule(name, p, m, v, placement, acts, paths, part, chunk_cost, update_every, overlapped)

@@ -22,7 +22,14 @@ Closed forms this reproduces exactly (tests/test_pp_schedules.py):
 and, at t_f = t_i = t_w (the papers' assumption):
     ZB-H1:         makespan - busy = (p-1)(t_f + t_b - 2 t_w), 1/3 of 1F1B  (Qi et al. 2024, Table 1)
     ZB-H2, ZB-V:   bubble[r] = 0, peak 2p-1 resp. 2p half-size chunks      (Qi et al. 2024, Table 1, Sec. 6)
-    DualPipe(V):   peak PP+1 stages' activations, idle within (PP/2-1)(F&B+B-3W)  (DeepSeek-V3, Table 2)
+and, with F, B, W the costs of one chunk (one stage) and F&B of an overlapped pair,
+    DualPipe(V):   max_r (makespan - busy[r]) = (PP/2-1)(F&B+B-3W), peak PP+1 stages'
+                   activations; PP = p for DualPipe, 2p stages on p devices for DualPipeV
+                   (DeepSeek-V3 report, Table 2; github.com/deepseek-ai/DualPipe)
+The F&B pairs (`schedule.overlapped`) start together, once both inputs have arrived, and
+take t_fb (default t_f + t_b: overlap hides nothing); F's output leaves when its share,
+t_fb * t_f / (t_f + t_b), is done. With t_fb = t_f + t_b every rank idles the table's
+amount; with max(t_f, t_b) <= t_fb < t_f + t_b the ranks nearest the middle do.
 """
 from __future__ import annotations
 
@@ -66,11 +73,14 @@ def grad_producer(schedule: Schedule, stage: int, mb: int, present: set) -> Acti
 
 
 def deps_of(schedule: Schedule, a: Action, present: set) -> list:
-    """The data dependencies of a compute action: [(producer, crosses_ranks)]."""
+    """The data dependencies of a compute action: [(producer, crosses_ranks)]. The F of an
+    F&B pair also waits for its partner's inputs: the pair starts as one unit."""
     s, mb = a.stage, a.mb
     if a.kind == "F":
         prev = schedule.prev_stage(s, mb)
-        return [] if prev is None else [(Action(prev, "F", mb), schedule.stage_to_rank[prev] != schedule.stage_to_rank[s])]
+        own = [] if prev is None else [(Action(prev, "F", mb), schedule.stage_to_rank[prev] != schedule.stage_to_rank[s])]
+        partner = dict(schedule.overlapped).get(a)
+        return own + ([] if partner is None else [d for d in deps_of(schedule, partner, present) if d[0] != a])
     if a.kind in ("B", "I"):
         out = [(Action(s, "F", mb), False)]
         g = grad_producer(schedule, s, mb, present)
@@ -80,17 +90,24 @@ def deps_of(schedule: Schedule, a: Action, present: set) -> list:
     return [(Action(s, "I", mb), False)]        # W after its own I
 
 
-def op_graph(schedule: Schedule, t_f=1.0, t_b=2.0, t_w=None, t_comm=0.0) -> dict:
+def op_graph(schedule: Schedule, t_f=1.0, t_b=2.0, t_w=None, t_comm=0.0, t_fb=None) -> dict:
     """The schedule as simulator lanes: one lane per rank, one Op per compute action."""
     if t_w is None:
         t_w = t_b / 2
     if not 0 <= t_w <= t_b:
         raise ValueError(f"t_w={t_w} must lie in [0, t_b={t_b}]: W is part of the backward")
+    t_fb = t_f + t_b if t_fb is None else t_fb
+    if not max(t_f, t_b) <= t_fb <= t_f + t_b:
+        raise ValueError(f"t_fb={t_fb} must lie in [max(t_f, t_b), t_f + t_b] = [{max(t_f, t_b)}, {t_f + t_b}]: "
+                         "overlapping an F with a B cannot take longer than running them in turn, "
+                         "nor less than the longer of the two")
     c = schedule.chunk_cost
     cost = {"F": t_f * c, "B": t_b * c, "I": (t_b - t_w) * c, "W": t_w * c}
+    in_pair = {a for pair in schedule.overlapped for a in pair}
+    shrink = t_fb / (t_f + t_b) if t_f + t_b else 1.0          # an F&B pair shares t_fb in proportion
     present = {a for acts in schedule.actions.values() for a in acts}
-    return {r: [sim.Op(a, r, cost[a.kind], tuple((d, t_comm if cross else 0.0)
-                                                 for d, cross in deps_of(schedule, a, present)))
+    return {r: [sim.Op(a, r, cost[a.kind] * (shrink if a in in_pair else 1.0),
+                       tuple((d, t_comm if cross else 0.0) for d, cross in deps_of(schedule, a, present)))
                 for a in acts if a.is_compute]
             for r, acts in sorted(schedule.actions.items())}
 
@@ -108,9 +125,10 @@ def peak_activations(schedule: Schedule) -> dict:
 
 
 def simulate(schedule: Schedule, t_f: float = 1.0, t_b: float = 2.0, t_w: float | None = None,
-             t_comm: float = 0.0) -> SimResult:
-    """Time `schedule`; see the module docstring for what each number means."""
-    done = sim.run(op_graph(schedule, t_f, t_b, t_w, t_comm))
+             t_comm: float = 0.0, t_fb: float | None = None) -> SimResult:
+    """Time `schedule`; see the module docstring for what each number means. `t_fb` is the
+    cost of one of DualPipe's overlapped F&B pairs in the units of t_f + t_b (default t_f + t_b)."""
+    done = sim.run(op_graph(schedule, t_f, t_b, t_w, t_comm, t_fb))
     times = {k: (op.start, op.end) for k, op in done.items()}
     makespan = max(e for _, e in times.values())
     busy, span = {}, {}

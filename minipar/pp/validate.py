@@ -4,7 +4,8 @@ Checks, each with a message that names the offending action:
   1. every action runs on the rank that holds its stage;
   2. completeness: every (stage, mb) on mb's path has exactly one F, and one B or
      one I and one W; nothing else;
-  3. order on a rank: F before its B/I, I before its W;
+  3. order on a rank: F before its B/I, I before its W; each overlapped F&B pair is an
+     F directly followed on its rank by a B/I of another stage;
   4. the lowered program (SEND/RECV, see `lower`) receives each pair's messages in the
      order they were sent, posts each receive before the action that needs it, and
      cannot deadlock: timed by the one simulator (`minipar.sim`) with non-blocking sends
@@ -61,6 +62,13 @@ def validate(schedule: Schedule) -> dict:
             before = {"B": "F", "I": "F", "W": "I"}.get(a.kind)
             if before and pos.get(Action(a.stage, before, a.mb), -1) > pos[a]:
                 raise ScheduleError(f"rank {r}: {a} comes before {Action(a.stage, before, a.mb)}")
+    for f, b in schedule.overlapped:
+        r = schedule.stage_to_rank[f.stage]
+        acts = schedule.actions.get(r, [])
+        i = acts.index(f) if f in acts else -1
+        if f.kind != "F" or b.kind not in ("B", "I") or f.stage == b.stage or i < 0 or acts[i + 1:i + 2] != [b]:
+            raise ScheduleError(f"overlapped pair ({f}, {b}): an F&B pair is an F followed directly on its rank "
+                                "by a backward (B or I) of another stage")
     lowered = lower(schedule)
     _check_lowered(schedule, lowered)
     return lowered
@@ -69,6 +77,7 @@ def validate(schedule: Schedule) -> dict:
 def _check_lowered(schedule: Schedule, lowered: dict) -> None:
     from .simulate import deps_of
     present = {a for acts in schedule.actions.values() for a in acts}
+    partner = dict(schedule.overlapped)
     # FIFO per pair: the k-th SEND a->b must be the k-th RECV on b from a.
     sends, recvs = defaultdict(list), defaultdict(list)
     for r, acts in lowered.items():
@@ -99,12 +108,13 @@ def _check_lowered(schedule: Schedule, lowered: dict) -> None:
             elif a.kind.startswith("RECV"):
                 posted.add((a.kind[-1], a.stage, a.mb))
             else:
-                need = messages_in(schedule, a)
                 deps = [d for d, cross in deps_of(schedule, a, present) if not cross]
-                if need:
-                    if need[1] not in posted:
-                        raise ScheduleError(f"rank {r}: {a} runs before its receive of {need[1]} is posted")
-                    deps.append(msg_index[r, need[1]])
+                for x in (a, partner.get(a)):        # an F&B pair waits for both halves' inputs
+                    need = messages_in(schedule, x) if x is not None else None
+                    if need:
+                        if need[1] not in posted:
+                            raise ScheduleError(f"rank {r}: {a} runs before its receive of {need[1]} is posted")
+                        deps.append(msg_index[r, need[1]])
                 lane.append(sim.Op(a, r, 1.0, tuple(deps)))
         lanes[r] = lane
     try:

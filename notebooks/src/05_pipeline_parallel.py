@@ -13,7 +13,7 @@
 # | interleaved 1F1B, v chunks | Narayanan et al. 2021, Sec. 2.2 | (p−1)(t_f+t_b)/v = **(p−1)/(vm)** of ideal | more |
 # | ZB-H1 | Qi et al. 2024 (Zero Bubble), Table 1 | (p−1)(t_f+t_b−2t_w) ≈ **1/3 of 1F1B** | p |
 # | ZB-H2, ZB-V | Qi et al. 2024, Sec. 3, 6 | (p−1)(t_f+t_b−3t_w) ≈ **0** | 2p−1 / p |
-# | DualPipe / DualPipeV | DeepSeek-V3 report, Table 2 | (p/2−1)(F&B+B−3W) | p+1 / 2p+1 chunks |
+# | DualPipe / DualPipeV | DeepSeek-V3 report, Table 2 | (PP/2−1)(F&B+B−3W), F&B an overlapped pair | PP+1 chunks (PP = p / 2p) |
 #
 # with p ranks, m micro-batches, t_f / t_b the forward / full-backward time of one micro-batch on one
 # rank and t_w the weight-gradient part of t_b. Zero-bubble schedules split the backward into
@@ -87,20 +87,22 @@ assert results["zb_h1"].peak_activations == results["1f1b"].peak_activations
 # ZB-H2 and ZB-V: no idle time inside any rank's span; ZB-H2 holds 2p-1, ZB-V 2p half-size chunks (= p)
 assert max(results["zb_h2"].bubble.values()) == 0 and results["zb_h2"].peak_activations[0] == 2 * P - 1
 assert max(results["zbv"].bubble.values()) == 0 and max(results["zbv"].peak_activations.values()) == 2 * P
-# DualPipe: PP+1 activations, and idle within the table's (p/2-1)(F&B+B-3W) with F&B = F+B
-assert max(results["dualpipe"].peak_activations.values()) == P + 1
-assert idle(results["dualpipe"]) <= (P / 2 - 1) * ((F + B) + B - 3 * W)
-# DeepSeek-V3's Table 2, measured. Our simulator runs an overlapped F&B pair one after the other
-# (F&B = F + B), so the table's bubble is an upper bound here; parameters and activations are exact.
-print(f"\n{'':<10}{'idle':>6}{'table bound':>13}{'params/rank':>13}{'activations':>13}{'table':>7}")
-for name, n_dev, chunk in (("dualpipe", P, 1.0), ("dualpipev", P, 0.5)):
-    r, s = results[name], results[name].schedule
-    f, b, w = F * chunk, B * chunk, W * chunk
-    bound = ((P / 2 - 1) if name == "dualpipe" else (P - 1)) * ((f + b) + b - 3 * w)
-    params = len(s.stages_of(0))     # in the table's unit: one of the PP stages (PP = p, resp. 2p)
-    acts_table = P + 1 if name == "dualpipe" else 2 * P + 1                  # PP + 1 stages' worth
-    print(f"{name:<10}{idle(r):>6.1f}{bound:>13.1f}{params:>12.0f}x{max(r.peak_activations.values()):>13}{acts_table:>7}")
-    assert idle(r) <= bound and params == 2 and max(r.peak_activations.values()) == acts_table
+# DeepSeek-V3's Table 2, measured: bubble (PP/2-1)(F&B+B-3W), 2x parameters, PP+1 activations, with F, B, W
+# one chunk's costs and F&B an overlapped forward+backward pair. DualPipe: PP = p ranks, a chunk is a rank's
+# stage; DualPipeV: PP = 2p stages on p devices, a chunk is half a device. The pair starts once both its
+# inputs are in; the bubble is the most any rank idles. With F&B = F+B (no overlap gain) every rank idles
+# exactly the table's amount; with overlap (F&B = 2.5 here) the middle ranks do.
+print(f"\n{'':<10}{'F&B':>5}{'idle (max rank)':>17}{'table':>7}{'params/rank':>13}{'activations':>13}{'table':>7}")
+for name, PP, chunk in (("dualpipe", P, 1.0), ("dualpipev", 2 * P, 0.5)):
+    for t_fb in (F + B, 2.5):
+        r = simulate(build_schedule(name, P, M), F, B, W, t_fb=t_fb)
+        f, b, w, fb = F * chunk, B * chunk, W * chunk, t_fb * chunk
+        table = (PP / 2 - 1) * (fb + b - 3 * w)
+        worst = max(r.makespan - r.busy[q] for q in range(P))
+        params = len(r.schedule.stages_of(0))   # in the table's unit: one of the PP stages
+        acts = max(r.peak_activations.values())
+        print(f"{name:<10}{fb:>5.2f}{worst:>17.2f}{table:>7.2f}{params:>12.0f}x{acts:>13}{PP + 1:>7}")
+        assert abs(worst - table) < 1e-9 and params == 2 and acts == PP + 1
 
 # %% [markdown]
 # ## 3 · The code
@@ -206,12 +208,15 @@ v_w = widgets.IntSlider(value=1, min=1, max=4, description="v")
 tf_w = widgets.FloatSlider(value=1.0, min=0.1, max=3, description="t_f")
 tb_w = widgets.FloatSlider(value=2.0, min=0.1, max=6, description="t_b")
 tw_w = widgets.FloatSlider(value=1.0, min=0.0, max=3, description="t_w")
+ov_w = widgets.FloatSlider(value=0.0, min=0.0, max=1.0, description="F&B hidden")   # DualPipe's overlap
 out = widgets.Output()
 
 
-def explore(name, p, m, v, t_f, t_b, t_w):
+def explore(name, p, m, v, t_f, t_b, t_w, hidden=0.0):
+    """`hidden`: the fraction of the shorter half of a DualPipe F&B pair that overlap hides."""
     try:
-        r = simulate(build_schedule(name, p, m, v), t_f, t_b, min(t_w, t_b))
+        t_fb = t_f + t_b - hidden * min(t_f, t_b)
+        r = simulate(build_schedule(name, p, m, v), t_f, t_b, min(t_w, t_b), t_fb=t_fb)
     except ValueError as err:
         print(err)
         return None
@@ -225,12 +230,12 @@ def explore(name, p, m, v, t_f, t_b, t_w):
 def on_change(_=None):
     with out:
         out.clear_output(wait=True)
-        explore(sched_w.value, p_w.value, m_w.value, v_w.value, tf_w.value, tb_w.value, tw_w.value)
+        explore(sched_w.value, p_w.value, m_w.value, v_w.value, tf_w.value, tb_w.value, tw_w.value, ov_w.value)
 
 
-for w in (sched_w, p_w, m_w, v_w, tf_w, tb_w, tw_w):
+for w in (sched_w, p_w, m_w, v_w, tf_w, tb_w, tw_w, ov_w):
     w.observe(on_change, names="value")
-display(widgets.VBox([widgets.HBox([sched_w, p_w, m_w, v_w]), widgets.HBox([tf_w, tb_w, tw_w]), out]))
+display(widgets.VBox([widgets.HBox([sched_w, p_w, m_w, v_w]), widgets.HBox([tf_w, tb_w, tw_w, ov_w]), out]))
 first = explore(sched_w.value, p_w.value, m_w.value, v_w.value, tf_w.value, tb_w.value, tw_w.value)
 assert first is not None
 
