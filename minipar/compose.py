@@ -22,9 +22,8 @@ MoE blocks compose with dp, ep, tp and pp: experts are split over ep and replica
 load-balancing loss. Capacity and the aux loss are per group of tokens, so every forward
 call (one micro-batch of one data shard) holds whole groups of the reference's batch.
 
-Gradients are then averaged over every replica of each parameter:
-    SP partial sums over tp  ->  sum over cp, ep (non-expert), dp  ->  / (dp*ep*cp)
-ZeRO-1 shards the optimizer state over dp (reduce-scatter, step the shard, all-gather).
+Gradients are then averaged over every replica of each parameter, and ZeRO 0-3 shards
+the model states over dp: `minipar.optim.Optimizer` (re-exported here).
 """
 from __future__ import annotations
 
@@ -35,12 +34,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import comm
 from .mesh import Mesh, check_sizes
 from .model import GPT, GPTConfig
-from .sp import sync_sequence_parallel_grads
+from .optim import Optimizer, stage_units
 
-__all__ = ["ParallelConfig", "AXES", "check", "ComposedStage", "build_stages", "stage_layers"]
+__all__ = ["ParallelConfig", "AXES", "check", "ComposedStage", "build_stages", "stage_layers", "Optimizer",
+           "stage_units"]
 
 AXES = ("pp", "dp", "ep", "cp", "tp")
 
@@ -52,7 +51,7 @@ class ParallelConfig:
     tp: int = 1
     cp: int = 1
     ep: int = 1
-    zero: int = 0                     # 0 (DDP-style all-reduce) or 1 (sharded optimizer state)
+    zero: int = 0                     # ZeRO stage over dp: 0 all-reduce, 1 optimizer, 2 + gradients, 3 + parameters
     sp: bool = False                  # sequence parallelism inside the tp group
     schedule: str = "1f1b"            # pipeline schedule (minipar.pp.build_schedule names)
     microbatches: int = 1             # per data shard and step (the gradient-accumulation steps)
@@ -86,11 +85,15 @@ def check(cfg: GPTConfig, pc: ParallelConfig, batch: int, world_size: int | None
     except ValueError as e:
         problems.append(str(e))
     t, c = pc.tp, pc.cp
-    if pc.zero not in (0, 1):
-        problems.append(f"--zero {pc.zero}: the composed trainer shards optimizer state (ZeRO-1) at most; "
-                        "ZeRO-2/3 cut gradients and parameters per micro-batch, which pipelining and TP "
-                        "do not mix with here (DeepSpeed also rejects ZeRO-2/3 with pipelines): use "
-                        "minipar.zero for them with pure data parallelism")
+    if pc.zero not in (0, 1, 2, 3):
+        problems.append(f"--zero {pc.zero}: ZeRO stages are 0, 1, 2 and 3")
+    elif pc.zero >= 2 and (pc.pp > 1 or pc.chunks > 1):
+        problems.append(f"--zero {pc.zero} with pp={pc.pp}: ZeRO-2/3 reduce-scatter from gradient hooks of "
+                        "ordinary backward calls, which the pipeline executor's per-stage autograd.grad does "
+                        "not fire (DeepSpeed's pipeline engine also allows ZeRO-1 only): use --zero 1 with pp")
+    elif pc.zero >= 2 and cfg.experts:
+        problems.append(f"--zero {pc.zero} with experts={cfg.experts}: an expert that gets no tokens has no "
+                        "gradient, and ZeRO-2/3 reduce-scatter a unit once all its gradients are in: use --zero 1")
     if cfg.heads % t or cfg.hidden % t:
         problems.append(f"heads={cfg.heads} and hidden={cfg.hidden} must be divisible by tp={t}")
     if cfg.vocab % t:
@@ -200,7 +203,9 @@ class ComposedStage(nn.Module):
             return x
         if self.pc.tp > 1:  # logits stay split over the vocabulary (and gathered along s under SP)
             from .tp import column_parallel
-            (logits,) = column_parallel(self.ln_f(x), [self.head], "tp", self.pc.sp)
+            # ZeRO-3 gathers the head's weight in its module hooks, so under SP the head must be
+            # called as a module (regather=False) rather than through gather_linear's raw weights
+            (logits,) = column_parallel(self.ln_f(x), [self.head], "tp", self.pc.sp, regather=self.pc.zero < 3)
             return logits
         return self.head(self.ln_f(x))
 
@@ -239,99 +244,3 @@ def build_stages(cfg: GPTConfig, pc: ParallelConfig, mesh: Mesh, seed: int = 0, 
         k = schedule.part[s]
         out[s] = ComposedStage(ref, stage_layers(cfg, parts, k), k == 0, k == parts - 1, pc, mesh)
     return out
-
-
-class Optimizer:
-    """AdamW over this rank's parameters, after averaging every gradient over its replicas.
-
-    zero=0: all-reduce the gradients over dp, every rank steps every parameter.
-    zero=1 (ZeRO stage 1, Rajbhandari et al. 2020): reduce-scatter over dp, step only this
-    rank's 1/dp of the flat (padded) parameters, all-gather the result. Same bytes as the
-    all-reduce (2Ψ), a dp-th of the optimizer state."""
-
-    def __init__(self, named_params: list, pc: ParallelConfig):
-        from .model import make_optimizer
-        # dense parameters first, experts last: the ep all-reduce then covers one prefix slice
-        named_params = sorted(named_params, key=lambda np_: ".experts." in np_[0])
-        self.names = [n for n, _ in named_params]
-        self.params = [p for _, p in named_params]
-        self.dense = sum(p.numel() for n, p in named_params if ".experts." not in n)
-        self.numel = sum(p.numel() for p in self.params)
-        self.pc = pc
-        if pc.zero == 0:
-            self.opt = make_optimizer(self.params)
-            return
-        n, r = comm.size("dp"), comm.local_rank("dp")
-        self.shard_numel = -(-self.numel // n)
-        flat = torch.zeros(self.shard_numel * n, device=self.params[0].device)
-        flat[:self.numel] = torch.cat([p.detach().flatten() for p in self.params])
-        self.shard = flat[r * self.shard_numel:(r + 1) * self.shard_numel].clone().requires_grad_()
-        self.opt = make_optimizer([self.shard])
-
-    def flat_grads(self) -> torch.Tensor:
-        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params])
-
-    @torch.no_grad()
-    def step(self) -> None:
-        pc = self.pc
-        sync_sequence_parallel_grads(self.params, "tp")   # LayerNorms etc. saw only s/t tokens under SP
-        g = self.flat_grads()
-        comm.all_reduce(g, group="cp")                    # replicas that saw other sequence slices
-        comm.all_reduce(g[:self.dense], group="ep")       # dense weights saw every ep rank's tokens
-        scale = 1.0 / (pc.dp * pc.ep * pc.cp)             # the loss is the mean over all data shards
-        if pc.zero == 0:
-            comm.all_reduce(g, group="dp")
-            g.mul_(scale)
-            for p, gp in zip(self.params, g.split([p.numel() for p in self.params])):
-                p.grad = gp.view_as(p)
-            self.opt.step()
-            return
-        padded = torch.cat([g, g.new_zeros(self.shard.numel() * comm.size("dp") - self.numel)])
-        self.shard.grad = comm.reduce_scatter(padded, group="dp").mul_(scale)
-        self.opt.step()
-        full = comm.all_gather(self.shard.detach(), group="dp")[:self.numel]
-        for p, v in zip(self.params, full.split([p.numel() for p in self.params])):
-            p.copy_(v.view_as(p))
-
-    def state_bytes(self) -> dict:
-        """Model-state bytes this rank holds now. Under ZeRO-1 the fp32 shard that AdamW steps
-        is a copy of the parameters, so it counts as optimizer state (K = 4 + 8 bytes, as the
-        ZeRO paper's mixed-precision K = 12)."""
-        nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
-        moments = [v for st in self.opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0]
-        return dict(params=nbytes(self.params), grads=nbytes([p.grad for p in self.params if p.grad is not None]),
-                    optimizer=nbytes(moments) + (nbytes([self.shard]) if self.pc.zero == 1 else 0),
-                    numel=self.numel, padded=self.shard.numel() * comm.size("dp") if self.pc.zero == 1 else self.numel)
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    # ---- checkpoints: AdamW's moments per parameter, whatever the sharding
-    @torch.no_grad()
-    def moments(self) -> dict:
-        """{name: (exp_avg, exp_avg_sq)} of this rank's parameters (gathered over dp under ZeRO-1)."""
-        if self.pc.zero == 0:
-            st = [self.opt.state.get(p, {}) for p in self.params]
-            return {n: (s["exp_avg"], s["exp_avg_sq"]) for n, s in zip(self.names, st) if s}
-        st = self.opt.state.get(self.shard)
-        if not st:
-            return {}
-        m, v = (comm.all_gather(st[k], group="dp")[:self.numel] for k in ("exp_avg", "exp_avg_sq"))
-        sizes = [p.numel() for p in self.params]
-        return {n: (a.view_as(p), b.view_as(p)) for n, p, a, b in zip(self.names, self.params, m.split(sizes), v.split(sizes))}
-
-    @torch.no_grad()
-    def load_moments(self, moments: dict, step: int) -> None:
-        """Inverse of `moments`: this rank's slices of every parameter's moments."""
-        t = torch.tensor(float(step))  # AdamW keeps its step count on the CPU
-        if self.pc.zero == 0:
-            for n, p in zip(self.names, self.params):
-                self.opt.state[p] = {"step": t.clone(), "exp_avg": moments[n][0].clone(), "exp_avg_sq": moments[n][1].clone()}
-            return
-        n, r, S = comm.size("dp"), comm.local_rank("dp"), self.shard.numel()
-        flat = [torch.zeros(S * n, device=self.shard.device) for _ in range(2)]
-        for k in range(2):
-            flat[k][:self.numel] = torch.cat([moments[name][k].flatten() for name in self.names])
-        self.opt.state[self.shard] = {"step": t, "exp_avg": flat[0][r * S:(r + 1) * S].clone(),
-                                      "exp_avg_sq": flat[1][r * S:(r + 1) * S].clone()}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Hashable
+from typing import Hashable
 
 __all__ = ["Op", "Deadlock", "run", "retime"]
 

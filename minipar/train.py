@@ -1,5 +1,5 @@
 """`python -m minipar.train`: train the reference GPT with any mix of dp, pp, tp(+sp), cp, ep
-and ZeRO-1 on local CPU ranks (started here) or under torchrun (NCCL on GPUs).
+and ZeRO 0-3 on local CPU ranks (started here) or under torchrun (NCCL on GPUs).
 
 It prints the loss, tokens/s and per-rank peak memory (and MFU on GPUs), writes the merged
 Chrome trace and a timeline PNG of the last step, and by default checks the loss curve
@@ -7,6 +7,7 @@ against the single-device reference. Examples:
 
     python -m minipar.train                                   # dp2 x pp2 x tp2 on 8 CPU ranks
     python -m minipar.train --dp 4 --pp 1 --tp 1 --zero 1
+    python -m minipar.train --dp 2 --pp 1 --tp 2 --sp --zero 3      # FSDP + TP (torchtitan's 2D)
     python -m minipar.train --dp 2 --pp 1 --tp 2 --ep 2 --experts 4
     python -m minipar.train --save ckpt --save-every 10 --steps 20
     python -m minipar.train --resume ckpt --tp 4 --pp 1       # resume under another layout
@@ -40,7 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--cp", type=int, default=1, help="context-parallel ranks (sequence split) [1]")
     g.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (needs --experts) [1]")
     s = p.add_argument_group("strategies")
-    s.add_argument("--zero", type=int, default=1, choices=(0, 1), help="ZeRO stage over dp: 0 all-reduce, 1 sharded optimizer [1]")
+    s.add_argument("--zero", type=int, default=1, choices=(0, 1, 2, 3),
+                   help="ZeRO stage over dp: 0 all-reduce, 1 optimizer state, 2 + gradients, 3 + parameters "
+                        "(FSDP; 2 and 3 need pp 1) [1]")
     s.add_argument("--sp", action="store_true", help="sequence parallelism inside the tp group")
     s.add_argument("--schedule", default="1f1b", help="pipeline schedule: gpipe, 1f1b, interleaved_1f1b, zb_h1, zb_h2, zbv [1f1b]")
     s.add_argument("--microbatches", type=int, default=4, help="micro-batches per step (gradient accumulation) [4]")
@@ -99,11 +102,11 @@ def _piece(p: torch.Tensor, pc: ParallelConfig) -> checkpoint.Piece:
 
 def save(directory, step, cfg, pc, mesh, named, opt, seed) -> None:
     """Every rank writes its TP slices (dp/cp replicas skip: another rank holds the same)."""
-    moments = opt.moments()  # collective under ZeRO-1
+    moments, values = opt.moments(), opt.values()  # collectives under ZeRO
     shards = {}
     if mesh.index("dp") == 0 and mesh.index("cp") == 0:
         for n, p in named:
-            shards[f"param/{n}"] = (p, _piece(p, pc))
+            shards[f"param/{n}"] = (values[n], _piece(p, pc))
             if n in moments:
                 shards[f"exp_avg/{n}"] = (moments[n][0], _piece(p, pc))
                 shards[f"exp_avg_sq/{n}"] = (moments[n][1], _piece(p, pc))
@@ -129,7 +132,7 @@ def train_rank(cfg: GPTConfig, pc: ParallelConfig, a) -> dict:
         state = {k.split("/", 1)[1]: ck.full(k) for k in ck.keys() if k.startswith("param/")}
     stages = {s: st.to(dev) for s, st in build_stages(cfg, pc, mesh, a.seed, state, schedule).items()}
     named = [(n, p) for st in stages.values() for n, p in st.named_parameters()]
-    opt = Optimizer(named, pc)
+    opt = Optimizer(named, pc, module=stages[0] if pc.zero >= 2 else None)
     if a.resume:
         opt.load_moments({n: tuple(_local_slice(ck.full(f"{k}/{n}"), p, pc) for k in ("exp_avg", "exp_avg_sq"))
                           for n, p in named}, start)

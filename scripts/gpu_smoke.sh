@@ -4,9 +4,10 @@
 # One rank per GPU needs as many GPUs as ranks, so with one GPU this runs:
 #   1. the single-GPU reference: a few steps of the reference GPT on cuda (fp32 and bf16 autocast)
 #      beside the same steps on the CPU;
-#   2. torchrun with one process: NCCL on the GPU, `python -m minipar.train` in fp32 and bf16,
-#      and ZeRO-3 through `minipar.launch` (world size 1);
-#   3. torchrun with 8 processes and the GPU hidden: the multi-rank torchrun path on gloo.
+#   2. torchrun with one process: NCCL on the GPU, `python -m minipar.train` in fp32, bf16 and
+#      --zero 3, and ZeRO-3 through `minipar.launch` (world size 1);
+#   3. torchrun with 8 (and 4) processes and the GPU hidden: the multi-rank torchrun path on gloo,
+#      DualPipeV and ZeRO-3 + TP included.
 # Each step prints what it ran; the script stops at the first failure.
 set -euo pipefail
 OUT=${1:-runs/gpu_smoke}
@@ -63,7 +64,16 @@ assert all(l == l for l in out["losses"]) and held == formula
 EOF
 $TR --nproc_per_node 1 "$OUT/zero3.py"
 
+echo "== 2d. torchrun, 1 process, NCCL: minipar.train --zero 3 (FSDP units on the GPU, parity checked)"
+$TR --nproc_per_node 1 -m minipar.train --dp 1 --pp 1 --tp 1 --zero 3 --steps 6 --out "$OUT/zero3"
+
 echo "== 3. torchrun, 8 processes, GPU hidden (gloo): minipar.train's default dp2 x pp2 x tp2"
 CUDA_VISIBLE_DEVICES= $TR --nproc_per_node 8 -m minipar.train --dp 2 --pp 2 --tp 2 --zero 1 --steps 4 --out "$OUT/gloo8"
+
+echo "== 3b. torchrun, 4 processes, GPU hidden (gloo): DualPipeV's F&B pairs, and ZeRO-3 + TP + SP"
+CUDA_VISIBLE_DEVICES= $TR --nproc_per_node 4 -m minipar.train --dp 1 --pp 4 --tp 1 --zero 1 --schedule dualpipev \
+    --layers 8 --microbatches 8 --steps 4 --out "$OUT/dualpipev"
+CUDA_VISIBLE_DEVICES= $TR --nproc_per_node 4 -m minipar.train --dp 2 --pp 1 --tp 2 --sp --zero 3 --steps 4 \
+    --out "$OUT/fsdp_tp"
 
 echo "== all smoke steps passed"

@@ -80,7 +80,7 @@ def test_dualpipe(p, m, t_fb):
     every rank idles exactly that much."""
     for name, PP, c in (("dualpipe", p, 1.0), ("dualpipev", 2 * p, 0.5)):
         r = simulate(build_schedule(name, p, m), 1.0, 2.0, 1.0, t_fb=t_fb)
-        F, B, W, FB = 1.0 * c, 2.0 * c, 1.0 * c, (3.0 if t_fb is None else t_fb) * c
+        B, W, FB = 2.0 * c, 1.0 * c, (3.0 if t_fb is None else t_fb) * c
         table = (PP / 2 - 1) * (FB + B - 3 * W)
         idle = [r.makespan - r.busy[q] for q in range(p)]
         assert max(idle) == pytest.approx(table), name

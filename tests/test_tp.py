@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from minipar import Mesh, comm, launch, trace
 from minipar.activations import SavedActivations
-from minipar.model import GPT, GPTConfig, SyntheticData, train_reference, OPTIM
+from minipar.model import GPT, GPTConfig, SyntheticData, train_reference
 from minipar.sp import (activation_bytes, comm_per_layer, comm_per_step, korthikanti_bytes, measure_layer,
                         sync_sequence_parallel_grads)
 from minipar.tp import TPGPT, check_tp, train_tp, unshard, vocab_parallel_cross_entropy
@@ -190,7 +190,7 @@ def test_activation_meter_counts_each_storage_once():
     x = torch.randn(4, 8, requires_grad=True)
     with SavedActivations(lin) as m:
         h = lin(x)
-        y = F.gelu(h) + F.gelu(h)  # h saved twice, counted once; the weight is not an activation
+        F.gelu(h) + F.gelu(h)  # h saved twice, counted once; the weight is not an activation
     assert m.bytes == x.numel() * 4 + h.numel() * 4
     with SavedActivations() as m2:
         lin(x)

@@ -13,8 +13,6 @@ import argparse
 import resource
 import statistics
 
-import torch
-
 from .. import launch, runtime
 from ..model import GPTConfig, SyntheticData, make_optimizer
 from ..pp import build_schedule
