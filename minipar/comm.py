@@ -1,18 +1,10 @@
-"""The one place where minipar communicates: traced collectives, p2p, and the
-autograd-aware operators of Megatron-LM (f, g) and sequence parallelism.
+"""The one place where minipar communicates: traced collectives, p2p, and (from
+`mappings.py`, re-exported here) the autograd-aware operators of Megatron-LM (f, g)
+and sequence parallelism.
 
 `group` everywhere is None (the world), a mesh axis name ("dp", "tp", ...)
 resolved through the current `Mesh`, or a ProcessGroup. A group of one rank
 communicates nothing and records nothing. Byte conventions: see `trace`.
-
-Megatron-LM (Shoeybi et al. 2019, Fig. 3) names two conjugate operators:
-    f: forward identity,   backward all-reduce   (enters a parallel region)
-    g: forward all-reduce, backward identity     (leaves a parallel region)
-Sequence parallelism (Korthikanti et al. 2022, Sec. 4.2.2) replaces them with
-    g_sp:    forward all-gather along the sequence, backward reduce-scatter
-    gbar_sp: forward reduce-scatter along the sequence, backward all-gather
-An all-gather followed by a reduce-scatter moves the same bytes as one
-all-reduce, which is why SP costs no extra communication.
 """
 from __future__ import annotations
 
@@ -205,8 +197,8 @@ def all_reduce_grads(params, group=None, scale: float = 1.0) -> None:
     all_reduce(flat, group=group)
     if scale != 1.0:
         flat.mul_(scale)
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad.copy_(g.view_as(p.grad))
+    for p, part in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(part.view_as(p.grad))
 
 
 def barrier(group=None) -> None:
@@ -256,111 +248,7 @@ def batch_p2p(sends=(), recvs=(), group=None) -> list[TracedWork]:
     return [TracedWork(w, e, t) for w, e, t in zip(works, evs, tensors)]
 
 
-# ----------------------------------------------------------------------------- autograd operators
-class _F(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return all_reduce(dy.contiguous().clone(), group=ctx.group), None
-
-
-class _G(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return all_reduce(x.contiguous().clone(), group=group)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return dy, None
-
-
-def f(x: torch.Tensor, group="tp") -> torch.Tensor:
-    """Megatron's f: identity forward, all-reduce backward."""
-    return _F.apply(x, group)
-
-
-def g(x: torch.Tensor, group="tp") -> torch.Tensor:
-    """Megatron's g: all-reduce forward, identity backward."""
-    return _G.apply(x, group)
-
-
-copy_to_parallel_region, reduce_from_parallel_region = f, g
-
-
-class _GatherAlong(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group, grad):
-        ctx.dim, ctx.group, ctx.grad = dim, group, grad
-        return all_gather(x, dim=dim, group=group)
-
-    @staticmethod
-    def backward(ctx, dy):
-        if ctx.grad == "reduce_scatter":
-            return reduce_scatter(dy, dim=ctx.dim, group=ctx.group), None, None, None
-        return _chunk(dy, ctx.dim, ctx.group), None, None, None
-
-
-class _ReduceScatterAlong(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return reduce_scatter(x, dim=dim, group=group)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return all_gather(dy, dim=ctx.dim, group=ctx.group), None, None
-
-
-class _SplitAlong(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _chunk(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return all_gather(dy, dim=ctx.dim, group=ctx.group), None, None
-
-
-def _chunk(x, dim, group):
-    n = size(group)
-    if x.shape[dim] % n:
-        raise ValueError(f"cannot split dim {dim} of size {x.shape[dim]} over {n} ranks")
-    return x.chunk(n, dim=dim)[local_rank(group)].contiguous()
-
-
-def gather_along(x, dim: int, group="tp", grad: str = "reduce_scatter"):
-    """All-gather along `dim`. Backward: reduce-scatter (SP's g, the default) or plain split
-    (grad="split": when every rank's copy of the output gets the same gradient)."""
-    return _GatherAlong.apply(x, dim, group, grad)
-
-
-def reduce_scatter_along(x, dim: int, group="tp"):
-    """SP's g-bar: reduce-scatter along `dim` forward, all-gather backward."""
-    return _ReduceScatterAlong.apply(x, dim, group)
-
-
-def split_along(x, dim: int, group="tp"):
-    """Keep this rank's chunk along `dim` forward (no communication), all-gather backward."""
-    return _SplitAlong.apply(x, dim, group)
-
-
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        return all_to_all(x, out_splits, in_splits, group=group)
-
-    @staticmethod
-    def backward(ctx, dy):
-        out_splits, in_splits = ctx.splits
-        return all_to_all(dy.contiguous(), in_splits, out_splits, group=ctx.group), None, None, None
-
-
-def all_to_all_autograd(x, output_split_sizes=None, input_split_sizes=None, group=None):
-    """Differentiable all_to_all_single along dim 0: backward sends the gradients back the same way."""
-    return _AllToAll.apply(x, output_split_sizes, input_split_sizes, group)
+# The autograd-aware operators (Megatron's f and g, SP's gathers and scatters) live in
+# `mappings.py`, built on the collectives above; they are part of this layer's API.
+from .mappings import (all_to_all_autograd, copy_to_parallel_region, f, g, gather_along,  # noqa: E402
+                       reduce_from_parallel_region, reduce_scatter_along, split_along)

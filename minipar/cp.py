@@ -24,11 +24,8 @@ Causal load balancing, "zigzag" (the split of Megatron-LM's context parallelism 
   Cut the sequence into 2·cp chunks and give rank r chunks r and 2cp-1-r (one early,
   one late): every rank then computes the same 2cp+1 chunk pairs per causal pass.
 
-DeepSpeed-Ulysses (Jacobs et al. 2023). An all-to-all turns sequence-sharded Q, K, V
-  [b, h, N/cp, d] into head-sharded [b, h/cp, N, d]; each rank runs ordinary attention
-  on its heads over the whole sequence, and one more all-to-all turns the output back.
-  4 all-to-alls per layer forward (and 4 backward), each sending b·(N/cp)·h·d elements
-  per rank. Needs h % cp == 0 (and h_kv % cp == 0 under grouped-query attention).
+DeepSpeed-Ulysses (Jacobs et al. 2023) swaps sequence shards for head shards with all-to-alls:
+  `minipar/ulysses.py`; its functions are re-exported here.
 """
 from __future__ import annotations
 
@@ -36,16 +33,15 @@ import math
 from functools import partial
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 
 from . import comm, trace
 from .collectives import ring_neighbours
+from .ulysses import ulysses_attention, ulysses_bytes
 
 __all__ = ["LAYOUTS", "chunk_ids", "shard_sequence", "unshard_sequence", "sequence_positions",
            "attend", "attend_backward", "attention_fn", "merge_attention", "visible_pairs", "ring_attention", "ulysses_attention",
            "ring_bytes", "ulysses_bytes", "ring_flops", "check_config", "parallelize_attention",
-           "local_batch", "train_rank", "ActivationMeter"]
+           "local_batch", "train_rank"]
 
 LAYOUTS = ("zigzag", "contiguous")
 
@@ -193,6 +189,7 @@ class _RingAttention(torch.autograd.Function):
         qs, dos, lses, deltas = (t.chunk(m, 2) for t in (q.float(), dout, lse, delta))
         dq = [torch.zeros_like(t) for t in qs]
         kv = torch.stack([k, v]).float()
+        dkv_in = dkv_works = None                             # the block's gradient arriving from the left
         for step in range(n):
             src = (me - step) % n
             if step < n - 1:
@@ -235,50 +232,11 @@ def ring_attention(q, k, v, causal: bool = True, layout: str = "zigzag", group=N
     return _RingAttention.apply(q, k, v, causal, layout, group)
 
 
-# ----------------------------------------------------------------------------- DeepSpeed-Ulysses
-def _seq_to_heads(x, group):
-    """[b, h, N/cp, d] -> [b, h/cp, N, d]: send head group j to rank j, receive every rank's tokens."""
-    n = comm.size(group)
-    x = comm.all_to_all_autograd(rearrange(x, "b (n hh) s d -> n b hh s d", n=n).contiguous(), group=group)
-    return rearrange(x, "n b hh s d -> b hh (n s) d")
-
-
-def _heads_to_seq(y, group):
-    """[b, h/cp, N, d] -> [b, h, N/cp, d]: the inverse all-to-all."""
-    n = comm.size(group)
-    y = comm.all_to_all_autograd(rearrange(y, "b hh (n s) d -> n b hh s d", n=n).contiguous(), group=group)
-    return rearrange(y, "n b hh s d -> b (n hh) s d")
-
-
-def ulysses_attention(q, k, v, causal: bool = True, group=None) -> torch.Tensor:
-    """Attention over the full sequence for h/cp heads per rank, between two all-to-alls.
-    q, k, v: local contiguous shards [b, h, N/cp, d]; returns the local output shard; differentiable."""
-    n, h, h_kv = comm.size(group), q.shape[1], k.shape[1]
-    if h % n:
-        raise ValueError(f"Ulysses gives each of the {n} ranks h/cp heads, but h={h} is not divisible by cp={n}; "
-                         f"use a head count divisible by {n}, or ring attention")
-    if h_kv % n:
-        raise ValueError(f"grouped-query attention with {h_kv} KV heads cannot be split over cp={n} ranks; repeat "
-                         f"the KV heads (k.repeat_interleave({h // h_kv}, dim=1)) or use ring attention")
-    q, k, v = (_seq_to_heads(t, group) for t in (q, k, v))
-    with trace.span("attn", flops=4 * q.shape[0] * q.shape[1] * q.shape[2] ** 2 * q.shape[3]):
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=h_kv != h)
-    return _heads_to_seq(y, group)
-
-
 # ----------------------------------------------------------------------------- formulas
 def ring_bytes(b, h_kv, seq, d, cp, elem=4) -> dict:
     """Bytes each rank sends per layer: forward (cp-1) KV blocks, backward (cp-1) KV + cp dKV."""
     block = 2 * b * h_kv * (seq // cp) * d * elem
     return {"forward": (cp - 1) * block, "backward": (2 * cp - 1) * block if cp > 1 else 0}
-
-
-def ulysses_bytes(b, h, seq, d, cp, elem=4, h_kv=None) -> dict:
-    """Payload each rank sends per layer: 4 all-to-alls (Q, K, V, O) of b·(N/cp)·h·d each way
-    (K and V carry h_kv heads under grouped-query attention)."""
-    h_kv = h if h_kv is None else h_kv
-    each = b * (seq // cp) * d * elem if cp > 1 else 0
-    return {"forward": (2 * h + 2 * h_kv) * each, "backward": (2 * h + 2 * h_kv) * each}
 
 
 def ring_flops(b, h, seq, d, cp, rank, layout="zigzag", causal=True) -> int:
@@ -358,29 +316,3 @@ def train_rank(cfg, steps: int = 3, batch_size: int = 4, seed: int = 0, method: 
         grads = {k: p.grad.detach().cpu().clone() for k, p in model.named_parameters()}
         opt.step()
     return {"losses": losses, "grads": grads}
-
-
-# ----------------------------------------------------------------------------- measuring activation memory
-class ActivationMeter(torch.autograd.graph.saved_tensors_hooks):
-    """`with ActivationMeter(model.parameters()) as m: loss = model(...)` -> m.bytes: what autograd keeps
-    for backward, each storage counted once, parameters excluded. At the end of the forward pass this
-    stash is all alive at once: it is the activation memory (Korthikanti et al. 2022, Sec. 4)."""
-
-    def __init__(self, params=()):
-        self.skip = {p.untyped_storage().data_ptr() for p in params}
-        self.storages: dict[int, int] = {}
-        super().__init__(self._pack, lambda t: t)
-
-    def _pack(self, t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in self.skip:
-            self.storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    def __enter__(self):
-        super().__enter__()
-        return self
-
-    @property
-    def bytes(self) -> int:
-        return sum(self.storages.values())

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import minipar
 from minipar import cp, runtime, trace
+from minipar.activations import SavedActivations
 from minipar.exercises import check
 from minipar.exercises import cp as ex
 from minipar.model import GPT, GPTConfig, SyntheticData, train_reference
@@ -194,7 +195,7 @@ def _activation_bytes(seq):
     cfg = GPTConfig(vocab=64, seq=seq, layers=2, heads=4, hidden=64)
     model = cp.parallelize_attention(GPT(cfg, 0), "ring", "zigzag")
     x, y, pos = cp.local_batch(*SyntheticData(64, seq).batch(0, 1), r, n, "zigzag")
-    with cp.ActivationMeter(model.parameters()) as meter:
+    with SavedActivations(model) as meter:
         model(x, y, pos=pos)
     return meter.bytes
 

@@ -289,3 +289,13 @@ def test_ring_all_gather_checker_passes_the_solution_and_rejects_wrong_answers()
     assert check("ring_all_gather", sends_everything_to_everyone)  # same bytes per rank: a valid (direct) answer
     v = check("ring_all_gather", None)
     assert not v and "not yet" in v.message
+
+
+def test_every_module_reads_in_one_sitting():
+    """Principle 3: one file per strategy, roughly 300 lines or fewer (a little slack, no more)."""
+    import pathlib
+    import minipar
+    root = pathlib.Path(minipar.__file__).parent
+    long = {str(p.relative_to(root)): n for p in root.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 330}
+    assert not long, f"split these modules (lines): {long}"

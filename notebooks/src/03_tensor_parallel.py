@@ -75,11 +75,14 @@ plt.show()
 
 # %% [markdown]
 # ## The code
-# f and g are autograd functions in `minipar.comm` (every byte they move is traced):
+# f and g are autograd functions in `minipar/mappings.py`, used as `comm.f` and `comm.g` (every byte
+# they move goes through `comm`'s traced collectives):
 
 # %%
-print(inspect.getsource(comm._F))
-print(inspect.getsource(comm._G))
+from minipar import mappings
+
+print(inspect.getsource(mappings._F))
+print(inspect.getsource(mappings._G))
 
 # %% [markdown]
 # The two linear layers keep a slice of the reference model's full weight, so the TP model *is*

@@ -39,6 +39,7 @@ from matplotlib.patches import Polygon, Rectangle
 
 import minipar
 from minipar import cp, runtime, trace
+from minipar.activations import SavedActivations
 from minipar.exercises import check
 from minipar.model import GPT, GPTConfig, SyntheticData, train_reference
 from minipar.timeline import COLORS, plot_timeline
@@ -277,7 +278,7 @@ except ValueError as e:
 # %% [markdown]
 # ## Memory against sequence length
 # Activation memory is the tensors that autograd keeps from the forward pass for the backward pass. At the
-# end of the forward pass they are all alive together (Korthikanti et al. 2022). `cp.ActivationMeter` hooks
+# end of the forward pass they are all alive together (Korthikanti et al. 2022). `SavedActivations` hooks
 # `saved_tensors_hooks`, counts each saved storage once, and leaves out the parameters. We run a
 # 2-layer GPT (h = 64) with zigzag ring attention, one sequence per step, on 1, 2 and 4 ranks. The cp = 1
 # run uses the same ring code with a single rank.
@@ -293,7 +294,7 @@ def activation_bytes(seqs):
     for seq in seqs:
         model = cp.parallelize_attention(GPT(GPTConfig(vocab=64, seq=seq, layers=2, heads=4, hidden=64), 0))
         x, y, pos = cp.local_batch(*SyntheticData(64, seq).batch(0, 1), r, n, "zigzag")
-        with cp.ActivationMeter(model.parameters()) as meter:
+        with SavedActivations(model) as meter:
             model(x, y, pos=pos)
         out.append(meter.bytes)
     return out
