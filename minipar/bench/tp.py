@@ -1,6 +1,6 @@
 """Our TP(+SP) against torch's DTensor tensor parallelism, on the same model and ranks.
 
-    python -m minipar.bench.tp [--tp 2] [--steps 12] [--layers 2] [--hidden 128]
+    python -m minipar.bench.tp [--tp 2] [--dp 1] [--steps 12] [--layers 2] [--hidden 128]
 
 torch's version: `parallelize_module` with ColwiseParallel (q, k, v, fc, head),
 RowwiseParallel (proj), SequenceParallel (LayerNorms) and `loss_parallel` (the
@@ -8,6 +8,10 @@ vocab-parallel cross-entropy), the torchtitan recipe applied to minipar's GPT.
 Both train the same reference weights on the same batches; the command checks
 that the losses agree to 1e-5 and prints the median step-time ratio (ours / torch)
 and the peak resident memory of rank 0 (CPU: the process's max RSS).
+
+With --dp > 1 both sides also shard over dp, torchtitan's 2D: ours is `minipar.train --zero 3`'s
+model and optimizer (ComposedStage + optim.Optimizer), torch's is FSDP2 `fully_shard` per block
+on the dp sub-mesh of a 2-D DeviceMesh over the DTensor-parallel model.
 """
 from __future__ import annotations
 
@@ -27,15 +31,15 @@ from ..sp import sync_sequence_parallel_grads
 from ..tp import TPGPT, check_tp
 
 
-def dtensor_tp_model(cfg: GPTConfig, seed: int = 0, sequence_parallel: bool = False) -> GPT:
-    """The reference GPT parallelized by DTensor over every rank (call inside `launch`).
-    Its forward(idx) returns [b, s, V] logits as a DTensor sharded on the vocab."""
+def dtensor_tp_model(cfg: GPTConfig, seed: int = 0, sequence_parallel: bool = False, mesh=None) -> GPT:
+    """The reference GPT parallelized by DTensor over `mesh` (default: every rank; call inside
+    `launch`). Its forward(idx) returns [b, s, V] logits as a DTensor sharded on the vocab."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                    SequenceParallel, parallelize_module)
 
-    mesh = init_device_mesh(device().type, (dist.get_world_size(),))
+    mesh = mesh if mesh is not None else init_device_mesh(device().type, (dist.get_world_size(),))
     model = GPT(cfg, seed).to(device())
     act = Shard(1) if sequence_parallel else Replicate()  # layout of the residual stream
     plan = {"wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
@@ -94,9 +98,55 @@ def _run(cfg, steps, batch_size, sp, ours):
     return {"losses": losses, "median": statistics.median(times[2:]), "peak": peak}
 
 
+def _run_2d(cfg, steps, batch_size, sp, ours, dp, tp):
+    """ZeRO-3 over dp beside TP over tp (tp = consecutive ranks on both sides)."""
+    torch.manual_seed(0)
+    if ours:
+        from ..compose import ParallelConfig, build_stages, loss_of
+        from ..optim import Optimizer
+        pc = ParallelConfig(dp=dp, tp=tp, sp=sp, zero=3)
+        mesh = Mesh(**pc.axes())
+        model = build_stages(cfg, pc, mesh, 0)[0].to(device())
+        opt = Optimizer(list(model.named_parameters()), pc, module=model)
+        d = mesh.index("dp")
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor.parallel import loss_parallel
+        m2 = init_device_mesh(device().type, (dp, tp), mesh_dim_names=("dp", "tp"))
+        model = dtensor_tp_model(cfg, 0, sp, mesh=m2["tp"])
+        for blk in model.blocks:
+            fully_shard(blk, mesh=m2["dp"])
+        fully_shard(model, mesh=m2["dp"])
+        opt, d = make_optimizer(model.parameters()), m2["dp"].get_local_rank()
+    data = SyntheticData(cfg.vocab, cfg.seq, 0)
+    losses, times = [], []
+    for step in range(steps):
+        x, y = (t.chunk(dp)[d].to(device()) for t in data.batch(step, batch_size))
+        dist.barrier()
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        if ours:
+            loss = loss_of(model(x), y, pc)
+            loss.backward()
+        else:
+            loss = dtensor_loss(model(x), y)
+            with loss_parallel():
+                loss.backward()
+            loss = loss.full_tensor()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+        total = loss.detach().reshape(1).clone()
+        dist.all_reduce(total)
+        losses.append(total.item() / (dp * tp))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"losses": losses, "median": statistics.median(times[2:]), "peak": peak}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--dp", type=int, default=1, help="also shard over dp: ZeRO-3 vs FSDP2 (world dp*tp)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--layers", type=int, default=2)
@@ -105,15 +155,16 @@ def main(argv=None):
     a = ap.parse_args(argv)
     cfg = GPTConfig(vocab=256, seq=a.seq, layers=a.layers, heads=8, hidden=a.hidden)
     check_tp(cfg, a.tp, sequence_parallel=True)
-    print(f"{cfg}\ntp={a.tp}, batch={a.batch}, {a.steps} steps (median of the last {a.steps - 2})")
-    print(f"{'':<8}{'ours ms':>10}{'torch ms':>10}{'ratio':>8}{'ours MB':>10}{'torch MB':>10}{'max |dloss|':>13}")
+    print(f"{cfg}\ntp={a.tp}, dp={a.dp}, batch={a.batch}, {a.steps} steps (median of the last {a.steps - 2})")
+    print(f"{'':<11}{'ours ms':>10}{'torch ms':>10}{'ratio':>8}{'ours MB':>10}{'torch MB':>10}{'max |dloss|':>13}")
     ratios = {}
+    run = (lambda sp, ours: launch(_run, a.tp, cfg, a.steps, a.batch, sp, ours, timeout=300)[0]) if a.dp == 1 else \
+        (lambda sp, ours: launch(_run_2d, a.dp * a.tp, cfg, a.steps, a.batch, sp, ours, a.dp, a.tp, timeout=300)[0])
     for sp in (False, True):
-        ours = launch(_run, a.tp, cfg, a.steps, a.batch, sp, True, timeout=300)[0]
-        theirs = launch(_run, a.tp, cfg, a.steps, a.batch, sp, False, timeout=300)[0]
+        ours, theirs = run(sp, True), run(sp, False)
         err = max(abs(x - y) for x, y in zip(ours["losses"], theirs["losses"]))
         ratios[sp] = ours["median"] / theirs["median"]
-        print(f"{'TP+SP' if sp else 'TP':<8}{ours['median'] * 1e3:>10.2f}{theirs['median'] * 1e3:>10.2f}"
+        print(f"{('FSDP+' if a.dp > 1 else '') + ('TP+SP' if sp else 'TP'):<11}{ours['median'] * 1e3:>10.2f}{theirs['median'] * 1e3:>10.2f}"
               f"{ratios[sp]:>8.2f}{ours['peak'] / 2**20:>10.0f}{theirs['peak'] / 2**20:>10.0f}{err:>13.2e}")
         if err > 1e-5:
             raise SystemExit(f"losses disagree by {err:.3g} (> 1e-5)")
