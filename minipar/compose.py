@@ -87,10 +87,10 @@ def check(cfg: GPTConfig, pc: ParallelConfig, batch: int, world_size: int | None
     t, c = pc.tp, pc.cp
     if pc.zero not in (0, 1, 2, 3):
         problems.append(f"--zero {pc.zero}: ZeRO stages are 0, 1, 2 and 3")
-    elif pc.zero >= 2 and (pc.pp > 1 or pc.chunks > 1):
-        problems.append(f"--zero {pc.zero} with pp={pc.pp}: ZeRO-2/3 reduce-scatter from gradient hooks of "
-                        "ordinary backward calls, which the pipeline executor's per-stage autograd.grad does "
-                        "not fire (DeepSpeed's pipeline engine also allows ZeRO-1 only): use --zero 1 with pp")
+    elif pc.zero >= 2 and pc.schedule not in ("gpipe", "1f1b", "interleaved_1f1b") and (pc.pp > 1 or pc.chunks > 1):
+        problems.append(f"--zero {pc.zero} with --schedule {pc.schedule}: ZeRO-2/3 reduce-scatter from the "
+                        "gradient hooks of backward(), and the zero-bubble I/W split computes weight gradients "
+                        "by hand: use gpipe, 1f1b or interleaved_1f1b, or --zero 1")
     elif pc.zero >= 2 and cfg.experts:
         problems.append(f"--zero {pc.zero} with experts={cfg.experts}: an expert that gets no tokens has no "
                         "gradient, and ZeRO-2/3 reduce-scatter a unit once all its gradients are in: use --zero 1")

@@ -12,15 +12,18 @@ different tokens. The gradient of the global mean loss is therefore
   2     + gradients              per micro-batch reduce-scatter (ZeRO)       PΨ + (G+K)Ψ/dp
   3     + parameters (FSDP)      the same; gathered per unit for F and B     (P+G+K)Ψ/dp
 
-with Ψ this rank's parameters (its TP slices and pipeline stage). Stages 2 and 3 reuse
-`minipar.zero.ZeRO` on the stage module, one unit per embedding, block and head (FSDP's
+with Ψ this rank's parameters (its TP slices and pipeline stages). Stages 2 and 3 reuse
+`minipar.zero.ZeRO` on the stage modules, one unit per embedding, block and head (FSDP's
 usual wrapping); its reduce-scatter averages over dp, and the sums over tp (SP
 parameters) and cp then run on the gradient shards: a sum commutes with the
 reduce-scatter, and every rank of a tp or cp group holds the same shard layout.
-Stages 2 and 3 need ordinary `.backward()` calls (their reduce-scatters fire from
-gradient hooks), so the pipeline executor, which calls `autograd.grad` per stage, and MoE
-experts, which may get no tokens and so no gradient, keep to stages 0 and 1; `compose.check`
-says so before launch.
+
+Stages 2 and 3 reduce-scatter from gradient hooks, which fire when backward() accumulates
+a gradient. The pipeline executor's B does (per stage, per micro-batch: FSDP with a
+pipeline gathers each unit twice per micro-batch, as torchtitan does with
+reshard_after_forward); its zero-bubble I/W split computes weight gradients by hand, so
+ZB and DualPipe schedules keep to ZeRO-1. MoE experts, which may get no tokens and so no
+gradient, do too. `compose.check` says so before launch.
 """
 from __future__ import annotations
 
@@ -40,9 +43,15 @@ def stage_units(stage) -> list:
     return units + ([("head", [stage.ln_f, stage.head])] if stage.last else [])
 
 
+def _as_stages(module) -> dict:
+    """{stage index: ComposedStage} from one stage module or a dict of them."""
+    return dict(module) if isinstance(module, dict) else {0: module}
+
+
 class Optimizer:
     """AdamW over this rank's parameters after averaging every gradient over its replicas.
-    `module` (the one ComposedStage) is needed for ZeRO-2/3, which re-home its parameters."""
+    `module` (a ComposedStage, or {stage: ComposedStage} under pp) is needed for ZeRO-2/3,
+    which re-home the parameters into flat units."""
 
     def __init__(self, named_params: list, pc, module=None):
         # dense parameters first, experts last: the ep all-reduce then covers one prefix slice
@@ -52,11 +61,15 @@ class Optimizer:
         self.dense = sum(p.numel() for n, p in named_params if ".experts." not in n)
         self.numel = sum(p.numel() for p in self.params)
         self.pc = pc
+        self.name_of = {id(p): n for n, p in named_params}
         if pc.zero >= 2:
             from .zero import ZeRO
             if module is None:
-                raise ValueError("ZeRO-2/3 shard the stage module's parameters: pass module=")
-            self.zero = ZeRO(module, stage=pc.zero, group="dp", units=stage_units(module))
+                raise ValueError("ZeRO-2/3 shard the stage modules' parameters: pass module= (one or {stage: module})")
+            stages = _as_stages(module)
+            units = [u for s in sorted(stages) for u in stage_units(stages[s])]
+            self.zero = ZeRO(torch.nn.ModuleDict({str(s): m for s, m in stages.items()}), stage=pc.zero,
+                             group="dp", units=units, spans=False)
             self.units = self.zero.units
             self.opt = self.zero.optim.optimizer
             n, r = comm.size("dp"), comm.local_rank("dp")
@@ -114,7 +127,8 @@ class Optimizer:
     def values(self) -> dict:
         """{name: this rank's (TP-local) parameter value}; ZeRO-3 gathers them over dp."""
         if self.pc.zero == 3:
-            return self.zero.full_parameters()
+            full = self.zero.full_parameters()      # keyed by the ModuleDict's names: "<stage>.<name>"
+            return {self.name_of[id(p)]: full[self.zero.names[id(p)]] for p in self.params}
         return dict(zip(self.names, self.params))
 
     def state_bytes(self) -> dict:
@@ -141,7 +155,7 @@ class Optimizer:
     def _flats(self):
         """(optimizer key, [(name, param)], padded numel) per flat shard this rank steps."""
         if self.pc.zero >= 2:
-            names = self.zero.names
+            names = self.name_of
             return [(m, [(names[id(p)], p) for p in u.params], u.padded)
                     for m, u in zip(self.zero.optim.masters, self.units)]
         return [(self.shard, list(zip(self.names, self.params)), self.shard.numel() * comm.size("dp"))]

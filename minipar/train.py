@@ -8,6 +8,7 @@ against the single-device reference. Examples:
     python -m minipar.train                                   # dp2 x pp2 x tp2 on 8 CPU ranks
     python -m minipar.train --dp 4 --pp 1 --tp 1 --zero 1
     python -m minipar.train --dp 2 --pp 1 --tp 2 --sp --zero 3      # FSDP + TP (torchtitan's 2D)
+    python -m minipar.train --dp 2 --pp 2 --tp 2 --zero 3 --microbatches 4   # FSDP + TP + PP (its 3D)
     python -m minipar.train --dp 2 --pp 1 --tp 2 --ep 2 --experts 4
     python -m minipar.train --save ckpt --save-every 10 --steps 20
     python -m minipar.train --resume ckpt --tp 4 --pp 1       # resume under another layout
@@ -43,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     s = p.add_argument_group("strategies")
     s.add_argument("--zero", type=int, default=1, choices=(0, 1, 2, 3),
                    help="ZeRO stage over dp: 0 all-reduce, 1 optimizer state, 2 + gradients, 3 + parameters "
-                        "(FSDP; 2 and 3 need pp 1) [1]")
+                        "(FSDP; with pp, 2 and 3 need gpipe, 1f1b or interleaved_1f1b) [1]")
     s.add_argument("--sp", action="store_true", help="sequence parallelism inside the tp group")
     s.add_argument("--schedule", default="1f1b", help="pipeline schedule: gpipe, 1f1b, interleaved_1f1b, zb_h1, zb_h2, zbv [1f1b]")
     s.add_argument("--microbatches", type=int, default=4, help="micro-batches per step (gradient accumulation) [4]")
@@ -132,7 +133,7 @@ def train_rank(cfg: GPTConfig, pc: ParallelConfig, a) -> dict:
         state = {k.split("/", 1)[1]: ck.full(k) for k in ck.keys() if k.startswith("param/")}
     stages = {s: st.to(dev) for s, st in build_stages(cfg, pc, mesh, a.seed, state, schedule).items()}
     named = [(n, p) for st in stages.values() for n, p in st.named_parameters()]
-    opt = Optimizer(named, pc, module=stages[0] if pc.zero >= 2 else None)
+    opt = Optimizer(named, pc, module=stages if pc.zero >= 2 else None)
     if a.resume:
         opt.load_moments({n: tuple(_local_slice(ck.full(f"{k}/{n}"), p, pc) for k in ("exp_avg", "exp_avg_sq"))
                           for n, p in named}, start)

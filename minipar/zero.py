@@ -108,12 +108,13 @@ class ZeRO(nn.Module):
     `MixedPrecision`. Call zero_grad(), the model, backward(loss), step()."""
 
     def __init__(self, model: nn.Module, stage=3, group=None, units=None, offload: bool = False,
-                 precision: MixedPrecision | None = None, prefetch: bool = True):
+                 precision: MixedPrecision | None = None, prefetch: bool = True, spans: bool = True):
         super().__init__()
         self.stage = stage_of(stage)
         if self.stage == 0:
             raise ValueError("stage 0 (NO_SHARD) is plain data parallelism: use minipar.dp.DDP(model)")
-        self.model, self.group, self.prefetch = model, default_group(group), prefetch
+        # spans: trace each unit's F and B (off where the caller traces its own, e.g. a pipeline)
+        self.model, self.group, self.prefetch, self.spans = model, default_group(group), prefetch, spans
         self.mp = precision or MixedPrecision()
         n, r = comm.size(self.group), comm.local_rank(self.group)
         specs = units or (gpt_units(model) if isinstance(model, GPT) else [("model", [model])])
@@ -180,7 +181,7 @@ class ZeRO(nn.Module):
             u.fwd_calls += 1
             if u.fwd_calls == len(u.modules):  # the unit's last module: its forward is over
                 u.fwd_calls = 0
-                _span(f"F{u.index}", u.t0)
+                _span(f"F{u.index}", u.t0 if self.spans else None)
                 self._free(u)
         return hook
 
@@ -209,7 +210,7 @@ class ZeRO(nn.Module):
                 q.grad = None  # the full gradient lives only until its reduce-scatter
             u.rs_handles.append(comm.reduce_scatter(full, op="avg", group=self.group, async_op=True))
             if self.stage == 3:
-                _span(f"B{u.index}", u.t0)
+                _span(f"B{u.index}", u.t0 if self.spans else None)
                 u.in_backward, u.t0 = False, None
                 self._free(u)
         return hook

@@ -61,12 +61,16 @@ def test_more_layouts_match_over_a_few_steps():
 
 
 def test_zero_2_and_3_compose_with_tp_sp_cp_and_recompute():
-    """ZeRO-2/3 (FSDP) over dp beside TP+SP, CP and recompute: the single-device curve, and the model
+    """ZeRO-2/3 (FSDP) over dp beside TP+SP, CP, PP and recompute: the single-device curve, and the model
     states ZeRO's table gives for this rank's Ψ (its TP slices): stage 3 holds (4 + 4 + 8)Ψ/dp in fp32
     (Rajbhandari et al. 2020, Sec. 5), stage 2 the full parameters plus (4 + 8)Ψ/dp."""
     for flags in (["--dp", "2", "--pp", "1", "--tp", "2", "--sp", "--zero", "3", "--microbatches", "2"],
                   ["--dp", "2", "--pp", "1", "--tp", "1", "--cp", "2", "--zero", "2", "--microbatches", "2"],
-                  ["--dp", "4", "--pp", "1", "--tp", "1", "--zero", "3", "--recompute", "full"]):
+                  ["--dp", "4", "--pp", "1", "--tp", "1", "--zero", "3", "--recompute", "full"],
+                  # torchtitan's 3D: FSDP + TP + PP, each unit gathered for every micro-batch's F and B
+                  ["--dp", "2", "--pp", "2", "--tp", "2", "--sp", "--zero", "3", "--microbatches", "4"],
+                  ["--dp", "2", "--pp", "2", "--tp", "1", "--zero", "2", "--microbatches", "4", "--schedule", "gpipe",
+                   "--recompute", "full"]):
         a = parse_args(SMALL + flags + ["--steps", "4"])
         cfg, pc = configs(a)
         out = runtime.launch(train_rank, pc.world_size, cfg, pc, a, timeout=120)
@@ -119,9 +123,10 @@ def test_zero3_with_tp_matches_torch_fsdp2_with_dtensor_tp(sp):
 
 def test_zero3_checkpoint_resumes_under_other_layouts(tmp_path):
     ck = str(tmp_path / "ck")
-    full, _, _ = run(["--dp", "2", "--pp", "1", "--tp", "2", "--zero", "3", "--save", ck, "--save-every", "2"], steps=4)
-    for layout in (["--dp", "1", "--pp", "1", "--tp", "1", "--zero", "0"],
-                   ["--dp", "4", "--pp", "1", "--tp", "1", "--zero", "2"]):
+    full, _, _ = run(["--dp", "2", "--pp", "2", "--tp", "2", "--zero", "3", "--microbatches", "2", "--save", ck,
+                      "--save-every", "2"], steps=4)
+    for layout in (["--dp", "1", "--pp", "1", "--tp", "1", "--zero", "0", "--microbatches", "2"],
+                   ["--dp", "4", "--pp", "1", "--tp", "1", "--zero", "2", "--microbatches", "2"]):
         resumed, _, _ = run(layout + ["--resume", ck, "--resume-step", "2"], steps=4)
         assert close(resumed, full[2:], 1e-5), (layout, resumed, full[2:])
 
@@ -151,7 +156,8 @@ BAD = [
     (["--dp", "1", "--pp", "1", "--tp", "1", "--cp", "2", "--experts", "4"], "not with cp"),
     (["--dp", "1", "--pp", "2", "--tp", "1", "--schedule", "nonsense"], "schedule 'nonsense'"),
     (["--dp", "2", "--pp", "1", "--tp", "1", "--zero", "4"], "invalid choice"),
-    (["--dp", "2", "--pp", "2", "--tp", "1", "--zero", "3", "--microbatches", "2"], "use --zero 1 with pp"),
+    (["--dp", "2", "--pp", "2", "--tp", "1", "--zero", "3", "--microbatches", "2", "--schedule", "zb_h1"],
+     "I/W split"),
     (["--dp", "2", "--pp", "1", "--tp", "1", "--zero", "2", "--experts", "4"], "an expert that gets no tokens"),
 ]
 

@@ -125,6 +125,7 @@ class StepRunner:
         return self.params[stage]
 
     def accumulate(self, stage, mb, grads):
+        """Add the gradients of `weights(stage, mb)` (when they are not the live parameters)."""
         for p, g in zip(self.params[stage], grads):
             if g is not None:
                 p.grad = g if p.grad is None else p.grad + g
@@ -221,10 +222,15 @@ class StepRunner:
         if aux is not None:  # an MoE stage's load-balancing loss starts its own backward here
             y, g = [y, aux], [g, torch.ones_like(aux)]
         if a.kind == "B":
+            # backward() accumulates into .grad (in C++, and firing ZeRO-2/3's gradient hooks);
+            # `inputs` keeps it to this stage, so x.grad is what the previous stage waits for
             ws = self.weights(a.stage, a.mb)
-            grads = torch.autograd.grad(y, ([] if first else [x]) + ws, g)
-            dx = None if first else grads[0]
-            self.accumulate(a.stage, a.mb, grads[0 if first else 1:])
+            torch.autograd.backward(y, g, inputs=([] if first else [x]) + ws)
+            dx = None if first else x.grad
+            if ws is not self.params[a.stage]:   # stashed copies (PipeDream): pass their gradients on
+                self.accumulate(a.stage, a.mb, [w.grad for w in ws])
+                for w in ws:
+                    w.grad = None
             self.done_with(a.stage, a.mb)
         else:   # I: input gradient now, the linear weights' gradients queued in the store
             with self.store.defer(key):

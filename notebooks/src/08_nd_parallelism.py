@@ -176,6 +176,11 @@ for r, n, got, want in rows:
 # | 1 | 4Ψ | 4Ψ | 12Ψ'/d |
 # | 2 | 4Ψ' | 4Ψ'/d | 8Ψ'/d |
 # | 3 | 4Ψ'/d | 4Ψ'/d | 8Ψ'/d |
+#
+# The same `--zero 3` composes with a pipeline too (torchtitan's 3D: `--dp 2 --pp 2 --tp 2 --zero 3` with
+# gpipe, 1f1b or interleaved; tested in `tests/test_train.py`). Each unit is then gathered for every
+# micro-batch's F and again for its B, so ZeRO-3's traffic grows with m, one reason Megatron pairs
+# pipelines with ZeRO-1 (its distributed optimizer) instead.
 
 # %%
 table = [f"{'ZeRO':>4}{'max |loss - ref|':>18}{'params B':>11}{'grads B':>11}{'optim B':>11}{'total B':>11}"]
