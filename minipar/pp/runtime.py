@@ -112,7 +112,8 @@ class StepRunner:
         self.params = {s: list(st.parameters()) for s, st in stages.items()}   # walked once, not per action
         # Route linear layers through the weight-gradient store only if the schedule splits B
         # into I and W: the custom backward costs Python overhead that plain B does not need.
-        split = any(a.kind == "I" for a in lowered)
+        self.split = {(a.stage, a.mb) for a in lowered if a.kind == "I"}   # whose backward is I then W
+        split = bool(self.split)
         self.eager = {s: install(st, self.store) if split else list(st.parameters()) for s, st in stages.items()}
         self.loss_scale = 1.0 / schedule.num_microbatches   # the mean over micro-batches, as the reference
         self.partner = dict(schedule.overlapped)              # DualPipe's F&B pairs: F -> its B
@@ -248,6 +249,7 @@ class StepRunner:
     def _forward(self, a, x, last):
         """The stage's output (the scaled loss on the last stage) and its scaled auxiliary loss
         (MoE load balancing: a stage module with `aux_loss()`), or None."""
+        self.store.record = (a.stage, a.mb) in self.split    # only an I needs the store's linear layers
         y = self.forward(a.stage, x, a.mb)
         if last:
             y = self.loss(y, self.ys[a.mb].to(y.device)) * self.loss_scale
