@@ -6,6 +6,8 @@ different tokens. The gradient of the global mean loss is therefore
 
     SP partial sums over tp  ->  sum over cp, over ep (dense weights only), over dp  ->  / (dp*ep*cp)
 
+(under ZeRO-2/3 the dp part comes first, as a reduce-scatter, and the others act on shards)
+
   zero  what dp shards           how the dp sum happens                    state per rank
   0     nothing                  all-reduce at the step                     (P+G+K)Ψ
   1     optimizer state          reduce-scatter, step the shard, all-gather (P+G)Ψ + KΨ/dp
@@ -22,8 +24,9 @@ Stages 2 and 3 reduce-scatter from gradient hooks, which fire when backward() ac
 a gradient. The pipeline executor's B does (per stage, per micro-batch: FSDP with a
 pipeline gathers each unit twice per micro-batch, as torchtitan does with
 reshard_after_forward); its zero-bubble I/W split computes weight gradients by hand, so
-ZB and DualPipe schedules keep to ZeRO-1. MoE experts, which may get no tokens and so no
-gradient, do too. `compose.check` says so before launch.
+ZB and DualPipe schedules keep to ZeRO-1 (`compose.check` says so before launch). An MoE
+block's experts may get no tokens and so no gradient: its unit reduce-scatters at the end of
+backward instead, in unit order, so every dp rank issues the same collectives.
 """
 from __future__ import annotations
 
@@ -68,17 +71,21 @@ class Optimizer:
                 raise ValueError("ZeRO-2/3 shard the stage modules' parameters: pass module= (one or {stage: module})")
             stages = _as_stages(module)
             units = [u for s in sorted(stages) for u in stage_units(stages[s])]
+            # an MoE block's experts may get no tokens, so no gradient: it reduces at backward's end
+            late = {name for name, mods in units if any(hasattr(m, "experts") for md in mods for m in md.modules())}
             self.zero = ZeRO(torch.nn.ModuleDict({str(s): m for s, m in stages.items()}), stage=pc.zero,
-                             group="dp", units=units, spans=False)
+                             group="dp", units=units, spans=False, late=late)
             self.units = self.zero.units
             self.opt = self.zero.optim.optimizer
             n, r = comm.size("dp"), comm.local_rank("dp")
-            for u in self.units:   # which of this rank's shard elements SP parameters own
-                mask, off = torch.zeros(u.padded, dtype=torch.bool), 0
+            for u in self.units:   # which of this rank's shard elements need a sum over tp (SP) or ep (dense)
+                sp, dense, off = torch.zeros(u.padded, dtype=torch.bool), torch.zeros(u.padded, dtype=torch.bool), 0
                 for p in u.params:
-                    mask[off:off + p.numel()] = getattr(p, "sequence_parallel", False)
+                    sp[off:off + p.numel()] = getattr(p, "sequence_parallel", False)
+                    dense[off:off + p.numel()] = ".experts." not in self.name_of[id(p)]
                     off += p.numel()
-                u.sp_index = mask[r * u.shard_numel:(r + 1) * u.shard_numel].nonzero().flatten()
+                mine = slice(r * u.shard_numel, (r + 1) * u.shard_numel)
+                u.sp_index, u.dense_index = sp[mine].nonzero().flatten(), dense[mine].nonzero().flatten()
             return
         if pc.zero == 0:
             self.opt = make_optimizer(self.params)
@@ -99,10 +106,11 @@ class Optimizer:
         if pc.zero >= 2:
             for u in self.units:   # the shard is already averaged over dp by ZeRO's reduce-scatter
                 g = u.grad_shard
-                if len(u.sp_index) and comm.size("tp") > 1:
-                    g[u.sp_index] = comm.all_reduce(g[u.sp_index], group="tp")
+                for index, axis in ((u.sp_index, "tp"), (u.dense_index, "ep")):
+                    if len(index) and comm.size(axis) > 1:
+                        g[index] = comm.all_reduce(g[index], group=axis)
                 comm.all_reduce(g, group="cp")
-                g.mul_(1.0 / pc.cp)
+                g.mul_(1.0 / (pc.cp * pc.ep))
             self.zero.step()
             return
         sync_sequence_parallel_grads(self.params, "tp")   # LayerNorms etc. saw only s/t tokens under SP

@@ -27,9 +27,11 @@ backward; it prefetches the next unit (forward: i+1, backward: i-1) asynchronous
 gather overlaps the current unit's compute. FSDP2 skips freeing the root after forward;
 we free every unit, as the paper counts.
 
-Gradient accumulation: stage 1 accumulates full gradients and reduce-scatters once at
-the step; stages 2 and 3 reduce-scatter every micro-batch into the gradient shard (as
-DeepSpeed does), so `no_sync()` changes nothing for them.
+Gradient accumulation: stage 1 accumulates full gradients and reduce-scatters once at the
+step; stages 2 and 3 reduce-scatter every micro-batch into the gradient shard (as DeepSpeed
+does), so `no_sync()` changes nothing for them. A unit does so when its last gradient
+arrives or, if `late` (an MoE block: an expert without tokens gets no gradient), at the end
+of each backward that reached it, in unit order, so every rank issues the same collectives.
 """
 from __future__ import annotations
 
@@ -70,8 +72,8 @@ def gpt_units(model: GPT) -> list[tuple[str, list[nn.Module]]]:
 class Unit:
     """The parameters of some modules as views into one flat buffer, padded to N shards."""
 
-    def __init__(self, index, name, modules, n, r, stage, mp: MixedPrecision):
-        self.index, self.name, self.modules = index, name, modules
+    def __init__(self, index, name, modules, n, r, stage, mp: MixedPrecision, late=False):
+        self.index, self.name, self.modules, self.late, self.touched = index, name, modules, late, False
         self.params = list({id(p): p for m in modules for p in m.parameters()}.values())
         self.numel = sum(p.numel() for p in self.params)
         self.shard_numel = -(-self.numel // n)  # ceil
@@ -105,20 +107,21 @@ class Unit:
 class ZeRO(nn.Module):
     """Shard `model` over `group` at ZeRO `stage` (1, 2, 3 or an FSDP name; for NO_SHARD use
     `minipar.dp.DDP`). offload: optimizer state and step on the host. precision: a
-    `MixedPrecision`. Call zero_grad(), the model, backward(loss), step()."""
+    `MixedPrecision`. spans: trace each unit's F and B (off where the caller traces its own).
+    late: names of units that reduce at the end of backward (see above). Call zero_grad(), the
+    model, backward(loss), step()."""
 
     def __init__(self, model: nn.Module, stage=3, group=None, units=None, offload: bool = False,
-                 precision: MixedPrecision | None = None, prefetch: bool = True, spans: bool = True):
+                 precision: MixedPrecision | None = None, prefetch: bool = True, spans: bool = True, late=()):
         super().__init__()
         self.stage = stage_of(stage)
         if self.stage == 0:
             raise ValueError("stage 0 (NO_SHARD) is plain data parallelism: use minipar.dp.DDP(model)")
-        # spans: trace each unit's F and B (off where the caller traces its own, e.g. a pipeline)
         self.model, self.group, self.prefetch, self.spans = model, default_group(group), prefetch, spans
         self.mp = precision or MixedPrecision()
         n, r = comm.size(self.group), comm.local_rank(self.group)
         specs = units or (gpt_units(model) if isinstance(model, GPT) else [("model", [model])])
-        self.units = [Unit(i, name, mods, n, r, self.stage, self.mp) for i, (name, mods) in enumerate(specs)]
+        self.units = [Unit(i, name, mods, n, r, self.stage, self.mp, name in late) for i, (name, mods) in enumerate(specs)]
         covered = {id(p) for u in self.units for p in u.params}
         missing = [name for name, p in model.named_parameters() if id(p) not in covered]
         if missing:
@@ -131,10 +134,12 @@ class ZeRO(nn.Module):
             if self.stage >= 2:
                 for p in u.params:
                     p.register_post_accumulate_grad_hook(self._grad_hook(u))
-            if self.stage == 3:
-                for m in u.modules:
+            for m in u.modules:
+                if self.stage == 3:
                     m.register_forward_pre_hook(self._pre_forward(u))
+                if self.stage == 3 or u.late:   # a late unit's _pre_backward marks it reached
                     m.register_forward_hook(self._post_forward(u))
+            if self.stage == 3:
                 u.free()
 
     # ------------------------------------------------------------------ stage 3: gather / free
@@ -179,7 +184,7 @@ class ZeRO(nn.Module):
             if torch.is_tensor(out) and out.requires_grad:
                 out.register_hook(self._pre_backward(u))
             u.fwd_calls += 1
-            if u.fwd_calls == len(u.modules):  # the unit's last module: its forward is over
+            if u.fwd_calls == len(u.modules) and self.stage == 3:  # its last module: its forward is over
                 u.fwd_calls = 0
                 _span(f"F{u.index}", u.t0 if self.spans else None)
                 self._free(u)
@@ -188,6 +193,9 @@ class ZeRO(nn.Module):
     def _pre_backward(self, u: Unit):
         def hook(grad):
             self._queue_finish()
+            u.touched = True   # backward reached this unit: a late one reduces at the end
+            if self.stage < 3:
+                return grad
             self._wait(u)
             if not u.in_backward:
                 u.in_backward, u.t0 = True, time.perf_counter()
@@ -200,20 +208,23 @@ class ZeRO(nn.Module):
     def _grad_hook(self, u: Unit):
         def hook(p):
             self._queue_finish()
-            u.grads_ready += 1
-            if u.grads_ready < len(u.params):
-                return
-            u.grads_ready = 0
-            full = torch.cat([q.grad.flatten() for q in u.params]
-                             + [u.flat.new_zeros(u.padded - u.numel)]).to(self.mp.reduce_dtype)
-            for q in u.params:
-                q.grad = None  # the full gradient lives only until its reduce-scatter
-            u.rs_handles.append(comm.reduce_scatter(full, op="avg", group=self.group, async_op=True))
-            if self.stage == 3:
-                _span(f"B{u.index}", u.t0 if self.spans else None)
-                u.in_backward, u.t0 = False, None
-                self._free(u)
+            u.grads_ready += not u.late
+            if u.grads_ready == len(u.params):   # the unit's last gradient is in
+                u.grads_ready = 0
+                self._reduce_scatter(u)
         return hook
+
+    def _reduce_scatter(self, u: Unit):
+        full = torch.cat([(q.grad if q.grad is not None else torch.zeros_like(q)).flatten() for q in u.params]
+                         + [u.flat.new_zeros(u.padded - u.numel)]).to(self.mp.reduce_dtype)
+        for q in u.params:
+            q.grad = None  # the full gradient lives only until its reduce-scatter
+        u.rs_handles.append(comm.reduce_scatter(full, op="avg", group=self.group, async_op=True))
+        u.touched = False
+        if self.stage == 3:
+            _span(f"B{u.index}", u.t0 if self.spans else None)
+            u.in_backward, u.t0 = False, None
+            self._free(u)
 
     def _queue_finish(self):
         if not self._queued:  # runs once the whole backward pass has finished
@@ -222,6 +233,9 @@ class ZeRO(nn.Module):
 
     def _finish_backward(self):
         self._queued = False
+        for u in self.units:
+            if u.late and u.touched:
+                self._reduce_scatter(u)
         for u in self.units:
             for h in u.rs_handles:
                 u.grad_shard += h.wait()
@@ -233,7 +247,7 @@ class ZeRO(nn.Module):
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
-    def no_sync(self):
+    def no_sync(self):  # stages 2 and 3 reduce every micro-batch anyway
         return nullcontext()
 
     def zero_grad(self):

@@ -239,3 +239,44 @@ def test_flat_shards_tile_the_parameters_with_zero_padding(sizes, n, stage):
             assert copies[0].weight.untyped_storage().data_ptr() == u.flat.untyped_storage().data_ptr()
     flat = torch.cat(shards)
     assert torch.equal(flat[:want.numel()], want) and not flat[want.numel():].any()
+
+
+class _SometimesB(torch.nn.Module):
+    """One unit whose second layer only rank 0 uses: rank 1 gets no gradient for it (an MoE
+    expert without tokens)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(5, 5), torch.nn.Linear(5, 5)
+
+    def forward(self, x, use_b):
+        h = self.a(x)
+        return h + self.b(h) if use_b else h
+
+
+def _late_unit(stage):
+    import copy
+
+    import torch.distributed as dist
+    from minipar import comm
+    torch.manual_seed(0)
+    model = _SometimesB()
+    ref = copy.deepcopy(model)
+    x = torch.randn(3, 5)
+    use_b = dist.get_rank() == 0
+    z = ZeRO(model, stage, units=[("m", [model])], late={"m"})
+    z.zero_grad()
+    z.backward(model(x, use_b).sum())
+    ref(x, use_b).sum().backward()
+    want = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in ref.parameters()])
+    want = comm.all_reduce(want, op="avg")
+    u = z.units[0]
+    want = torch.cat([want, want.new_zeros(u.padded - u.numel)]).chunk(2)[comm.local_rank()]
+    return (z.local_grads()[0] - want).abs().max().item()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_late_unit_reduces_when_a_rank_has_no_gradient_for_part_of_it(stage):
+    """ZeRO-2/3 reduce a unit when its last gradient arrives; a rank whose expert got no tokens never
+    gets there. A `late` unit reduces at the end of backward on every rank instead (missing = 0)."""
+    assert max(launch(_late_unit, 2, stage, timeout=30)) < 1e-7
