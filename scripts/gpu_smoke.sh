@@ -70,10 +70,14 @@ $TR --nproc_per_node 1 -m minipar.train --dp 1 --pp 1 --tp 1 --zero 3 --steps 6 
 echo "== 3. torchrun, 8 processes, GPU hidden (gloo): minipar.train's default dp2 x pp2 x tp2"
 CUDA_VISIBLE_DEVICES= $TR --nproc_per_node 8 -m minipar.train --dp 2 --pp 2 --tp 2 --zero 1 --steps 4 --out "$OUT/gloo8"
 
-echo "== 3b. torchrun, 4 processes, GPU hidden (gloo): DualPipeV's F&B pairs, and ZeRO-3 + TP + SP"
+echo "== 3b. torchrun, 4 processes, GPU hidden (gloo): DualPipeV's F&B pairs; ZeRO-3 with TP + SP, PP, MoE"
 CUDA_VISIBLE_DEVICES= $TR --nproc_per_node 4 -m minipar.train --dp 1 --pp 4 --tp 1 --zero 1 --schedule dualpipev \
     --layers 8 --microbatches 8 --steps 4 --out "$OUT/dualpipev"
 CUDA_VISIBLE_DEVICES= $TR --nproc_per_node 4 -m minipar.train --dp 2 --pp 1 --tp 2 --sp --zero 3 --steps 4 \
     --out "$OUT/fsdp_tp"
+CUDA_VISIBLE_DEVICES= $TR --nproc_per_node 4 -m minipar.train --dp 2 --pp 2 --tp 1 --ep 1 --zero 3 \
+    --microbatches 4 --steps 4 --out "$OUT/fsdp_pp"
+CUDA_VISIBLE_DEVICES= $TR --nproc_per_node 4 -m minipar.train --dp 2 --pp 1 --tp 1 --ep 2 --experts 4 --zero 3 \
+    --seed 1 --steps 4 --out "$OUT/fsdp_moe"
 
 echo "== all smoke steps passed"
