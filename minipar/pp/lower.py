@@ -10,10 +10,17 @@ Rules (the executor relies on each):
     rank that needs message k from a peer first posts every earlier one from it.
 Sends never block (isend) and posting a receive never blocks; a rank waits only
 when a compute action needs a received tensor. `validate` checks the result cannot deadlock
-under that model, which holds for gloo. NCCL runs each pair's sends and receives in order on
-one stream and a large send waits for its receive, so a receive posted early can hold up a
-send behind it; on GPUs with big activations prefer `comm.batch_p2p` pairing (as
-torch.distributed.pipelining does). This path is untested on NCCL here (no GPU).
+under that model, which holds for gloo.
+
+NCCL is stricter, and this path is untested there (no multi-GPU machine yet): it runs a pair
+of ranks' sends and receives in issue order on one stream, and a send larger than NCCL's
+buffers waits for its receive. In 1F1B's steady state rank r issues send(F_i+1) then
+recv(B_i) while rank r+1 issues send(B_i) then recv(F_i+1): each send waits for a receive
+queued behind the other rank's send, a cycle, for large activations. The cure is what
+Megatron-LM (send_forward_recv_backward) and torch.distributed.pipelining do: issue a
+compute's sends together with the next receive as one `comm.batch_p2p` group, which NCCL
+progresses as a unit; and teach `validate` that ordering model, so it proves the batched
+program deadlock-free the way it proves this one for gloo.
 """
 from __future__ import annotations
 
