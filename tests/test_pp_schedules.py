@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from minipar import sim
-from minipar.pp import SCHEDULES, Action, Schedule, ScheduleError, build_schedule, lower, simulate, validate
+from minipar.pp import SCHEDULES, Action, Schedule, ScheduleError, build_schedule, lower, parse_action, simulate, validate
 
 
 @pytest.mark.parametrize("p,m", [(2, 2), (4, 4), (4, 8), (8, 16), (3, 7)])
@@ -157,6 +157,22 @@ def test_validator_rejects():
             1: [A(1, "F", 0), A(1, "B", 0), A(1, "F", 1), A(1, "B", 1)]}
     with pytest.raises(ScheduleError, match="deadlock"):
         validate(_sched(dead, m=2))
+
+
+def test_nccl_rendezvous_rules_catch_a_receive_posted_before_a_send_it_blocks():
+    """Posting each receive one action early, per direction only, is deadlock-free on gloo but not on
+    NCCL, where a pair's operations run in issue order and a large send waits for its receive: rank 0's
+    send of F1 queues behind its receive of B0, which rank 1 sends only after computing F1."""
+    from minipar.pp.validate import _check_lowered, check_rendezvous
+    s = build_schedule("gpipe", 2, 2)
+    eager = {0: "0F0 0SEND_F0 0RECV_B0 0F1 0SEND_F1 0RECV_B1 0B0 0B1",
+             1: "1RECV_F0 1RECV_F1 1F0 1F1 1B0 1SEND_B0 1B1 1SEND_B1"}
+    eager = {r: [Action(a.stage, a.kind, a.mb, peer=None if a.is_compute else 1 - r) for a in map(parse_action, acts.split())]
+             for r, acts in eager.items()}
+    _check_lowered(s, eager)                          # fine under gloo's model
+    with pytest.raises(ScheduleError, match="NCCL"):
+        check_rendezvous(s, eager)
+    check_rendezvous(s, lower(s))                     # lower() posts each pair's messages in one causal order
 
 
 def test_lowering_posts_receives_early_and_in_send_order():

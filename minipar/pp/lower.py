@@ -3,24 +3,18 @@
 Rules (the executor relies on each):
   * F(s, i) whose next stage lives on another rank is followed by SEND_F(s, i) to it;
     B/I(s, i) whose previous stage lives on another rank is followed by SEND_B(s, i).
-  * Receives are posted one compute action ahead of the action that needs them, so
-    the transfer overlaps that action (posted irecvs).
-  * Between two ranks, messages are received in the order they were sent: NCCL
-    matches point-to-point operations per pair in FIFO order and ignores tags. So a
-    rank that needs message k from a peer first posts every earlier one from it.
-Sends never block (isend) and posting a receive never blocks; a rank waits only
-when a compute action needs a received tensor. `validate` checks the result cannot deadlock
-under that model, which holds for gloo.
-
-NCCL is stricter, and this path is untested there (no multi-GPU machine yet): it runs a pair
-of ranks' sends and receives in issue order on one stream, and a send larger than NCCL's
-buffers waits for its receive. In 1F1B's steady state rank r issues send(F_i+1) then
-recv(B_i) while rank r+1 issues send(B_i) then recv(F_i+1): each send waits for a receive
-queued behind the other rank's send, a cycle, for large activations. The cure is what
-Megatron-LM (send_forward_recv_backward) and torch.distributed.pipelining do: issue a
-compute's sends together with the next receive as one `comm.batch_p2p` group, which NCCL
-progresses as a unit; and teach `validate` that ordering model, so it proves the batched
-program deadlock-free the way it proves this one for gloo.
+  * Both ranks of a pair post their messages to each other in one order (`pair_order`):
+    the order the simulator, at unit costs, sends them in. NCCL needs this. It runs a pair's
+    sends and receives in issue order on one stream, and a send larger than its buffers
+    waits for its receive; so if rank 0 posted recv(B0) before send(F1) while rank 1 needs
+    F1 before it sends B0 (GPipe with receives posted early), both would wait forever.
+    Posting in one causal order on both sides makes every queue head meet its partner.
+    It also keeps each direction first-in first-out, which NCCL's tag-less matching needs.
+  * Within that order, receives are posted one compute action ahead of the action that
+    needs them, so the transfer overlaps that action (posted irecvs).
+Posting never blocks; a rank waits only when a compute action needs a received tensor.
+`validate` checks the result under gloo's model (sends never block) and under NCCL's
+(in-order rendezvous per pair, `check_rendezvous`). Multi-GPU NCCL runs are still untested here.
 """
 from __future__ import annotations
 
@@ -59,44 +53,70 @@ def messages_in(schedule: Schedule, a: Action) -> tuple | None:
     return None
 
 
+def pair_order(schedule: Schedule) -> dict:
+    """{(lo, hi) ranks: [(src, dst, key)]}: every message between two ranks, in the order both
+    post them. It is the order the simulator (unit costs) sends them in, ties broken by sender:
+    a causal order, so neither rank ever has to post an operation whose data needs a later one."""
+    from .. import sim
+    from .simulate import op_graph
+    done = {k: op.end for k, op in sim.run(op_graph(schedule, 1.0, 2.0, 1.0)).items()}   # sim.Deadlock if none
+    msgs = sorted((done[a], r, *out) for r, acts in schedule.actions.items() for a in acts
+                  if (out := message_out(schedule, a)))
+    order = defaultdict(list)
+    for _, src, dst, key in msgs:
+        order[min(src, dst), max(src, dst)].append((src, dst, key))
+    return dict(order)
+
+
 def lower(schedule: Schedule) -> dict[int, list[Action]]:
     """{rank: compute actions with SEND_*/RECV_* inserted}. A message key is (direction, the
     receiving stage, mb); SEND actions carry the sending stage, RECV the receiving one."""
-    # Pass 1: the order in which each pair's messages are sent.
-    sent = defaultdict(list)                          # (src, dst) -> [message key]
-    for r, acts in schedule.actions.items():
-        for a in acts:
-            out = message_out(schedule, a)
-            if out:
-                sent[r, out[0]].append(out[1])
-    order = {pair: {k: i for i, k in enumerate(keys)} for pair, keys in sent.items()}
-    # Pass 2: each rank's list, receives posted one compute action early, in send order.
+    order = pair_order(schedule)
+    partner = dict(schedule.overlapped)
     lowered = {}
     for r, acts in sorted(schedule.actions.items()):
-        posted = defaultdict(int)                     # src -> messages posted so far
-        out = []
+        mine = {(lo if hi == r else hi): msgs for (lo, hi), msgs in order.items() if r in (lo, hi)}
+        at, sent, out = defaultdict(int), set(), []   # peer -> position reached in the pair's order
 
-        def post_for(a):
-            need = messages_in(schedule, a)
-            if need is None:
-                return
-            src, key = need
-            k = order.get((src, r), {}).get(key)
-            if k is None:
-                raise ValueError(f"rank {r}: {a} needs {key} from rank {src}, which never sends it")
-            while posted[src] <= k:
-                d, stage, mb = sent[src, r][posted[src]]
-                out.append(Action(stage, f"RECV_{d}", mb, peer=src))
-                posted[src] += 1
+        def advance(peer, until=None) -> bool:
+            """Post the pair's receives in order, up to message `until` (True once it is posted),
+            stopping at a send of ours whose data is not computed yet."""
+            msgs = mine.get(peer, [])
+            while at[peer] < len(msgs):
+                src, dst, key = msgs[at[peer]]
+                if src == r:
+                    if (dst, key) not in sent:
+                        return False
+                else:
+                    out.append(Action(key[1], f"RECV_{key[0]}", key[2], peer=src))
+                at[peer] += 1
+                if (src, dst, key) == until:
+                    return True
+            return until is None
+
+        def post_for(a, required):
+            for x in (a, partner.get(a)):             # an F&B pair waits for both halves' inputs
+                need = messages_in(schedule, x) if x is not None else None
+                if need is None:
+                    continue
+                src, key = need
+                msgs = mine.get(src, [])
+                if (src, r, key) not in msgs:
+                    raise ValueError(f"rank {r}: {x} needs {key} from rank {src}, which never sends it")
+                if msgs.index((src, r, key)) >= at[src] and not advance(src, (src, r, key)) and required:
+                    raise ValueError(f"rank {r}: cannot post the receive of {key} before a send it waits for")
 
         if acts:
-            post_for(acts[0])
+            post_for(acts[0], True)
         for i, a in enumerate(acts):
+            post_for(a, True)
             if i + 1 < len(acts):
-                post_for(acts[i + 1])
+                post_for(acts[i + 1], False)          # posted early: the transfer overlaps `a`
             out.append(a)
             msg = message_out(schedule, a)
             if msg:
+                sent.add(msg)
+                advance(msg[0], (r, *msg))            # first the receives ordered before it, if any
                 out.append(Action(a.stage, "SEND_F" if a.kind == "F" else "SEND_B", a.mb, peer=msg[0]))
         lowered[r] = out
     return lowered

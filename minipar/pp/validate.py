@@ -10,7 +10,11 @@ Checks, each with a message that names the offending action:
      order they were sent, posts each receive before the action that needs it, and
      cannot deadlock: timed by the one simulator (`minipar.sim`) with non-blocking sends
      and receives that complete when their send has run, it must finish. A cycle of
-     waits (rank a waits for b, which waits for a) raises `sim.Deadlock` there.
+     waits (rank a waits for b, which waits for a) raises `sim.Deadlock` there;
+  5. nor under NCCL's stricter rules (`check_rendezvous`): a pair of ranks' sends and
+     receives run in issue order on one stream, and a large send completes only together
+     with its receive. `lower` posts each pair's messages in one causal order on both
+     ranks, which is what makes this hold.
 """
 from __future__ import annotations
 
@@ -69,9 +73,53 @@ def validate(schedule: Schedule) -> dict:
         if f.kind != "F" or b.kind not in ("B", "I") or f.stage == b.stage or i < 0 or acts[i + 1:i + 2] != [b]:
             raise ScheduleError(f"overlapped pair ({f}, {b}): an F&B pair is an F followed directly on its rank "
                                 "by a backward (B or I) of another stage")
+    from .simulate import op_graph
+    try:                                 # can the compute actions run at all, in these orders?
+        sim.run(op_graph(schedule))
+    except sim.Deadlock as e:
+        raise ScheduleError(f"the schedule deadlocks: {e}") from None
     lowered = lower(schedule)
     _check_lowered(schedule, lowered)
+    check_rendezvous(schedule, lowered)
     return lowered
+
+
+def check_rendezvous(schedule: Schedule, lowered: dict) -> None:
+    """Run `lowered` under NCCL's point-to-point rules and raise ScheduleError if it stalls:
+    each rank's operations with one peer form a queue (one stream, issue order); the heads of
+    a's queue to b and b's queue to a complete together when they are the two ends of one
+    message (a rendezvous: a send larger than NCCL's buffers waits for its receive). A compute
+    action waits for the receives it consumes; posting never blocks the host."""
+    partner = dict(schedule.overlapped)
+    pc = {r: 0 for r in lowered}
+    queue, count, got = defaultdict(list), Counter(), defaultdict(set)   # (rank, peer) -> ops
+    moved = True
+    while moved:
+        moved = False
+        for r, acts in lowered.items():                # each host runs until a compute must wait
+            while pc[r] < len(acts):
+                a = acts[pc[r]]
+                if a.is_compute:
+                    needs = [messages_in(schedule, x) for x in (a, partner.get(a)) if x is not None]
+                    if not all(n[1] in got[r] for n in needs if n):
+                        break
+                else:
+                    src, dst = (r, a.peer) if a.kind.startswith("SEND") else (a.peer, r)
+                    key = (a.kind[-1], a.stage, a.mb) if a.kind.startswith("RECV") else None
+                    queue[r, a.peer].append((src, dst, count[r, a.peer, a.kind[:4]], key))
+                    count[r, a.peer, a.kind[:4]] += 1
+                pc[r] += 1
+                moved = True
+        for (r, peer), q in list(queue.items()):       # match the heads of each pair's queues
+            other = queue[peer, r]
+            while q and other and q[0][:3] == other[0][:3]:
+                for src, dst, _, key in (q.pop(0), other.pop(0)):
+                    if key is not None:
+                        got[dst].add(key)
+                moved = True
+    stuck = {r: str(lowered[r][pc[r]]) for r in lowered if pc[r] < len(lowered[r])}
+    if stuck:
+        raise ScheduleError(f"the lowered schedule deadlocks under NCCL's in-order rendezvous: ranks stuck at {stuck}")
 
 
 def _check_lowered(schedule: Schedule, lowered: dict) -> None:
