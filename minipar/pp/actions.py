@@ -45,9 +45,9 @@ class Schedule:
     `chunk_cost` is the fraction of a rank's per-micro-batch t_f/t_b one action costs.
     `update_every` is None for synchronous schedules (one optimizer step per batch),
     else the number of backwards between weight updates (PipeDream 1, 2BW m).
-    `overlapped` holds DualPipe's "F&B" pairs (F, B): a forward and the next action on
-    its rank, a backward of another stage, run as one unit that starts when both
-    inputs have arrived (DeepSeek overlaps one's compute with the other's all-to-all)."""
+    `overlapped` maps the F of each of DualPipe's "F&B" pairs to its B: a forward and the
+    next action on its rank, a backward of another stage, run as one unit that starts when
+    both inputs have arrived (DeepSeek overlaps one's compute with the other's all-to-all)."""
     name: str
     num_ranks: int
     num_microbatches: int
@@ -58,7 +58,7 @@ class Schedule:
     part: tuple
     chunk_cost: float = 1.0
     update_every: int | None = None
-    overlapped: frozenset = frozenset()
+    overlapped: dict = field(default_factory=dict)
 
     @property
     def num_stages(self) -> int:

@@ -31,8 +31,8 @@ def _dualpipe_rank(n, pos, chunks, s0, s1, first0, first1):
     distance from the start; `chunks` micro-batches per phase; phase 0 runs stage s0
     (micro-batches first0, first0+1, ...), phase 1 stage s1. B is a full backward; with
     zero bubble on, an I is emitted and its W queued, to be popped by a later W slot.
-    DualPipe overlaps an F of one phase with a B of the other ("F&B"); here they are
-    listed one after the other, which is the same order of work."""
+    DualPipe overlaps an F of one phase with a B of the other ("F&B"): listed one after
+    the other, and returned as `pairs` so the simulator and executor start them together."""
     acts, queue, pairs = [], [], []
     cnt = defaultdict(int)
     stage, first = (s0, s1), (first0, first1)
@@ -84,8 +84,8 @@ def _dualpipe_rank(n, pos, chunks, s0, s1, first0, first1):
 
 
 def _collect(per_rank):
-    """{rank: (acts, pairs)} -> ({rank: acts}, all F&B pairs)."""
-    return {r: a for r, (a, _) in per_rank.items()}, frozenset(x for _, ps in per_rank.values() for x in ps)
+    """{rank: (acts, pairs)} -> ({rank: acts}, {F: B} of every F&B pair)."""
+    return {r: a for r, (a, _) in per_rank.items()}, dict(x for _, ps in per_rank.values() for x in ps)
 
 
 def _dualpipev(p, m, v):

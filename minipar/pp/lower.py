@@ -22,7 +22,7 @@ from collections import defaultdict
 
 from .schedules import Action, Schedule
 
-__all__ = ["lower", "messages_in", "message_out"]
+__all__ = ["lower", "pair_order", "inputs_of", "messages_in", "message_out"]
 
 
 def message_out(schedule: Schedule, a: Action) -> tuple | None:
@@ -68,11 +68,17 @@ def pair_order(schedule: Schedule) -> dict:
     return dict(order)
 
 
+def inputs_of(schedule: Schedule, a: Action) -> list:
+    """[(src rank, message key)] compute action `a` waits for: its own input and, for the F of
+    an F&B pair, its partner's (the pair starts as one unit)."""
+    return [need for x in (a, schedule.overlapped.get(a)) if x is not None
+            and (need := messages_in(schedule, x)) is not None]
+
+
 def lower(schedule: Schedule) -> dict[int, list[Action]]:
     """{rank: compute actions with SEND_*/RECV_* inserted}. A message key is (direction, the
     receiving stage, mb); SEND actions carry the sending stage, RECV the receiving one."""
     order = pair_order(schedule)
-    partner = dict(schedule.overlapped)
     lowered = {}
     for r, acts in sorted(schedule.actions.items()):
         mine = {(lo if hi == r else hi): msgs for (lo, hi), msgs in order.items() if r in (lo, hi)}
@@ -95,14 +101,10 @@ def lower(schedule: Schedule) -> dict[int, list[Action]]:
             return until is None
 
         def post_for(a, required):
-            for x in (a, partner.get(a)):             # an F&B pair waits for both halves' inputs
-                need = messages_in(schedule, x) if x is not None else None
-                if need is None:
-                    continue
-                src, key = need
+            for src, key in inputs_of(schedule, a):
                 msgs = mine.get(src, [])
                 if (src, r, key) not in msgs:
-                    raise ValueError(f"rank {r}: {x} needs {key} from rank {src}, which never sends it")
+                    raise ValueError(f"rank {r}: {a} needs {key} from rank {src}, which never sends it")
                 if msgs.index((src, r, key)) >= at[src] and not advance(src, (src, r, key)) and required:
                     raise ValueError(f"rank {r}: cannot post the receive of {key} before a send it waits for")
 

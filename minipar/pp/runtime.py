@@ -116,7 +116,6 @@ class StepRunner:
         split = bool(self.split)
         self.eager = {s: install(st, self.store) if split else list(st.parameters()) for s, st in stages.items()}
         self.loss_scale = 1.0 / schedule.num_microbatches   # the mean over micro-batches, as the reference
-        self.partner = dict(schedule.overlapped)              # DualPipe's F&B pairs: F -> its B
 
     # ---- hooks PipeDream overrides
     def forward(self, stage, x, mb):
@@ -156,8 +155,8 @@ class StepRunner:
                 # of an F&B pair also waits for its partner's input: the pair starts as one unit.
                 got, src = self._receive(a, recvs)
                 srcs = [src] if src else []
-                if a in self.partner:
-                    b = self.partner[a]
+                if a in self.sch.overlapped:                  # DualPipe's F&B pairs: F -> its B
+                    b = self.sch.overlapped[a]
                     early[b] = self._receive(b, recvs)
                     srcs += [early[b][1]] if early[b][1] else []
                 elif a in early:

@@ -152,5 +152,5 @@ def build_schedule(name: str, num_ranks: int, num_microbatches: int, num_chunks:
     if name == "pipedream":
         update_every = 1
     acts = _GEN[name](p, m, v)
-    acts, overlapped = acts if isinstance(acts, tuple) else (acts, frozenset())    # DualPipe's F&B pairs
+    acts, overlapped = acts if isinstance(acts, tuple) else (acts, {})    # DualPipe's F&B pairs
     return Schedule(name, p, m, v, placement, acts, paths, part, chunk_cost, update_every, overlapped)

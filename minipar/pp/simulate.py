@@ -79,7 +79,7 @@ def deps_of(schedule: Schedule, a: Action, present: set) -> list:
     if a.kind == "F":
         prev = schedule.prev_stage(s, mb)
         own = [] if prev is None else [(Action(prev, "F", mb), schedule.stage_to_rank[prev] != schedule.stage_to_rank[s])]
-        partner = dict(schedule.overlapped).get(a)
+        partner = schedule.overlapped.get(a)
         return own + ([] if partner is None else [d for d in deps_of(schedule, partner, present) if d[0] != a])
     if a.kind in ("B", "I"):
         out = [(Action(s, "F", mb), False)]
@@ -103,7 +103,7 @@ def op_graph(schedule: Schedule, t_f=1.0, t_b=2.0, t_w=None, t_comm=0.0, t_fb=No
                          "nor less than the longer of the two")
     c = schedule.chunk_cost
     cost = {"F": t_f * c, "B": t_b * c, "I": (t_b - t_w) * c, "W": t_w * c}
-    in_pair = {a for pair in schedule.overlapped for a in pair}
+    in_pair = set(schedule.overlapped) | set(schedule.overlapped.values())
     shrink = t_fb / (t_f + t_b) if t_f + t_b else 1.0          # an F&B pair shares t_fb in proportion
     present = {a for acts in schedule.actions.values() for a in acts}
     return {r: [sim.Op(a, r, cost[a.kind] * (shrink if a in in_pair else 1.0),

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 from .. import sim
-from .lower import lower, messages_in
+from .lower import inputs_of, lower
 from .schedules import Action, Schedule
 
 __all__ = ["ScheduleError", "validate"]
@@ -66,19 +66,17 @@ def validate(schedule: Schedule) -> dict:
             before = {"B": "F", "I": "F", "W": "I"}.get(a.kind)
             if before and pos.get(Action(a.stage, before, a.mb), -1) > pos[a]:
                 raise ScheduleError(f"rank {r}: {a} comes before {Action(a.stage, before, a.mb)}")
-    for f, b in schedule.overlapped:
+    for f, b in schedule.overlapped.items():
         r = schedule.stage_to_rank[f.stage]
         acts = schedule.actions.get(r, [])
         i = acts.index(f) if f in acts else -1
         if f.kind != "F" or b.kind not in ("B", "I") or f.stage == b.stage or i < 0 or acts[i + 1:i + 2] != [b]:
             raise ScheduleError(f"overlapped pair ({f}, {b}): an F&B pair is an F followed directly on its rank "
                                 "by a backward (B or I) of another stage")
-    from .simulate import op_graph
-    try:                                 # can the compute actions run at all, in these orders?
-        sim.run(op_graph(schedule))
+    try:                 # lower() simulates the schedule: can its compute actions run in these orders?
+        lowered = lower(schedule)
     except sim.Deadlock as e:
         raise ScheduleError(f"the schedule deadlocks: {e}") from None
-    lowered = lower(schedule)
     _check_lowered(schedule, lowered)
     check_rendezvous(schedule, lowered)
     return lowered
@@ -90,7 +88,6 @@ def check_rendezvous(schedule: Schedule, lowered: dict) -> None:
     a's queue to b and b's queue to a complete together when they are the two ends of one
     message (a rendezvous: a send larger than NCCL's buffers waits for its receive). A compute
     action waits for the receives it consumes; posting never blocks the host."""
-    partner = dict(schedule.overlapped)
     pc = {r: 0 for r in lowered}
     queue, count, got = defaultdict(list), Counter(), defaultdict(set)   # (rank, peer) -> ops
     moved = True
@@ -100,8 +97,7 @@ def check_rendezvous(schedule: Schedule, lowered: dict) -> None:
             while pc[r] < len(acts):
                 a = acts[pc[r]]
                 if a.is_compute:
-                    needs = [messages_in(schedule, x) for x in (a, partner.get(a)) if x is not None]
-                    if not all(n[1] in got[r] for n in needs if n):
+                    if not all(key in got[r] for _, key in inputs_of(schedule, a)):
                         break
                 else:
                     src, dst = (r, a.peer) if a.kind.startswith("SEND") else (a.peer, r)
@@ -125,7 +121,6 @@ def check_rendezvous(schedule: Schedule, lowered: dict) -> None:
 def _check_lowered(schedule: Schedule, lowered: dict) -> None:
     from .simulate import deps_of
     present = {a for acts in schedule.actions.values() for a in acts}
-    partner = dict(schedule.overlapped)
     # FIFO per pair: the k-th SEND a->b must be the k-th RECV on b from a.
     sends, recvs = defaultdict(list), defaultdict(list)
     for r, acts in lowered.items():
@@ -157,12 +152,10 @@ def _check_lowered(schedule: Schedule, lowered: dict) -> None:
                 posted.add((a.kind[-1], a.stage, a.mb))
             else:
                 deps = [d for d, cross in deps_of(schedule, a, present) if not cross]
-                for x in (a, partner.get(a)):        # an F&B pair waits for both halves' inputs
-                    need = messages_in(schedule, x) if x is not None else None
-                    if need:
-                        if need[1] not in posted:
-                            raise ScheduleError(f"rank {r}: {a} runs before its receive of {need[1]} is posted")
-                        deps.append(msg_index[r, need[1]])
+                for _, key in inputs_of(schedule, a):   # an F&B pair waits for both halves' inputs
+                    if key not in posted:
+                        raise ScheduleError(f"rank {r}: {a} runs before its receive of {key} is posted")
+                    deps.append(msg_index[r, key])
                 lane.append(sim.Op(a, r, 1.0, tuple(deps)))
         lanes[r] = lane
     try:

@@ -117,7 +117,7 @@ r = simulate(dp_sched, 1.0, 2.0, 1.0, t_fb=2.5)
 ax = plot_timeline(r.events(), unit="units", clock="modeled", legend=False,
                    title=f"DualPipe, p = 4, m = 10 (5 each way), F&B = 2.5: makespan {r.makespan:g}")
 row = {q: i for i, q in enumerate(sorted(dp_sched.actions))}
-for f, b in dp_sched.overlapped:
+for f, b in dp_sched.overlapped.items():
     q = dp_sched.stage_to_rank[f.stage]
     start, end = r.times[f][0], r.times[b][1]
     ax.add_patch(Rectangle((start, row[q] - 0.44), end - start, 0.50, fill=False, edgecolor="black", linewidth=1.2))
