@@ -87,41 +87,14 @@ def test_zero_2_and_3_compose_with_tp_sp_cp_and_recompute():
         assert sb["params"] == (4 * shard if pc.zero == 3 else 4 * sb["padded"]), flags
 
 
-def _torch_fsdp_tp(cfg, steps, batch, sp):
-    """torchtitan's 2D with torch's own pieces: DTensor TP (parallelize_module) on the tp sub-mesh,
-    FSDP2 fully_shard per block and at the root on the dp sub-mesh, vocab-parallel loss."""
-    import torch
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor.parallel import loss_parallel
-
-    from minipar.bench.tp import dtensor_loss, dtensor_tp_model
-    from minipar.model import SyntheticData, make_optimizer
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))   # tp = consecutive ranks, as ours
-    model = dtensor_tp_model(cfg, 0, sp, mesh=mesh["tp"])
-    for blk in model.blocks:
-        fully_shard(blk, mesh=mesh["dp"])
-    fully_shard(model, mesh=mesh["dp"])
-    opt, data, losses = make_optimizer(model.parameters()), SyntheticData(cfg.vocab, cfg.seq, 0), []
-    for step in range(steps):
-        x, y = (t.chunk(2)[mesh["dp"].get_local_rank()] for t in data.batch(step, batch))
-        opt.zero_grad()
-        loss = dtensor_loss(model(x), y)
-        with loss_parallel():
-            loss.backward()
-        opt.step()
-        total = torch.tensor([loss.full_tensor().item()])
-        dist.all_reduce(total)
-        losses.append(total.item() / 4)        # each dp shard's loss counted by its 2 tp ranks
-    return losses
-
-
 @pytest.mark.parametrize("sp", [False, True], ids=["tp", "tp+sp"])
 def test_zero3_with_tp_matches_torch_fsdp2_with_dtensor_tp(sp):
-    """Our --zero 3 --tp 2 --dp 2 against torch's fully_shard + parallelize_module on a 2-D DeviceMesh."""
+    """Our --zero 3 --tp 2 --dp 2 against torchtitan's 2D with torch's own pieces: DTensor TP
+    (parallelize_module) on the tp sub-mesh, FSDP2 fully_shard per block and at the root on the dp
+    sub-mesh, vocab-parallel loss."""
     ours, cfg, a = run(["--dp", "2", "--pp", "1", "--tp", "2", "--zero", "3"] + (["--sp"] if sp else []), steps=4)
-    theirs = runtime.launch(_torch_fsdp_tp, 4, cfg, 4, a.batch, sp, timeout=120)[0]
+    from minipar.bench.tp import _run_2d   # torch's side of the FSDP + TP benchmark
+    theirs = runtime.launch(_run_2d, 4, cfg, 4, a.batch, sp, False, 2, 2, timeout=120)[0]["losses"]
     assert close(ours, theirs, 1e-6), (ours, theirs)
     assert close(theirs, ref_losses(cfg, a), 2e-5)
 
