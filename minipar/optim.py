@@ -77,7 +77,7 @@ class Optimizer:
                              group="dp", units=units, spans=False, late=late)
             self.units = self.zero.units
             self.opt = self.zero.optim.optimizer
-            n, r = comm.size("dp"), comm.local_rank("dp")
+            r = comm.local_rank("dp")
             for u in self.units:   # which of this rank's shard elements need a sum over tp (SP) or ep (dense)
                 sp, dense, off = torch.zeros(u.padded, dtype=torch.bool), torch.zeros(u.padded, dtype=torch.bool), 0
                 for p in u.params:

@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ZeRO stage over dp: 0 all-reduce, 1 optimizer state, 2 + gradients, 3 + parameters "
                         "(FSDP; with pp, 2 and 3 need gpipe, 1f1b or interleaved_1f1b) [1]")
     s.add_argument("--sp", action="store_true", help="sequence parallelism inside the tp group")
-    s.add_argument("--schedule", default="1f1b", help="pipeline schedule: gpipe, 1f1b, interleaved_1f1b, zb_h1, zb_h2, zbv [1f1b]")
+    s.add_argument("--schedule", default="1f1b", help="pipeline schedule: gpipe, 1f1b, interleaved_1f1b, zb_h1, zb_h2, zbv, dualpipe, "
+                                                 "dualpipev [1f1b]")
     s.add_argument("--microbatches", type=int, default=4, help="micro-batches per step (gradient accumulation) [4]")
     s.add_argument("--chunks", type=int, default=1, help="model chunks per pipeline rank, v (interleaved, zbv) [1]")
     s.add_argument("--cp-method", default="ring", choices=("ring", "ulysses"), help="context-parallel attention [ring]")

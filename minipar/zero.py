@@ -184,10 +184,11 @@ class ZeRO(nn.Module):
             if torch.is_tensor(out) and out.requires_grad:
                 out.register_hook(self._pre_backward(u))
             u.fwd_calls += 1
-            if u.fwd_calls == len(u.modules) and self.stage == 3:  # its last module: its forward is over
+            if u.fwd_calls == len(u.modules):  # the unit's last module: its forward is over
                 u.fwd_calls = 0
-                _span(f"F{u.index}", u.t0 if self.spans else None)
-                self._free(u)
+                if self.stage == 3:
+                    _span(f"F{u.index}", u.t0 if self.spans else None)
+                    self._free(u)
         return hook
 
     def _pre_backward(self, u: Unit):
