@@ -14,7 +14,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from . import trace
+from . import runtime, trace
 from .mesh import get_mesh, group_name
 
 __all__ = ["resolve", "size", "local_rank", "all_reduce", "all_gather", "reduce_scatter", "all_to_all",
@@ -83,7 +83,8 @@ class TracedWork:
     def wait(self):
         if not self.done:
             if self.work is not None:
-                self.work.wait()
+                with runtime.waiting(self.waiting_for()):   # what the deadlock detector reports
+                    self.work.wait()
             _sync(self.tensor)
             if self.after is not None:
                 self.after()
@@ -91,6 +92,13 @@ class TracedWork:
             trace.record(self.ev)
             self.done = True
         return self.tensor
+
+
+    def waiting_for(self) -> str:
+        peer = self.ev.meta.get("peer")
+        if peer is not None:
+            return f"{self.ev.name} {'to' if self.ev.name == 'send' else 'from'} rank {peer}"
+        return f"{self.ev.name} on {self.ev.axis}"
 
 
 class _Done:

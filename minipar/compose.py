@@ -36,10 +36,14 @@ import torch.nn.functional as F
 
 from .mesh import Mesh, check_sizes
 from .model import GPT, GPTConfig
+from .moe import check_config as check_moe
 from .optim import Optimizer, stage_units
+from .pp import build_schedule
+from .pp.partition import balance_stages, layer_costs
+from .validation import ConfigError, Problems
 
-__all__ = ["ParallelConfig", "AXES", "check", "ComposedStage", "build_stages", "stage_layers", "Optimizer",
-           "stage_units"]
+__all__ = ["ParallelConfig", "AXES", "TRAIN_SCHEDULES", "check", "ComposedStage", "build_stages",
+           "stage_layer_counts", "Optimizer", "stage_units"]
 
 AXES = ("pp", "dp", "ep", "cp", "tp")
 
@@ -60,6 +64,7 @@ class ParallelConfig:
     cp_layout: str = "zigzag"         # "zigzag" or "contiguous"
     recompute: str | None = None      # None, "full" or "selective"
     precision: str = "fp32"           # "fp32" or "bf16" (autocast compute, fp32 master weights)
+    stage_layers: tuple | None = None  # blocks per model part (pp*chunks); None: balanced
 
     @property
     def seq_layout(self) -> str:
@@ -77,79 +82,92 @@ class ParallelConfig:
         return asdict(self)
 
 
-def check(cfg: GPTConfig, pc: ParallelConfig, batch: int, world_size: int | None = None) -> None:
-    """Every problem with this combination, in one ValueError, before any process starts."""
-    problems = []
-    try:
-        check_sizes(pc.world_size if world_size is None else world_size, pc.axes())
-    except ValueError as e:
-        problems.append(str(e))
-    t, c = pc.tp, pc.cp
-    if pc.zero not in (0, 1, 2, 3):
-        problems.append(f"--zero {pc.zero}: ZeRO stages are 0, 1, 2 and 3")
-    elif pc.zero >= 2 and pc.schedule not in ("gpipe", "1f1b", "interleaved_1f1b") and (pc.pp > 1 or pc.chunks > 1):
-        problems.append(f"--zero {pc.zero} with --schedule {pc.schedule}: ZeRO-2/3 reduce-scatter from the "
-                        "gradient hooks of backward(), and the zero-bubble I/W split computes weight gradients "
-                        "by hand: use gpipe, 1f1b or interleaved_1f1b, or --zero 1")
-    if cfg.heads % t or cfg.hidden % t:
-        problems.append(f"heads={cfg.heads} and hidden={cfg.hidden} must be divisible by tp={t}")
-    if cfg.vocab % t:
-        problems.append(f"vocab={cfg.vocab} must be divisible by tp={t} (the vocab-parallel head splits it)")
-    if pc.sp and t == 1:
-        problems.append("sequence parallelism (--sp) splits the sequence over the tp group: it needs tp > 1")
-    local_seq = cfg.seq // max(c, 1)
-    if c > 1 and pc.seq_layout == "zigzag" and cfg.seq % (2 * c):
-        problems.append(f"seq={cfg.seq} must be divisible by 2*cp={2 * c} for the zigzag layout")
-    elif c > 1 and cfg.seq % c:
-        problems.append(f"seq={cfg.seq} must be divisible by cp={c}")
-    if pc.sp and local_seq % t:
-        problems.append(f"the sequence each rank holds ({local_seq}) must be divisible by tp={t} under --sp")
-    if pc.cp_method not in ("ring", "ulysses"):
-        problems.append(f"--cp-method {pc.cp_method!r}: use ring or ulysses")
-    elif c > 1 and pc.cp_method == "ulysses" and (cfg.heads // max(t, 1)) % c:
-        problems.append(f"Ulysses needs the heads per tp rank ({cfg.heads}/{t}) divisible by cp={c}: "
-                        "lower cp or tp, or use --cp-method ring")
-    if pc.cp_layout not in ("zigzag", "contiguous"):
-        problems.append(f"--cp-layout {pc.cp_layout!r}: use zigzag or contiguous")
-    if pc.recompute not in (None, "full", "selective"):
-        problems.append(f"--recompute {pc.recompute!r}: use full or selective")
-    if pc.precision not in ("fp32", "bf16"):
-        problems.append(f"--precision {pc.precision!r}: use fp32 or bf16")
-    shards = pc.dp * pc.ep
-    if batch % shards:
-        problems.append(f"batch={batch} must split into dp*ep={shards} equal data shards")
-    elif (batch // shards) % pc.microbatches:
-        problems.append(f"each data shard's {batch // shards} sequences must split into "
-                        f"{pc.microbatches} equal micro-batches")
-    if cfg.experts:
-        shards *= pc.microbatches
-        if cfg.experts % pc.ep:
-            problems.append(f"experts={cfg.experts} must be divisible by ep={pc.ep}")
-        if c > 1 or pc.sp:
-            problems.append("MoE blocks compose with dp, ep, tp and pp here; not with cp or sp (capacity groups "
-                            "and experts replicated over tp need every tp rank to see the same whole tokens)")
-        if cfg.moe_groups % shards:
-            problems.append(f"moe_groups={cfg.moe_groups} must be a multiple of dp*ep*microbatches={shards}: "
-                            "capacity and the aux loss are per group of tokens, and each micro-batch of each "
-                            "data shard must hold whole groups")
-    elif pc.ep > 1:
-        problems.append(f"ep={pc.ep} needs an MoE model (--experts > 0)")
-    if pc.pp > 1 or pc.chunks > 1:
-        from .pp import build_schedule
-        if cfg.layers % (pc.pp * pc.chunks):
-            problems.append(f"layers={cfg.layers} must be divisible by pp*chunks={pc.pp * pc.chunks} "
-                            "(each model chunk gets the same number of blocks)")
+# Schedules the composed trainer runs. PipeDream (pipedream, pipedream_2bw) updates weights
+# asynchronously, so by design it does not follow the single-device curve: see pp.train_pipedream.
+TRAIN_SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zb_h2", "zbv", "dualpipe", "dualpipev")
+# ZeRO-2/3 reduce-scatter from the gradient hooks that backward() fires; the zero-bubble I/W split
+# (and DualPipe's) computes weight gradients by hand, outside those hooks.
+ZERO23_SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved_1f1b")
+
+
+def check(cfg: GPTConfig, pc: ParallelConfig, batch: int, world_size: int | None = None,
+          problems: Problems | None = None) -> None:
+    """The one validation entry of a composed run: every problem of this combination, in one
+    ConfigError, before any process starts. Each rule says why it holds. Sizes are assumed to be
+    positive ints already (see `train.validate`, which checks every flag first)."""
+    p = Problems() if problems is None else problems
+    t, c, shards = pc.tp, pc.cp, pc.dp * pc.ep
+    p.merge(check_sizes, pc.world_size if world_size is None else world_size, pc.axes())
+    p.choice("zero", pc.zero, (0, 1, 2, 3))
+    p.choice("schedule", pc.schedule, TRAIN_SCHEDULES)
+    pipelined = pc.pp > 1 or pc.chunks > 1
+    if pipelined and pc.schedule in TRAIN_SCHEDULES:
+        if pc.zero >= 2 and pc.schedule not in ZERO23_SCHEDULES:
+            p.add(f"{p.show('zero', pc.zero)} with {p.show('schedule', pc.schedule)}: ZeRO-2/3 reduce-scatter "
+                  "from the gradient hooks of backward(), and this schedule's I/W split computes weight gradients "
+                  f"by hand: use {', '.join(ZERO23_SCHEDULES[1:])}, or {p.name('zero')} 1")
         try:
-            build_schedule(pc.schedule, pc.pp, pc.microbatches, pc.chunks)
-        except ValueError as e:
-            problems.append(f"schedule {pc.schedule!r}: {e}")
-    if problems:
-        raise ValueError("this parallel configuration cannot work:\n  - " + "\n  - ".join(problems))
+            schedule = build_schedule(pc.schedule, pc.pp, pc.microbatches, pc.chunks)
+        except ValueError as e:   # the generator states its own rule (e.g. interleaved: m % p == 0)
+            p.add(f"{p.show('schedule', pc.schedule)}: {e}")
+        else:
+            p.merge(stage_layer_counts, cfg, schedule.num_parts, pc.stage_layers)
+    elif pc.stage_layers is not None and tuple(pc.stage_layers) != (cfg.layers,):
+        p.add(f"{p.name('stage_layers')} splits layers over pipeline stages: it needs {p.name('pp')} > 1")
+    # Megatron splits attention by heads and the MLP by columns: each tp rank holds whole heads.
+    p.divides("tp", t, "heads", cfg.heads, "each tensor-parallel rank holds whole attention heads")
+    p.divides("tp", t, "vocab", cfg.vocab, "the vocab-parallel embedding and head hold V/tp rows each; "
+              "we do not pad the vocabulary (see minipar.tp.check_tp)")
+    if c > 1:   # ring/zigzag cut the sequence into cp (zigzag: 2cp) equal chunks
+        chunks = 2 * c if pc.seq_layout == "zigzag" else c
+        p.divides("cp", chunks, "seq", cfg.seq, f"the {pc.seq_layout} layout cuts it into {chunks} equal chunks"
+                  + (" (2 per cp rank)" if chunks > c else ""))
+        if pc.cp_method == "ulysses" and cfg.heads % t == 0 and (cfg.heads // t) % c:
+            p.add(f"Ulysses' all-to-all gives each cp rank whole heads: the {cfg.heads // t} heads per tp rank "
+                  f"must be divisible by {p.name('cp')}={c}; lower cp or tp, or use {p.name('cp_method')} ring")
+    if pc.sp and cfg.seq % (c * t) == 0 and (cfg.seq // c) % t:
+        p.add(f"sequence parallelism splits each rank's {cfg.seq // c} positions over tp={t}: make "
+              f"{p.name('seq')} a multiple of cp*tp={c * t}")
+    elif pc.sp and cfg.seq % t:
+        p.add(f"sequence parallelism splits the sequence over tp: {p.show('seq', cfg.seq)} must be divisible "
+              f"by cp*tp={c * t}")
+    # the global batch is cut into dp*ep equal data shards, each into equal micro-batches
+    if batch % shards:
+        p.add(f"{p.show('batch', batch)} must split into dp*ep={shards} equal data shards: use a multiple of {shards}")
+    elif (batch // shards) % pc.microbatches:
+        p.add(f"each data shard's {batch // shards} sequences must split into {pc.microbatches} equal "
+              f"micro-batches: make {p.name('batch')} a multiple of dp*ep*microbatches={shards * pc.microbatches}")
+    if cfg.experts:
+        p.merge(check_moe, cfg, pc.ep)
+        if c > 1 or pc.sp:
+            p.add("MoE blocks compose with dp, ep, tp and pp here; not with cp or sp (capacity groups "
+                  "and experts replicated over tp need every tp rank to see the same whole tokens)")
+        if cfg.moe_groups % (shards * pc.microbatches):
+            p.add(f"moe_groups={cfg.moe_groups} must be a multiple of dp*ep*microbatches="
+                  f"{shards * pc.microbatches}: capacity and the aux loss are per group of tokens, and each "
+                  "micro-batch of each data shard must hold whole groups")
+    elif pc.ep > 1:
+        p.add(f"{p.show('ep', pc.ep)} splits experts over ranks: it needs an MoE model ({p.name('experts')} > 0)")
+    if problems is None:
+        p.raise_if_any("this parallel configuration cannot run")
 
 
-def stage_layers(cfg: GPTConfig, parts: int, part: int) -> range:
-    per = cfg.layers // parts
-    return range(part * per, (part + 1) * per)
+def stage_layer_counts(cfg: GPTConfig, parts: int, stage_layers=None) -> list[int]:
+    """Transformer blocks per model part (pipeline stage or chunk), in order. Given: checked.
+    Default: equal parts when they divide, else the balanced split of `pp.partition`, which
+    counts the embedding and the output head (Llama 3 puts one layer fewer on the first and
+    last of its 16 stages for the same reason)."""
+    if stage_layers is not None:
+        counts = list(stage_layers)
+        bad = len(counts) != parts or any(not isinstance(n, int) or n < 1 for n in counts) or sum(counts) != cfg.layers
+        if bad:
+            raise ConfigError([f"the stage layer counts {','.join(map(str, counts))} must be {parts} positive numbers "
+                               f"(one per model part: pp*chunks) that sum to the {cfg.layers} layers"])
+        return counts
+    if cfg.layers < parts:
+        raise ConfigError([f"layers={cfg.layers} cannot fill {parts} model parts (pp*chunks): every pipeline stage "
+                           f"needs at least one block; use layers >= {parts} or a smaller pp"])
+    return balance_stages(layer_costs(cfg.layers, cfg.hidden, cfg.seq, cfg.vocab), parts)
 
 
 class ComposedStage(nn.Module):
@@ -236,8 +254,10 @@ def build_stages(cfg: GPTConfig, pc: ParallelConfig, mesh: Mesh, seed: int = 0, 
             layer.groups = cfg.moe_groups // (pc.dp * pc.ep * pc.microbatches)
     if schedule is None:
         return {0: ComposedStage(ref, range(cfg.layers), True, True, pc, mesh)}
-    parts, out = schedule.num_parts, {}
+    counts = stage_layer_counts(cfg, schedule.num_parts, pc.stage_layers)
+    starts = [sum(counts[:k]) for k in range(len(counts))]
+    out = {}
     for s in schedule.stages_of(mesh.index("pp")):
         k = schedule.part[s]
-        out[s] = ComposedStage(ref, stage_layers(cfg, parts, k), k == 0, k == parts - 1, pc, mesh)
+        out[s] = ComposedStage(ref, range(starts[k], starts[k] + counts[k]), k == 0, k == len(counts) - 1, pc, mesh)
     return out

@@ -53,6 +53,18 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
+    def num_params(self) -> int:
+        """Parameters of `GPT(self)`, counted without building it (tests compare with the real count):
+        embeddings (V + s)h, per block 4(h² + h) attention + LayerNorms 4h + an MLP of 2rh² + (r + 1)h
+        (an MoE block: E of them, a router hE, and a shared expert if any), final LayerNorm 2h, head hV."""
+        h, r = self.hidden, self.mlp_ratio
+        mlp = 2 * r * h * h + (r + 1) * h
+        total = (self.vocab + self.seq) * h + 2 * h + h * self.vocab
+        for i in range(self.layers):
+            ffn = self.experts * mlp + h * self.experts + (mlp if self.shared_expert else 0) if self.is_moe(i) else mlp
+            total += 4 * (h * h + h) + 4 * h + ffn
+        return total
+
     def is_moe(self, layer: int) -> bool:
         return self.experts > 0 and (layer + 1) % self.moe_every == 0
 
