@@ -31,6 +31,7 @@ import copy
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -43,7 +44,7 @@ from .pp.partition import balance_stages, layer_costs
 from .validation import ConfigError, Problems
 
 __all__ = ["ParallelConfig", "AXES", "TRAIN_SCHEDULES", "check", "ComposedStage", "build_stages",
-           "stage_layer_counts", "Optimizer", "stage_units"]
+           "stage_layer_counts", "mirror_group", "Optimizer", "stage_units"]
 
 AXES = ("pp", "dp", "ep", "cp", "tp")
 
@@ -125,12 +126,9 @@ def check(cfg: GPTConfig, pc: ParallelConfig, batch: int, world_size: int | None
         if pc.cp_method == "ulysses" and cfg.heads % t == 0 and (cfg.heads // t) % c:
             p.add(f"Ulysses' all-to-all gives each cp rank whole heads: the {cfg.heads // t} heads per tp rank "
                   f"must be divisible by {p.name('cp')}={c}; lower cp or tp, or use {p.name('cp_method')} ring")
-    if pc.sp and cfg.seq % (c * t) == 0 and (cfg.seq // c) % t:
-        p.add(f"sequence parallelism splits each rank's {cfg.seq // c} positions over tp={t}: make "
-              f"{p.name('seq')} a multiple of cp*tp={c * t}")
-    elif pc.sp and cfg.seq % t:
-        p.add(f"sequence parallelism splits the sequence over tp: {p.show('seq', cfg.seq)} must be divisible "
-              f"by cp*tp={c * t}")
+    if pc.sp and cfg.seq % (c * t):   # SP cuts each rank's seq/cp positions into tp equal slices
+        p.add(f"sequence parallelism splits each rank's sequence over tp: {p.show('seq', cfg.seq)} must be "
+              f"divisible by cp*tp={c * t}")
     # the global batch is cut into dp*ep equal data shards, each into equal micro-batches
     if batch % shards:
         p.add(f"{p.show('batch', batch)} must split into dp*ep={shards} equal data shards: use a multiple of {shards}")
@@ -226,6 +224,20 @@ class ComposedStage(nn.Module):
 
     def aux_loss(self):
         return sum((getattr(b.mlp, "aux_loss", 0.0) for b in self.blocks.values()), torch.zeros(()))
+
+
+def mirror_group(mesh: Mesh, p: int):
+    """DualPipe keeps every layer slice on two ranks of a pipeline, r and p-1-r (one copy per
+    direction); their gradients are summed before the step. Every rank creates every pair's
+    group, in the same order (torch's contract for new_group). Returns this rank's pair."""
+    mine = None
+    for ranks in mesh.groups("pp"):          # one pipeline per coordinate of the other axes
+        for r in range(p // 2):
+            pair = [ranks[r], ranks[p - 1 - r]]
+            g = dist.new_group(pair)
+            if mesh.rank in pair:
+                mine = g
+    return mine
 
 
 def loss_of(logits, y, pc: ParallelConfig):

@@ -36,7 +36,7 @@ import torch
 from tqdm.std import tqdm
 
 from . import checkpoint, comm, runtime, trace
-from .compose import TRAIN_SCHEDULES, Optimizer, ParallelConfig, build_stages, check, loss_of
+from .compose import TRAIN_SCHEDULES, Optimizer, ParallelConfig, build_stages, check, loss_of, mirror_group
 from .cp import local_batch
 from .mesh import Mesh
 from .model import GPTConfig, SyntheticData, train_reference
@@ -299,7 +299,8 @@ def train_rank(cfg: GPTConfig, pc: ParallelConfig, run: RunConfig, attempt: int 
         state = {k.split("/", 1)[1]: ck.full(k) for k in ck.keys() if k.startswith("param/")}
     stages = {s: st.to(dev) for s, st in build_stages(cfg, pc, mesh, run.seed, state, schedule).items()}
     named = [(n, p) for st in stages.values() for n, p in st.named_parameters()]
-    opt = Optimizer(named, pc, module=stages if pc.zero >= 2 else None)
+    opt = Optimizer(named, pc, module=stages if pc.zero >= 2 else None,
+                    mirror=mirror_group(mesh, pc.pp) if pc.schedule == "dualpipe" and schedule else None)
     if resume_from:
         opt.load_moments({n: tuple(_local_slice(ck.full(f"{k}/{n}"), p, pc) for k in ("exp_avg", "exp_avg_sq"))
                           for n, p in named}, start)
@@ -307,7 +308,8 @@ def train_rank(cfg: GPTConfig, pc: ParallelConfig, run: RunConfig, attempt: int 
     data = SyntheticData(cfg.vocab, cfg.seq, run.seed)
     shards, shard = pc.dp * pc.ep, mesh.index("dp") * pc.ep + mesh.index("ep")
     m, runner = pc.microbatches, None
-    last_stage = schedule is None or any(s == schedule.num_stages - 1 for s in stages)
+    # a rank computes losses if it holds the last stage of some micro-batch's path (DualPipe: two)
+    last_stage = schedule is None or any(s == path[-1] for path in schedule.paths for s in stages)
     if schedule is not None:
         coords = mesh.coords()
         seq_local = cfg.seq // pc.cp // (pc.tp if pc.sp else 1)

@@ -299,3 +299,54 @@ def test_every_module_reads_in_one_sitting():
     long = {str(p.relative_to(root)): n for p in root.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 340}
     assert not long, f"split these modules (lines): {long}"
+
+
+# ----------------------------------------------------------------------------- never hang
+def _ring_that_deadlocks():
+    r, n = runtime.rank(), runtime.world_size()
+    x = torch.zeros(3)
+    comm.recv(x, (r - 1) % n)       # every rank receives first, so nobody ever sends
+    comm.send(x, (r + 1) % n)
+
+
+def test_a_deadlock_is_named_with_what_each_rank_waits_for_and_where():
+    t = time.time()
+    with pytest.raises(runtime.Deadlock) as info:
+        minipar.launch(_ring_that_deadlocks, 3, deadlock_after=2)
+    assert time.time() - t < 20
+    msg = str(info.value)
+    assert msg.startswith("deadlock:")
+    for r in range(3):
+        assert f"rank {r}: waiting in recv from rank {(r - 1) % 3}" in msg, msg
+        assert "test_foundation.py" in info.value.where[r] and "_ring_that_deadlocks" in info.value.where[r]
+
+
+def _spin():
+    while True:
+        pass
+
+
+def test_a_deadline_bounds_the_whole_launch_and_shows_every_rank_s_line():
+    t = time.time()
+    with pytest.raises(runtime.DeadlineExceeded) as info:
+        minipar.launch(_spin, 2, deadline=2)
+    assert time.time() - t < 15
+    assert "did not finish within 2 s" in str(info.value)
+    assert all("in _spin" in info.value.where[r] for r in (0, 1)), info.value.where
+    assert "most recent call first" in info.value.stacks[0]
+
+
+def _steps_then_stall():
+    for _ in range(3):
+        runtime.heartbeat()
+        time.sleep(0.1)
+    if runtime.rank() == 1:
+        time.sleep(60)     # alive, not communicating, no progress
+    comm.barrier()
+
+
+def test_a_rank_without_progress_is_caught_by_the_progress_timeout():
+    t = time.time()
+    with pytest.raises(runtime.DeadlineExceeded, match="made no progress for 2 s"):
+        minipar.launch(_steps_then_stall, 2, progress_timeout=2)
+    assert time.time() - t < 20
