@@ -17,31 +17,39 @@ Ulysses under CP, and keeps its experts under EP: the composed model *is* the
 reference model, cut into pieces. Data: the global batch is split into dp*ep data
 shards, each shard's sequence into cp slices, then into micro-batches.
 
-MoE blocks compose with dp, ep, tp and pp: experts are split over ep and replicated over tp
-(every tp rank routes the same tokens), and each pipeline stage backpropagates its own
-load-balancing loss. Capacity and the aux loss are per group of tokens, so every forward
-call (one micro-batch of one data shard) holds whole groups of the reference's batch.
+MoE blocks compose with every axis (5D: pp x dp x ep x cp x tp): experts are split over ep
+and replicated over dp, cp and tp; each rank routes its own tokens (all of its sequences'
+under plain TP, its s/t slice under SP, its cp chunks under CP), and each pipeline stage
+backpropagates its own load-balancing loss. Capacity and the aux loss are per group of
+tokens, so every forward call (one micro-batch of one data shard) holds whole groups of the
+reference's batch; when cp or SP spread a group over ranks, its expert counts are summed
+over them (`moe.split_tokens`) and the run is dropless.
 
 Gradients are then averaged over every replica of each parameter, and ZeRO 0-3 shards
 the model states over dp: `minipar.optim.Optimizer` (re-exported here).
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cp import attention_fn, sequence_positions
+from .ep import expert_parallel
 from .mesh import Mesh, check_sizes
 from .model import GPT, GPTConfig
-from .moe import check_config as check_moe
+from .moe import check_config as check_moe, moe_layers, split_tokens
 from .optim import Optimizer, stage_units
 from .pp import build_schedule
-from .pp.partition import balance_stages, layer_costs
-from .validation import ConfigError, Problems
+from .pp.stage import Stage, build_stages as build_pipeline_stages, stage_layer_counts
+from .recompute import apply_recompute
+from .tp import (ColumnParallelLinear, ParallelAttention, ParallelBlock, VocabParallelEmbedding, column_parallel,
+                 vocab_parallel_cross_entropy)
+from .validation import Problems
 
 __all__ = ["ParallelConfig", "AXES", "TRAIN_SCHEDULES", "check", "ComposedStage", "build_stages",
            "stage_layer_counts", "mirror_group", "Optimizer", "stage_units"]
@@ -137,9 +145,9 @@ def check(cfg: GPTConfig, pc: ParallelConfig, batch: int, world_size: int | None
               f"micro-batches: make {p.name('batch')} a multiple of dp*ep*microbatches={shards * pc.microbatches}")
     if cfg.experts:
         p.merge(check_moe, cfg, pc.ep)
-        if c > 1 or pc.sp:
-            p.add("MoE blocks compose with dp, ep, tp and pp here; not with cp or sp (capacity groups "
-                  "and experts replicated over tp need every tp rank to see the same whole tokens)")
+        if (c > 1 or pc.sp) and cfg.capacity_factor != float("inf"):
+            p.add("with cp or sp a group's tokens are spread over ranks, and token dropping ranks them by "
+                  "position within the group: MoE must be dropless there (capacity_factor = inf)")
         if cfg.moe_groups % (shards * pc.microbatches):
             p.add(f"moe_groups={cfg.moe_groups} must be a multiple of dp*ep*microbatches="
                   f"{shards * pc.microbatches}: capacity and the aux loss are per group of tokens, and each "
@@ -150,80 +158,50 @@ def check(cfg: GPTConfig, pc: ParallelConfig, batch: int, world_size: int | None
         p.raise_if_any("this parallel configuration cannot run")
 
 
-def stage_layer_counts(cfg: GPTConfig, parts: int, stage_layers=None) -> list[int]:
-    """Transformer blocks per model part (pipeline stage or chunk), in order. Given: checked.
-    Default: equal parts when they divide, else the balanced split of `pp.partition`, which
-    counts the embedding and the output head (Llama 3 puts one layer fewer on the first and
-    last of its 16 stages for the same reason)."""
-    if stage_layers is not None:
-        counts = list(stage_layers)
-        bad = len(counts) != parts or any(not isinstance(n, int) or n < 1 for n in counts) or sum(counts) != cfg.layers
-        if bad:
-            raise ConfigError([f"the stage layer counts {','.join(map(str, counts))} must be {parts} positive numbers "
-                               f"(one per model part: pp*chunks) that sum to the {cfg.layers} layers"])
-        return counts
-    if cfg.layers < parts:
-        raise ConfigError([f"layers={cfg.layers} cannot fill {parts} model parts (pp*chunks): every pipeline stage "
-                           f"needs at least one block; use layers >= {parts} or a smaller pp"])
-    return balance_stages(layer_costs(cfg.layers, cfg.hidden, cfg.seq, cfg.vocab), parts)
-
-
-class ComposedStage(nn.Module):
-    """One pipeline stage (the whole model when pp = 1) of the composed GPT on this rank.
+class ComposedStage(Stage):
+    """One pipeline stage (the whole model when pp = 1) of the composed GPT on this rank: the
+    pipeline's `Stage` with its modules swapped for their parallel versions.
 
     Parameter names equal the reference's ("blocks.3.attn.q.weight"); TP-split ones carry
     `tp_dim`, so checkpoints and parity tests can rebuild the full tensors."""
 
     def __init__(self, ref: GPT, layers: range, first: bool, last: bool, pc: ParallelConfig, mesh: Mesh):
-        super().__init__()
-        from . import cp as cpm
-        from .tp import ColumnParallelLinear, ParallelAttention, ParallelBlock, VocabParallelEmbedding
-        self.first, self.last, self.pc = first, last, pc
+        super().__init__(ref, layers, first, last)
+        self.pc = pc
         tp, sp = pc.tp > 1, pc.sp
         if first:
-            self.wte = VocabParallelEmbedding(ref.wte, "tp", sp) if tp else copy.deepcopy(ref.wte)
-            self.wpe = copy.deepcopy(ref.wpe)
+            if tp:
+                self.wte = VocabParallelEmbedding(ref.wte, "tp", sp)
             pos = torch.arange(ref.cfg.seq)
             if pc.cp > 1:
-                pos = cpm.sequence_positions(ref.cfg.seq, mesh.index("cp"), pc.cp, pc.seq_layout)
+                pos = sequence_positions(ref.cfg.seq, mesh.index("cp"), pc.cp, pc.seq_layout)
             if sp:  # SP keeps s/t of this rank's tokens between the TP regions
                 pos = pos.chunk(pc.tp)[mesh.index("tp")]
-            self.register_buffer("pos", pos, persistent=False)
-        self.blocks = nn.ModuleDict()
+            self.pos = pos
         for i in layers:
-            blk = ref.blocks[i]
-            self.blocks[str(i)] = ParallelBlock(blk, "tp", sp) if tp and not ref.cfg.is_moe(i) else copy.deepcopy(blk)
-            if tp and ref.cfg.is_moe(i):  # attention split over tp, experts replicated over it
-                self.blocks[str(i)].attn = ParallelAttention(blk.attn, "tp", sp)
+            blk = self.blocks[str(i)]
+            if tp and ref.cfg.is_moe(i):   # attention split over tp; experts replicated over it
+                blk.attn = ParallelAttention(ref.blocks[i].attn, "tp", sp)
+            elif tp:
+                self.blocks[str(i)] = blk = ParallelBlock(ref.blocks[i], "tp", sp)
             if pc.cp > 1:
-                self.blocks[str(i)].attn.attn_fn = cpm.attention_fn(pc.cp_method, pc.seq_layout, "cp")
-        if last:
-            self.ln_f = copy.deepcopy(ref.ln_f)
-            self.head = ColumnParallelLinear(ref.head, "tp") if tp else copy.deepcopy(ref.head)
+                blk.attn.attn_fn = attention_fn(pc.cp_method, pc.seq_layout, "cp")
+        if last and tp:
+            self.head = ColumnParallelLinear(ref.head, "tp")
         for p in self.parameters():
             p.tp_dim = getattr(p, "tp_dim", None)
-            p.sequence_parallel = sp and p.tp_dim is None
+            p.sequence_parallel = sp and p.tp_dim is None   # saw only this rank's s/t tokens: summed over tp
         if pc.recompute:
-            from .recompute import apply_recompute
             apply_recompute(self, pc.recompute)
 
-    def forward(self, x):
-        if self.first:
-            x = self.wte(x) + self.wpe(self.pos)
-        for blk in self.blocks.values():
-            x = blk(x)
-        if not self.last:
-            return x
-        if self.pc.tp > 1:  # logits stay split over the vocabulary (and gathered along s under SP)
-            from .tp import column_parallel
-            # ZeRO-3 gathers the head's weight in its module hooks, so under SP the head must be
-            # called as a module (regather=False) rather than through gather_linear's raw weights
-            (logits,) = column_parallel(self.ln_f(x), [self.head], "tp", self.pc.sp, regather=self.pc.zero < 3)
-            return logits
-        return self.head(self.ln_f(x))
-
-    def aux_loss(self):
-        return sum((getattr(b.mlp, "aux_loss", 0.0) for b in self.blocks.values()), torch.zeros(()))
+    def logits(self, x):
+        if self.pc.tp == 1:
+            return self.head(x)
+        # The logits stay split over the vocabulary (gathered along s under SP). ZeRO-3 gathers
+        # the head's weight in its module hooks, so under SP the head must be called as a module
+        # (regather=False) rather than through gather_linear's raw weights.
+        (logits,) = column_parallel(x, [self.head], "tp", self.pc.sp, regather=self.pc.zero < 3)
+        return logits
 
 
 def mirror_group(mesh: Mesh, p: int):
@@ -243,33 +221,26 @@ def mirror_group(mesh: Mesh, p: int):
 def loss_of(logits, y, pc: ParallelConfig):
     """Mean cross-entropy over this rank's tokens (vocab-parallel under TP: no full logits)."""
     if pc.tp > 1:
-        from .tp import vocab_parallel_cross_entropy
         return vocab_parallel_cross_entropy(logits.flatten(0, 1), y.flatten(), "tp")
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
 
 def build_stages(cfg: GPTConfig, pc: ParallelConfig, mesh: Mesh, seed: int = 0, state: dict | None = None,
                  schedule=None) -> dict:
-    """{stage index: ComposedStage} for this rank. `state` (full tensors by name) overrides the
-    seed's initial weights, e.g. when resuming from a checkpoint saved under another layout."""
+    """{stage index: ComposedStage} for this rank, through the pipeline's one stage builder.
+    `state` (full tensors by name) overrides the seed's initial weights, e.g. when resuming
+    from a checkpoint saved under another layout."""
     ref = GPT(cfg, seed)
     if state is not None:
         ref.load_state_dict({k: v for k, v in state.items() if k in ref.state_dict()}, strict=False)
     if cfg.experts:
-        from .ep import expert_parallel
-        from .moe import moe_layers
         if pc.ep > 1:
             expert_parallel(ref, mesh)
         # capacity and the aux loss are per group of tokens: each forward call (one micro-batch
-        # of one data shard) must hold whole groups of the reference's global batch
+        # of one data shard) holds whole groups of the reference's global batch, whose tokens
+        # are spread over cp (and tp under SP)
         for layer in moe_layers(ref):
             layer.groups = cfg.moe_groups // (pc.dp * pc.ep * pc.microbatches)
-    if schedule is None:
-        return {0: ComposedStage(ref, range(cfg.layers), True, True, pc, mesh)}
-    counts = stage_layer_counts(cfg, schedule.num_parts, pc.stage_layers)
-    starts = [sum(counts[:k]) for k in range(len(counts))]
-    out = {}
-    for s in schedule.stages_of(mesh.index("pp")):
-        k = schedule.part[s]
-        out[s] = ComposedStage(ref, range(starts[k], starts[k] + counts[k]), k == 0, k == len(counts) - 1, pc, mesh)
-    return out
+        split_tokens(ref, tuple(a for a, on in (("cp", pc.cp > 1), ("tp", pc.sp)) if on), 1.0 / pc.tp if pc.sp else 1.0)
+    make = partial(ComposedStage, pc=pc, mesh=mesh)
+    return build_pipeline_stages(ref, schedule, mesh.index("pp"), pc.stage_layers, make)

@@ -34,7 +34,7 @@ import torch
 
 from . import comm
 from .model import make_optimizer
-from .sp import sync_sequence_parallel_grads
+from .mappings import sync_sequence_parallel_grads
 
 __all__ = ["Optimizer", "stage_units"]
 

@@ -339,15 +339,19 @@ def train_rank(cfg: GPTConfig, pc: ParallelConfig, run: RunConfig, attempt: int 
                     local, stage = 0.0, stages[0]
                     for mb, (xm, ym) in enumerate(zip(xs, ys)):
                         with trace.span(f"F{mb}"):
-                            loss = loss_of(stage(xm), ym, pc) + stage.aux_loss()
+                            ce = loss_of(stage(xm), ym, pc)
+                            aux_mb = stage.aux_loss()
                         with trace.span(f"B{mb}"):
-                            (loss / m).backward()
-                        local += loss.item() / m
+                            ((ce + aux_mb) / m).backward()
+                        local += ce.item() / m
+                        aux += aux_mb.item() / m
             with trace.span("opt"):
                 opt.step()
-        mine = (local if last_stage else 0.0) + aux
-        counted = mesh.index("tp") == 0   # one copy of each data shard's loss
-        book = torch.tensor([mine if counted else 0.0, runtime.stop_requested()], dtype=torch.float64)
+        # One copy of each data shard's loss: the cross-entropy of tp rank 0 (every tp rank holds it),
+        # and the MoE aux loss of tp rank 0, or of every tp rank under SP (each holds a share).
+        tp0 = mesh.index("tp") == 0
+        mine = (local if last_stage and tp0 else 0.0) + (aux if tp0 or pc.sp else 0.0)
+        book = torch.tensor([mine, runtime.stop_requested()], dtype=torch.float64)
         with trace.enabled(False):
             total = comm.all_reduce(book[:1].clone()).item() / (shards * pc.cp)
             stop = int(comm.all_reduce(book[1:].clone(), op="max").item())   # every rank stops at the same step

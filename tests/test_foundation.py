@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import minipar
-from minipar import comm, runtime, trace
+from minipar import comm, mappings, runtime, trace
 from minipar.mesh import Mesh, MeshError, check_sizes, enumerate_groups
 from minipar.model import GPT, GPTConfig, SyntheticData, train_reference
 
@@ -164,15 +164,15 @@ def _fg_ops():
     Mesh(tp=2)
     r = runtime.rank()
     x = torch.full((2, 4), float(r + 1), requires_grad=True)
-    comm.f(x).mul(r + 1).sum().backward()          # backward all-reduces: 1 + 2 = 3
+    mappings.f(x).mul(r + 1).sum().backward()          # backward all-reduces: 1 + 2 = 3
     y = torch.full((2, 4), float(r + 1), requires_grad=True)
-    out_g = comm.g(y)                               # forward all-reduces: 3
+    out_g = mappings.g(y)                               # forward all-reduces: 3
     out_g.sum().backward()                          # backward identity: 1
     z = torch.full((2, 4), float(r + 1), requires_grad=True)
-    gathered = comm.gather_along(z, dim=0)          # [4, 4]
+    gathered = mappings.gather_along(z, dim=0)          # [4, 4]
     (gathered * (r + 1)).sum().backward()           # reduce-scatter of (r+1): 3
     w = torch.ones(4, 4, requires_grad=True)
-    rs = comm.reduce_scatter_along(w, dim=0)        # [2, 4] of 2s
+    rs = mappings.reduce_scatter_along(w, dim=0)        # [2, 4] of 2s
     rs.sum().backward()                             # all-gather of ones
     return x.grad, out_g.detach(), y.grad, gathered.shape, z.grad, rs.detach(), w.grad
 

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from minipar import Mesh, comm, launch, trace
+from minipar import Mesh, comm, launch, mappings, trace
 from minipar.activations import SavedActivations
 from minipar.model import GPT, GPTConfig, SyntheticData, train_reference
-from minipar.sp import (activation_bytes, comm_per_layer, comm_per_step, korthikanti_bytes, measure_layer,
-                        sync_sequence_parallel_grads)
+from minipar.mappings import sync_sequence_parallel_grads
+from minipar.sp import activation_bytes, comm_per_layer, comm_per_step, korthikanti_bytes, measure_layer
 from minipar.tp import TPGPT, check_tp, train_tp, unshard, vocab_parallel_cross_entropy
 from minipar.tp_generate import generate, modeled_token_latency
 
@@ -253,11 +253,11 @@ def _ops_rank():
     r = dist.get_rank()
     x = torch.arange(12.0).view(2, 3, 2) + 100 * r
     res = {}
-    for name, fn in {"f": lambda v: comm.f(v), "g": lambda v: comm.g(v),
-                     "gather": lambda v: comm.gather_along(v, 1),
-                     "gather_split": lambda v: comm.gather_along(v, 1, grad="split"),
-                     "rs": lambda v: comm.reduce_scatter_along(torch.cat([v, v + 1], 1), 1),
-                     "split": lambda v: comm.split_along(torch.cat([v, v], 1), 1)}.items():
+    for name, fn in {"f": lambda v: mappings.f(v), "g": lambda v: mappings.g(v),
+                     "gather": lambda v: mappings.gather_along(v, 1),
+                     "gather_split": lambda v: mappings.gather_along(v, 1, grad="split"),
+                     "rs": lambda v: mappings.reduce_scatter_along(torch.cat([v, v + 1], 1), 1),
+                     "split": lambda v: mappings.split_along(torch.cat([v, v], 1), 1)}.items():
         v = x.clone().requires_grad_(True)
         y = fn(v)
         (y * (1 + r)).sum().backward()  # rank-dependent upstream gradient
@@ -290,21 +290,21 @@ def test_exercise_checkers():
     from minipar.exercises import check
 
     def tp_good(x, fw, fb, pw, pb, group):
-        return comm.g(F.linear(F.gelu(F.linear(comm.f(x, group), fw, fb)), pw), group) + pb
+        return mappings.g(F.linear(F.gelu(F.linear(mappings.f(x, group), fw, fb)), pw), group) + pb
 
     def tp_no_f(x, fw, fb, pw, pb, group):
-        return comm.g(F.linear(F.gelu(F.linear(x, fw, fb)), pw), group) + pb
+        return mappings.g(F.linear(F.gelu(F.linear(x, fw, fb)), pw), group) + pb
 
     def tp_bias_in_sum(x, fw, fb, pw, pb, group):
-        return comm.g(F.linear(F.gelu(F.linear(comm.f(x, group), fw, fb)), pw, pb), group)
+        return mappings.g(F.linear(F.gelu(F.linear(mappings.f(x, group), fw, fb)), pw, pb), group)
 
     def sp_good(x, fw, fb, pw, pb, group):
-        h = F.gelu(F.linear(comm.gather_along(x, 1, group), fw, fb))
-        return comm.reduce_scatter_along(F.linear(h, pw), 1, group) + pb
+        h = F.gelu(F.linear(mappings.gather_along(x, 1, group), fw, fb))
+        return mappings.reduce_scatter_along(F.linear(h, pw), 1, group) + pb
 
     def sp_all_reduce(x, fw, fb, pw, pb, group):
-        h = F.gelu(F.linear(comm.gather_along(x, 1, group), fw, fb))
-        return comm.split_along(comm.g(F.linear(h, pw), group), 1, group) + pb
+        h = F.gelu(F.linear(mappings.gather_along(x, 1, group), fw, fb))
+        return mappings.split_along(mappings.g(F.linear(h, pw), group), 1, group) + pb
 
     assert check("tp_mlp", tp_good).passed
     assert not check("tp_mlp", tp_no_f).passed
