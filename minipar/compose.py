@@ -35,7 +35,6 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 
 from .cp import attention_fn, sequence_positions

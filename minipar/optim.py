@@ -35,6 +35,7 @@ import torch
 from . import comm
 from .model import make_optimizer
 from .mappings import sync_sequence_parallel_grads
+from .zero import ZeRO
 
 __all__ = ["Optimizer", "stage_units"]
 
@@ -66,7 +67,6 @@ class Optimizer:
         self.pc, self.mirror = pc, mirror   # mirror: DualPipe's pair of ranks holding the same layers
         self.name_of = {id(p): n for n, p in named_params}
         if pc.zero >= 2:
-            from .zero import ZeRO
             if module is None:
                 raise ValueError("ZeRO-2/3 shard the stage modules' parameters: pass module= (one or {stage: module})")
             stages = _as_stages(module)
@@ -140,6 +140,21 @@ class Optimizer:
             full = self.zero.full_parameters()      # keyed by the ModuleDict's names: "<stage>.<name>"
             return {self.name_of[id(p)]: full[self.zero.names[id(p)]] for p in self.params}
         return dict(zip(self.names, self.params))
+
+    @torch.no_grad()
+    def gradients(self) -> dict:
+        """{name: this rank's (TP-local) gradient as the last step applied it, summed and averaged
+        over every replica}; gathered over dp under ZeRO. For parity tests: call after step()."""
+        if self.pc.zero == 0:
+            return {n: p.grad.clone() for n, p in zip(self.names, self.params)}
+        shards = [u.grad_shard for u in self.units] if self.pc.zero >= 2 else [self.shard.grad]
+        out = {}
+        for g, (_, named, _) in zip(shards, self._flats()):
+            full, off = comm.all_gather(g, group="dp"), 0
+            for n, p in named:
+                out[n] = full[off:off + p.numel()].view(p.shape).clone()
+                off += p.numel()
+        return out
 
     def state_bytes(self) -> dict:
         """Model-state bytes this rank holds now. Under ZeRO-1 the fp32 shard that AdamW steps

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import ctypes
 import faulthandler
-import math
 import os
 import pickle
 import shutil
