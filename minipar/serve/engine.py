@@ -1,0 +1,247 @@
+"""The serving loop on every rank, and `serve()`, its Python entry point.
+
+Layout. The mesh is pp x dp x ep x tp (tp innermost, as in training). A *replica* is the set of
+ranks that share a (dp, ep) coordinate: its pp stages, each split over tp. Each replica serves
+its own requests with its own scheduler and KV cache; under ep the replicas' attention is data
+parallel and their MoE blocks share the experts (DeepSeek-V3's decoding layout: attention DP,
+experts EP), so ep ranks step together even when one has nothing to do.
+
+One tick, on every rank (the engine runs in lockstep):
+
+    now    = rank 0's clock, broadcast (the control plane: vLLM's driver broadcasts its
+             scheduler output to the workers; here every rank runs the same deterministic
+             `Frontend`, so the time alone is enough)
+    steps  = frontend.advance(now)                  one Step per replica
+    stage s works on its replica's step of tick k - s
+    exchange (one batch of point-to-point ops, so no pairing order can deadlock):
+             hidden states [N, h] from stage s-1; stage 0 gets back the tokens sampled p ticks ago
+    compute  embed (stage 0) -> blocks with paged attention -> argmax (last stage)
+
+A token's time is taken when the last stage has it. Everything the ranks do is traced
+(`trace.span` per step, every collective through `comm`), so the CLI draws the timeline.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.std import tqdm
+
+from .. import comm, runtime, trace
+from ..compose import ParallelConfig
+from ..mesh import Mesh
+from ..model import GPTConfig
+from ..runtime import launch
+from ..validation import Problems
+from .blocks import blocks_for
+from .runner import StageRunner
+from .scheduler import POLICIES, Frontend, Request
+from .workload import Record, summarize
+
+__all__ = ["ServeConfig", "ServeResult", "serve", "serve_rank", "check_serve"]
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    dp: int = 1
+    max_batch: int = 8                 # sequences per step (per micro-batch under pp)
+    block_size: int = 4                # token slots per KV-cache block
+    num_blocks: int | None = None      # blocks per replica; None: max_batch longest requests per micro-batch
+    policy: str = "continuous"         # or "static" (request-level batching, the baseline)
+    seed: int = 0                      # the weights' seed (the reference GPT(cfg, seed))
+    timeout: float = 120.0             # seconds any collective may wait
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.ep * self.dp
+
+    @property
+    def replicas(self) -> int:
+        return self.dp * self.ep
+
+    def parallel(self) -> ParallelConfig:
+        return ParallelConfig(dp=self.dp, pp=self.pp, tp=self.tp, ep=self.ep)
+
+    def blocks(self, longest: int) -> int:
+        """Cache blocks per replica, for requests of at most `longest` cached tokens."""
+        return self.num_blocks or blocks_for(longest, self.block_size) * self.max_batch * self.pp
+
+    def describe(self) -> str:
+        return " x ".join(f"{a}{getattr(self, a)}" for a in ("pp", "dp", "ep", "tp") if getattr(self, a) > 1) \
+            or "1 rank"
+
+
+def check_serve(cfg: GPTConfig, sc: ServeConfig, longest_prompt: int, longest_request: int,
+                p: Problems | None = None) -> Problems:
+    """Every problem of this layout and workload (requests of up to `longest_prompt` prompt tokens
+    and `longest_request` prompt + new tokens), one line each. Sizes are already checked >= 1."""
+    p = p if p is not None else Problems()
+    t = sc.tp
+    p.divides("tp", t, "heads", cfg.heads, "each tp rank holds heads/tp whole attention heads")
+    p.divides("tp", t, "vocab", cfg.vocab, "the embedding and head are split by rows over tp (no padding)")
+    if cfg.layers % sc.pp:
+        p.add(f"{p.show('layers', cfg.layers)} must be divisible by {p.name('pp')}={sc.pp}: "
+              "every pipeline stage holds the same number of blocks")
+    if sc.ep > 1 and not cfg.experts:
+        p.add(f"{p.show('ep', sc.ep)} needs an MoE model: set {p.name('experts')} to a multiple of {sc.ep}")
+    if cfg.experts:
+        p.divides("ep", sc.ep, "experts", cfg.experts, "every ep rank holds experts/ep whole experts")
+        if not 1 <= cfg.top_k <= cfg.experts:
+            p.add(f"{p.show('top_k', cfg.top_k)} must be between 1 and {p.name('experts')}={cfg.experts}")
+    if sc.policy not in POLICIES:
+        p.add(f"{p.show('policy', sc.policy)}: choose one of {', '.join(POLICIES)}")
+    if longest_request > cfg.seq:
+        p.add(f"a request of {longest_prompt} prompt tokens and {longest_request - longest_prompt} new ones "
+              f"needs {longest_request} positions but the model has {p.name('seq')}={cfg.seq}: raise "
+              f"{p.name('seq')} or shorten {p.name('prompt_len')} / {p.name('max_new_tokens')}")
+    need, have = blocks_for(longest_request - 1, sc.block_size), sc.blocks(longest_request - 1)
+    if need > have:
+        p.add(f"{p.show('num_blocks', have)} of {sc.block_size} tokens cannot hold even one request: the longest "
+              f"holds {longest_request - 1} tokens in its cache, {need} blocks; raise {p.name('num_blocks')} to "
+              f">= {need} (a cache too small for all requests at once is fine: admission waits)")
+    if runtime.is_torchrun() and int(os.environ["WORLD_SIZE"]) != sc.world_size:
+        p.add(f"torchrun started {os.environ['WORLD_SIZE']} processes but tp*pp*ep*dp = {sc.world_size}: "
+              "make --nproc_per_node (times nodes) equal the product")
+    return p
+
+
+@dataclass
+class ServeResult:
+    records: list                     # Record per request, by id
+    events: list                      # every rank's trace events, merged (wall clock)
+    config: ServeConfig
+    cache_waits: list = field(default_factory=list)   # per replica: steps in which admission waited for blocks
+    free_blocks: list = field(default_factory=list)   # per replica, after the run (all of them: nothing leaked)
+    wall: float = 0.0
+
+    def summary(self) -> dict:
+        return summarize(self.records)
+
+
+def _now(front: Frontend, t0: float) -> float:
+    """Rank 0's clock, on every rank. An idle rank 0 first waits for the next arrival (in short
+    naps, so that the other ranks' broadcast never waits longer than a collective may)."""
+    t = torch.zeros(1, dtype=torch.float64, device=runtime.device())
+    if runtime.rank() == 0:
+        nxt = front.next_arrival()
+        if front.drained and nxt is not None:
+            time.sleep(min(0.5, max(0.0, nxt - (runtime.wall() - t0))))
+        t[0] = runtime.wall() - t0
+    with trace.enabled(False):        # the control plane; the timeline shows the model's work
+        comm.broadcast(t, 0)
+    return t.item()
+
+
+def serve_rank(cfg: GPTConfig, sc: ServeConfig, requests: list[Request], progress: bool = False) -> dict:
+    """One rank's serving loop (inside `launch`, or a torchrun process)."""
+    torch.manual_seed(sc.seed)
+    mesh = Mesh(pp=sc.pp, dp=sc.dp, ep=sc.ep, tp=sc.tp)
+    num_blocks = sc.blocks(max(r.cache_tokens for r in requests))
+    runner = StageRunner(cfg, sc.parallel(), mesh, sc.seed, num_blocks, sc.block_size)
+    front = Frontend(requests, sc.replicas, sc.pp, sc.max_batch, num_blocks, sc.block_size, sc.policy)
+    me, s, p, dev = mesh.index("dp") * sc.ep + mesh.index("ep"), mesh.index("pp"), sc.pp, runtime.device()
+    peer = {k: mesh.rank_of(**{**mesh.coords(), "pp": k % p}) for k in (s - 1, s + 1, 0, p - 1)}
+    recorder = runner.last and mesh.index("tp") == 0
+    by_id = {r.id: r for r in requests}
+    records: dict[int, Record] = {}
+    history: list = []                 # the last p+1 ticks' steps (all replicas), newest first
+    fed: dict[int, int] = {}           # stage 0: each running sequence's newest token
+    outbox: list = []                  # sends made this tick, posted with next tick's receives
+    bar = tqdm(total=sum(r.max_new_tokens for r in requests), desc=f"serving ({sc.describe()})", unit="tok",
+               file=sys.stdout, disable=not progress or runtime.rank() != 0)
+    comm.barrier()
+    t0 = runtime.wall()
+    while not front.done:
+        history = [front.advance(_now(front, t0))] + history[:p]
+        mine = history[s][me] if len(history) > s else None
+        back = history[p][me] if p > 1 and len(history) > p and runner.first else None
+        back_works = [w for w in back.works if not w.last] if back else []
+        recvs = []
+        if not runner.first and mine:
+            act = torch.empty(mine.num_tokens, cfg.hidden, device=dev)
+            recvs.append((act, peer[s - 1]))
+        if back_works:
+            back_tok = torch.empty(len(back_works), dtype=torch.long, device=dev)
+            recvs.append((back_tok, peer[p - 1]))
+        if outbox or recvs:
+            for h in comm.batch_p2p(outbox, recvs, group="pp"):
+                h.wait()
+        outbox = []
+        if back_works:
+            fed.update(zip((w.seq for w in back_works), back_tok.tolist()))
+        if runner.must_run(mine):
+            kind = "prefill" if any(w.prefill for w in mine.works) else "decode"
+            with trace.span(kind, tokens=mine.num_tokens, seqs=len(mine.works), tick=mine.tick):
+                if runner.first:
+                    ids = [t for w in mine.works for t in (by_id[w.seq].prompt if w.prefill else (fed[w.seq],))]
+                    x = runner.embed(mine, ids)
+                else:
+                    x = act if mine else torch.zeros(0, cfg.hidden, device=dev)
+                x = runner.forward(mine, x)
+                tokens = runner.sample(mine, x) if runner.last and mine else []
+            if not runner.last and mine:
+                outbox.append((x, peer[s + 1]))
+            if tokens:
+                _emit(mine, tokens, runtime.wall() - t0, recorder, records, by_id, me)
+                going_on = [(w.seq, tok) for w, tok in zip(mine.works, tokens) if not w.last]
+                if p == 1:
+                    fed.update(going_on)
+                elif going_on:
+                    outbox.append((torch.tensor([tok for _, tok in going_on], device=dev), peer[0]))
+        if len(history) >= p:
+            bar.update(sum(len(st.works) for st in history[p - 1]))
+    bar.close()
+    assert not outbox, "a send was left unposted at the end"
+    for sch in front.schedulers:
+        sch.blocks.check()
+    events = trace.gather()
+    first = runtime.rank() == 0
+    return {"records": list(records.values()), "events": events if first else None,
+            "cache_waits": [sch.cache_waits for sch in front.schedulers] if first else None,
+            "free_blocks": [len(sch.blocks.free) for sch in front.schedulers] if first else None,
+            "num_blocks": num_blocks}
+
+
+def _emit(step, tokens, t, recorder, records, by_id, replica) -> None:
+    if not recorder:
+        return
+    for w, tok in zip(step.works, tokens):
+        if w.seq not in records:
+            r = by_id[w.seq]
+            records[w.seq] = Record(r.id, list(r.prompt), r.arrival, replica=replica)
+        records[w.seq].tokens.append(tok)
+        records[w.seq].times.append(t)
+
+
+def serve(cfg: GPTConfig, requests: list[Request], sc: ServeConfig = ServeConfig(), progress: bool = False) -> ServeResult:
+    """Validate, then serve `requests` greedily with the layout of `sc` on sc.world_size ranks
+    (local processes, or the torchrun processes). Raises ConfigError listing every problem."""
+    p = Problems()
+    for a in ("tp", "pp", "ep", "dp", "max_batch", "block_size"):
+        p.integer(a, getattr(sc, a), low=1)
+    if sc.num_blocks is not None:
+        p.integer("num_blocks", sc.num_blocks, low=1)
+    if not requests:
+        p.add("requests: give at least one Request")
+    elif not any(p.items):
+        if min(len(r.prompt) for r in requests) < 1 or min(r.max_new_tokens for r in requests) < 1:
+            p.add("every request needs a prompt of >= 1 token and max_new_tokens >= 1")
+        if len({r.id for r in requests}) < len(requests):
+            p.add("request ids must be unique")
+        bad = [r.id for r in requests if any(not 0 <= t < cfg.vocab for t in r.prompt)]
+        if bad:
+            p.add(f"requests {bad[:5]} hold token ids outside the vocabulary 0..{cfg.vocab - 1}")
+        if not p:
+            longest = max(requests, key=lambda r: len(r.prompt) + r.max_new_tokens)
+            check_serve(cfg, sc, len(longest.prompt), len(longest.prompt) + longest.max_new_tokens, p)
+    p.raise_if_any("this serving configuration cannot run")
+    t = time.time()
+    out = launch(serve_rank, sc.world_size, cfg, sc, requests, progress, timeout=sc.timeout)
+    records = sorted((r for o in out for r in o["records"]), key=lambda r: r.id)
+    return ServeResult(records, out[0]["events"], sc, out[0]["cache_waits"], out[0]["free_blocks"], time.time() - t)
