@@ -27,7 +27,7 @@ from .. import runtime, trace
 from ..model import GPT, GPTConfig
 from ..timeline import plot_timeline
 from ..validation import Float, Int, Invalid, Problems, ArgumentParser, exit_on_error
-from .engine import ServeConfig, check_serve, serve
+from .engine import ServeConfig, check_serve, serve, sizes_ok
 from .workload import format_summary, make_requests, parse_range, reference
 
 __all__ = ["main", "parse_args", "configure"]
@@ -77,32 +77,33 @@ def parse_args(argv=None):
 def configure(a) -> tuple[GPTConfig, ServeConfig, list]:
     """The model, engine config and requests of the arguments; raises ConfigError listing every problem."""
     p = Problems(cli=True)
-    ok = all([p.integer(f, getattr(a, f), low=1) for f in ("tp", "pp", "ep", "dp", "layers", "hidden", "heads",
-                                                           "requests", "max_batch", "block_size", "top_k")])
-    ok &= all([p.integer("seq", a.seq, low=2), p.integer("vocab", a.vocab, low=2),
-               p.integer("experts", a.experts, low=0), p.integer("seed", a.seed, low=0)])
+    for f in ("tp", "pp", "ep", "dp", "layers", "hidden", "heads", "requests", "max_batch", "block_size", "top_k"):
+        p.integer(f, getattr(a, f), low=1)
+    p.integer("seq", a.seq, low=2)
+    p.integer("vocab", a.vocab, low=2)
+    p.integer("experts", a.experts, low=0)
+    p.integer("seed", a.seed, low=0)
     if a.num_blocks is not None:
-        ok &= p.integer("num_blocks", a.num_blocks, low=1)
+        p.integer("num_blocks", a.num_blocks, low=1)
     if a.arrival_rate is not None:
         p.number("arrival_rate", a.arrival_rate, low=0, low_open=True, why="omit it for all requests at once")
+    ranges_ok = True
     for f in ("prompt_len", "max_new_tokens"):
         v = getattr(a, f)
         if isinstance(v, Invalid):
             p.add(f"{p.show(f, v.text)} must be {v.kind}, e.g. 8 or 4:12")
-            ok = False
+            ranges_ok = False
         elif v[0] < 1 or v[1] < v[0]:
             p.add(f"{p.show(f, f'{v[0]}:{v[1]}')} needs 1 <= LO <= HI")
-            ok = False
+            ranges_ok = False
     p.output_file("out", a.out)
-    if ok and a.hidden % a.heads:
+    if sizes_ok(a.hidden, a.heads) and a.hidden % a.heads:
         p.add(f"{p.show('hidden', a.hidden)} must be divisible by {p.name('heads')}={a.heads}")
-        ok = False
-    if ok:
-        sc = ServeConfig(tp=a.tp, pp=a.pp, ep=a.ep, dp=a.dp, max_batch=a.max_batch, block_size=a.block_size,
-                         num_blocks=a.num_blocks, seed=a.seed)
-        shape = SimpleNamespace(heads=a.heads, vocab=a.vocab, layers=a.layers, experts=a.experts, top_k=a.top_k,
-                                seq=a.seq)
-        check_serve(shape, sc, a.prompt_len[1], a.prompt_len[1] + a.max_new_tokens[1], p)
+    sc = ServeConfig(tp=a.tp, pp=a.pp, ep=a.ep, dp=a.dp, max_batch=a.max_batch, block_size=a.block_size,
+                     num_blocks=a.num_blocks, seed=a.seed)
+    shape = SimpleNamespace(heads=a.heads, vocab=a.vocab, layers=a.layers, experts=a.experts, top_k=a.top_k, seq=a.seq)
+    lengths = (a.prompt_len[1], a.prompt_len[1] + a.max_new_tokens[1]) if ranges_ok else (None, None)
+    check_serve(shape, sc, *lengths, p)
     p.raise_if_any("this serving run cannot start")
     cfg = GPTConfig(vocab=a.vocab, seq=a.seq, layers=a.layers, heads=a.heads, hidden=a.hidden, experts=a.experts,
                     top_k=min(a.top_k, max(a.experts, 1)))

@@ -41,7 +41,7 @@ from .runner import StageRunner
 from .scheduler import POLICIES, Frontend, Request
 from .workload import Record, summarize
 
-__all__ = ["ServeConfig", "ServeResult", "serve", "serve_rank", "check_serve"]
+__all__ = ["ServeConfig", "ServeResult", "serve", "serve_rank", "check_serve", "sizes_ok"]
 
 
 @dataclass(frozen=True)
@@ -77,35 +77,44 @@ class ServeConfig:
             or "1 rank"
 
 
-def check_serve(cfg: GPTConfig, sc: ServeConfig, longest_prompt: int, longest_request: int,
+def sizes_ok(*values) -> bool:
+    """All whole numbers >= 1 (a value the command line could not read is checked elsewhere)."""
+    return all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
+
+
+def check_serve(cfg, sc: ServeConfig, longest_prompt: int | None, longest_request: int | None,
                 p: Problems | None = None) -> Problems:
     """Every problem of this layout and workload (requests of up to `longest_prompt` prompt tokens
-    and `longest_request` prompt + new tokens), one line each. Sizes are already checked >= 1."""
+    and `longest_request` prompt + new tokens; None: unknown), one line each. `cfg` is a GPTConfig
+    or anything with its fields; a check whose inputs are not valid sizes is skipped (their own
+    problems are listed by whoever read them)."""
     p = p if p is not None else Problems()
     t = sc.tp
     p.divides("tp", t, "heads", cfg.heads, "each tp rank holds heads/tp whole attention heads")
     p.divides("tp", t, "vocab", cfg.vocab, "the embedding and head are split by rows over tp (no padding)")
-    if cfg.layers % sc.pp:
+    if sizes_ok(cfg.layers, sc.pp) and cfg.layers % sc.pp:
         p.add(f"{p.show('layers', cfg.layers)} must be divisible by {p.name('pp')}={sc.pp}: "
               "every pipeline stage holds the same number of blocks")
-    if sc.ep > 1 and not cfg.experts:
+    if sizes_ok(sc.ep) and sc.ep > 1 and cfg.experts == 0:
         p.add(f"{p.show('ep', sc.ep)} needs an MoE model: set {p.name('experts')} to a multiple of {sc.ep}")
-    if cfg.experts:
+    if sizes_ok(cfg.experts):
         p.divides("ep", sc.ep, "experts", cfg.experts, "every ep rank holds experts/ep whole experts")
-        if not 1 <= cfg.top_k <= cfg.experts:
+        if sizes_ok(cfg.top_k) and cfg.top_k > cfg.experts:
             p.add(f"{p.show('top_k', cfg.top_k)} must be between 1 and {p.name('experts')}={cfg.experts}")
     if sc.policy not in POLICIES:
         p.add(f"{p.show('policy', sc.policy)}: choose one of {', '.join(POLICIES)}")
-    if longest_request > cfg.seq:
+    if longest_request is not None and sizes_ok(cfg.seq) and longest_request > cfg.seq:
         p.add(f"a request of {longest_prompt} prompt tokens and {longest_request - longest_prompt} new ones "
               f"needs {longest_request} positions but the model has {p.name('seq')}={cfg.seq}: raise "
               f"{p.name('seq')} or shorten {p.name('prompt_len')} / {p.name('max_new_tokens')}")
-    need, have = blocks_for(longest_request - 1, sc.block_size), sc.blocks(longest_request - 1)
-    if need > have:
-        p.add(f"{p.show('num_blocks', have)} of {sc.block_size} tokens cannot hold even one request: the longest "
-              f"holds {longest_request - 1} tokens in its cache, {need} blocks; raise {p.name('num_blocks')} to "
-              f">= {need} (a cache too small for all requests at once is fine: admission waits)")
-    if runtime.is_torchrun() and int(os.environ["WORLD_SIZE"]) != sc.world_size:
+    if longest_request is not None and sizes_ok(sc.block_size, sc.max_batch, sc.pp, sc.num_blocks or 1):
+        need, have = blocks_for(longest_request - 1, sc.block_size), sc.blocks(longest_request - 1)
+        if need > have:
+            p.add(f"{p.show('num_blocks', have)} of {sc.block_size} tokens cannot hold even one request: the "
+                  f"longest holds {longest_request - 1} tokens in its cache, {need} blocks; raise "
+                  f"{p.name('num_blocks')} to >= {need} (a cache too small for all requests at once is fine: "
+                  "admission waits)")
+    if runtime.is_torchrun() and sizes_ok(sc.tp, sc.pp, sc.ep, sc.dp) and int(os.environ["WORLD_SIZE"]) != sc.world_size:
         p.add(f"torchrun started {os.environ['WORLD_SIZE']} processes but tp*pp*ep*dp = {sc.world_size}: "
               "make --nproc_per_node (times nodes) equal the product")
     return p
@@ -176,8 +185,9 @@ def serve_rank(cfg: GPTConfig, sc: ServeConfig, requests: list[Request], progres
         if back_works:
             fed.update(zip((w.seq for w in back_works), back_tok.tolist()))
         if runner.must_run(mine):
-            kind = "prefill" if any(w.prefill for w in mine.works) else "decode"
-            with trace.span(kind, tokens=mine.num_tokens, seqs=len(mine.works), tick=mine.tick):
+            prefills = sum(w.prefill for w in mine.works)
+            with trace.span("prefill" if prefills else "decode", tokens=mine.num_tokens, seqs=len(mine.works),
+                            prefills=prefills, tick=mine.tick, replica=me):
                 if runner.first:
                     ids = [t for w in mine.works for t in (by_id[w.seq].prompt if w.prefill else (fed[w.seq],))]
                     x = runner.embed(mine, ids)
@@ -227,19 +237,20 @@ def serve(cfg: GPTConfig, requests: list[Request], sc: ServeConfig = ServeConfig
         p.integer(a, getattr(sc, a), low=1)
     if sc.num_blocks is not None:
         p.integer("num_blocks", sc.num_blocks, low=1)
+    longest = None
     if not requests:
         p.add("requests: give at least one Request")
-    elif not any(p.items):
-        if min(len(r.prompt) for r in requests) < 1 or min(r.max_new_tokens for r in requests) < 1:
-            p.add("every request needs a prompt of >= 1 token and max_new_tokens >= 1")
+    elif min(len(r.prompt) for r in requests) < 1 or min(r.max_new_tokens for r in requests) < 1:
+        p.add("every request needs a prompt of >= 1 token and max_new_tokens >= 1")
+    else:
+        longest = max(requests, key=lambda r: len(r.prompt) + r.max_new_tokens)
         if len({r.id for r in requests}) < len(requests):
             p.add("request ids must be unique")
         bad = [r.id for r in requests if any(not 0 <= t < cfg.vocab for t in r.prompt)]
         if bad:
             p.add(f"requests {bad[:5]} hold token ids outside the vocabulary 0..{cfg.vocab - 1}")
-        if not p:
-            longest = max(requests, key=lambda r: len(r.prompt) + r.max_new_tokens)
-            check_serve(cfg, sc, len(longest.prompt), len(longest.prompt) + longest.max_new_tokens, p)
+    check_serve(cfg, sc, len(longest.prompt) if longest else None,
+                len(longest.prompt) + longest.max_new_tokens if longest else None, p)
     p.raise_if_any("this serving configuration cannot run")
     t = time.time()
     out = launch(serve_rank, sc.world_size, cfg, sc, requests, progress, timeout=sc.timeout)
