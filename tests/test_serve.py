@@ -268,7 +268,7 @@ def test_roofline_decode_at_batch_1_is_the_formula():
     m, gpu, link, c = S.SERVING_MODELS["70b"], S.get_gpu("h100"), S.get_link("nvlink4"), 2048
     d, L, h, t = m.head_dim, m.layers, m.hidden, 8
     kv = 2 * (L / 1) * math.ceil(m.kv_heads / t) * d * 2                   # K and V bytes per token per GPU
-    formula = (2 * m.params / (t * 1) + 1 * c * kv) / gpu.memory_bandwidth \
+    formula = (2 * m.matmul_params / (t * 1) + 1 * c * kv) / gpu.memory_bandwidth \
         + 2 * (L / 1) * (link.latency + (t - 1) * (1 * h * 2) / link.bandwidth)    # one-shot all-reduces
     assert S.token_latency(m, S.Layout(tp=8), "h100", 1, c) == formula
     lat = {k: S.token_latency("8b", S.Layout(tp=k), "h100") for k in (1, 2, 4, 8)}

@@ -2,18 +2,20 @@
 
     python -m minipar.plan.serving --model 70b --gpus 8 --gpu h100 --latency-ms 30
 
-The model (a roofline: every kernel at the hardware's peak, every collective a ring at the
-link's peak; stated as our assumption, so real systems are slower by their efficiencies).
+The model (a roofline: every kernel at the hardware's peak HBM bandwidth or FLOP/s, every message
+at the link's peak after its latency; stated as our assumption: real systems are slower by their
+efficiencies). Hardware numbers are `minipar.plan.hardware`'s datasheet table.
 For a layout of tp t, pp p (and dp replicas), bf16 weights and cache (2 bytes):
 
 * Decode is memory-bound. One step of a micro-batch of b sequences, each with c tokens in its
   cache, on one stage (L/p layers) reads that GPU's weights and those sequences' K and V:
-      t_mem  = (2Ψ/(t·p) + b·c·κ) / HBM,     κ = 2·(L/p)·⌈n_kv/t⌉·d·2   (K and V bytes per token
+      t_mem  = (2Ψ'/(t·p) + b·c·κ) / HBM,     κ = 2·(L/p)·⌈n_kv/t⌉·d·2   (K and V bytes per token
                                              per GPU; grouped-query heads replicate when t > n_kv)
-      t_flop = (2Ψ·b + 4·b·c·h·L) / (t·p) / peak        (weights' GEMVs + attention's QKᵀ and PV)
-  and takes max(t_mem, t_flop). Arithmetic intensity (FLOPs per byte) grows with b only while
-  the weights dominate the bytes; the cache's bytes grow with b too, so long contexts keep
-  decode memory-bound at any batch (Pope et al. 2022, "Efficiently Scaling Transformer
+      t_flop = (2Ψ'·b + 4·b·c·h·L) / (t·p) / peak       (weights' GEMVs + attention's QKᵀ and PV)
+  and takes max(t_mem, t_flop); Ψ' = Ψ - V·h are the weights that multiply (the embedding table is
+  a lookup of b rows). Arithmetic intensity (FLOPs per byte) grows with b only while the weights
+  dominate the bytes; the cache's bytes grow with b too, so long contexts keep decode
+  memory-bound at any batch (Pope et al. 2022, "Efficiently Scaling Transformer
   Inference", Sec. 2-3; Kwon et al. 2023).
 * TP adds, per layer, two all-reduces of b·h·2 bytes (after attention and after the MLP) on the
   node's NVLink (Shoeybi et al. 2019), each the faster of a ring, 2(t-1)·(α + b·h·2/t / BW), and a
@@ -23,7 +25,7 @@ For a layout of tp t, pp p (and dp replicas), bf16 weights and cache (2 bytes):
       ITL = p·t_stage + hops          (p = 1: t_stage; TP lowers t_stage, PP multiplies it)
   With N sequences in p micro-batches of N/p (vLLM's virtual engines) every stage is busy and
   each micro-batch gets one token per ITL: throughput = N / ITL(N/p) per replica.
-* Prefill is compute-bound: s prompt tokens cost (2Ψ·s + 2·s²·h·L)/(t·p)/peak per stage (causal
+* Prefill is compute-bound: s prompt tokens cost (2Ψ'·s + 2·s²·h·L)/(t·p)/peak per stage (causal
   attention: half of 4s²hL), plus tp's all-reduces of s·h·2 bytes and pp's hops; TTFT = all stages.
 * Memory: 2Ψ/(t·p) + N_replica·c·κ must fit in (1 - reserve) of the GPU.
 
@@ -70,6 +72,11 @@ class ServingModel:
         h, L = self.hidden, self.layers
         per_layer = 2 * h * h + 2 * h * self.kv_heads * self.head_dim + (3 if self.gated else 2) * h * self.ffn
         return L * per_layer + 2 * self.vocab * h
+
+    @property
+    def matmul_params(self) -> float:
+        """Ψ' = Ψ - V·h: the weights a forward multiplies (all but the embedding table, a lookup)."""
+        return self.params - self.vocab * self.hidden
 
     @classmethod
     def from_gpt(cls, cfg, name: str = "minipar GPT") -> "ServingModel":
@@ -145,10 +152,10 @@ def decode_step(m, layout: Layout, gpu, batch: float, context: float) -> dict:
     """Seconds of one decode step of `batch` sequences (`context` cached tokens each) on one stage."""
     m, gpu = _model(m), get_gpu(gpu)
     t, p = layout.tp, layout.pp
-    weights = 2 * m.params / (t * p)
+    weights = 2 * m.matmul_params / (t * p)
     kv = batch * context * kv_bytes_per_token(m, layout)
     memory = (weights + kv) / gpu.memory_bandwidth
-    flops = (2 * m.params * batch + 4 * batch * context * m.hidden * m.layers) / (t * p)
+    flops = (2 * m.matmul_params * batch + 4 * batch * context * m.hidden * m.layers) / (t * p)
     compute = flops / gpu.peak_flops
     comm = 2 * (m.layers / p) * all_reduce_time(batch * m.hidden * BYTES, t, _tp_link(gpu, layout))
     return {"weights_bytes": weights, "kv_bytes": kv, "memory": memory, "flops": flops, "compute": compute,
@@ -171,8 +178,8 @@ def prefill_latency(m, layout: Layout, gpu="h100", prompt: int = 1024, batch: in
     """TTFT of `batch` prompts of `prompt` tokens: compute-bound stages, tp all-reduces, pp hops."""
     m, gpu = _model(m), get_gpu(gpu)
     t, p, s = layout.tp, layout.pp, batch * prompt
-    flops = (2 * m.params * s + 2 * batch * prompt ** 2 * m.hidden * m.layers) / (t * p)
-    memory = (2 * m.params / (t * p) + s * kv_bytes_per_token(m, layout)) / gpu.memory_bandwidth
+    flops = (2 * m.matmul_params * s + 2 * batch * prompt ** 2 * m.hidden * m.layers) / (t * p)
+    memory = (2 * m.matmul_params / (t * p) + s * kv_bytes_per_token(m, layout)) / gpu.memory_bandwidth
     comm = 2 * (m.layers / p) * all_reduce_time(s * m.hidden * BYTES, t, _tp_link(gpu, layout))
     return p * (max(flops / gpu.peak_flops, memory) + comm) + hop_time(m, layout, gpu, s)
 
@@ -195,8 +202,8 @@ def step_cost(m, layout: Layout, gpu="h100"):
         tokens = sum(w.tokens for w in step.works)
         ctx = sum(w.start + w.tokens for w in step.works if not w.prefill)
         attn = sum(2 * w.tokens ** 2 if w.prefill else 4 * (w.start + 1) for w in step.works)
-        flops = (2 * m.params * tokens + attn * m.hidden * m.layers) / (t * p)
-        memory = (2 * m.params / (t * p) + (ctx + tokens) * kappa) / gpu.memory_bandwidth
+        flops = (2 * m.matmul_params * tokens + attn * m.hidden * m.layers) / (t * p)
+        memory = (2 * m.matmul_params / (t * p) + (ctx + tokens) * kappa) / gpu.memory_bandwidth
         comm = 2 * (m.layers / p) * all_reduce_time(tokens * m.hidden * BYTES, t, _tp_link(gpu, layout))
         return max(memory, flops / gpu.peak_flops) + comm + hop_time(m, layout, gpu, len(step.works))
     return cost
