@@ -8,9 +8,10 @@ instead of the whole sequence; packed rows from several sequences), and the logi
 about 1e-7 here (`test_paged_logits_match_the_reference` measures it, under either CPU kernel
 set). An argmax flips only if the best and second-best logits are closer than that, so each
 parity test first asserts that the reference's smallest top-2 gap over every generated token
-of every request is at least MARGIN = 1e-5, a hundred times the difference. The seeds were
-picked so that it holds; were a seed or model changed into a near-tie, that assert (not a
-confusing token mismatch) says so.
+of every request is at least MARGIN = 1e-5, a hundred times the difference. The trace's seed
+was picked so that it holds with room (seed 3: smallest gaps 1.8e-3 dense, 1.9e-3 MoE; seed 0
+had 2.7e-5); were a seed or model changed into a near-tie, that assert (not a confusing token
+mismatch) says so.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -47,7 +49,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def _workload(cfg, seed=0, n=10):
+def _workload(cfg, seed=3, n=10):
     """Mixed lengths and Poisson arrivals; the reference's tokens, after checking it has no near-tie."""
     reqs = make_requests(n, cfg.vocab, "2:10", "1:10", arrival_rate=300.0, seed=seed)
     model = GPT(cfg, 0)
@@ -79,20 +81,16 @@ LAYOUTS = {"tp2": ServeConfig(tp=2), "tp4": ServeConfig(tp=4), "pp2": ServeConfi
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_tokens_equal_generate(name, dense):
     reqs, want = dense
-    sc = LAYOUTS[name]
-    res = serve(DENSE, reqs, ServeConfig(**{**sc.__dict__, "max_batch": 3}))
+    sc = replace(LAYOUTS[name], max_batch=3)
+    res = serve(DENSE, reqs, sc)
     assert [r.id for r in res.records] == [r.id for r in reqs]
     for rec in res.records:
         assert rec.tokens == want[rec.id], (name, rec.id)
         assert len(rec.times) == len(rec.tokens) and rec.ttft > 0 and min(rec.itl, default=1) > 0
     assert _joined(res), "no request joined a running batch"
-    assert res.free_blocks == [res_blocks(sc, reqs)] * sc.replicas      # every block came back
+    assert res.free_blocks == [sc.blocks(max(r.cache_tokens for r in reqs))] * sc.replicas   # every block came back
     if sc.dp > 1:
         assert len({rec.replica for rec in res.records}) == sc.dp           # the router used both replicas
-
-
-def res_blocks(sc, reqs) -> int:
-    return ServeConfig(**{**sc.__dict__, "max_batch": 3}).blocks(max(r.cache_tokens for r in reqs))
 
 
 def test_tokens_equal_generate_ep2_moe(moe):

@@ -101,7 +101,7 @@ def format_summary(s: dict, unit: str = "ms") -> str:
 @dataclass
 class Simulated:
     records: list          # Record per request (tokens are placeholders: the clock is modeled)
-    events: list           # trace.Events, one row per request: waiting, prefill, decode
+    events: list           # trace.Events, one row per request: waiting, prefill, decoding (merged while unbroken)
     ticks: list            # (start, end, [per-replica Step]) of every tick
 
     def summary(self) -> dict:
@@ -115,7 +115,7 @@ def simulate(requests, step_time, replicas: int = 1, pp: int = 1, max_batch: int
     in lockstep), plus `hop` per tick when pp > 1. An idle engine jumps to the next arrival."""
     front = Frontend(requests, replicas, pp, max_batch, num_blocks, block_size, policy)
     recs = {r.id: Record(r.id, list(r.prompt), r.arrival) for r in requests}
-    inflight, ticks, events, clock = [], [], [], 0.0
+    inflight, ticks, events, clock, decoding = [], [], [], 0.0, {}
     while not front.done:
         nxt = front.next_arrival()
         if front.drained and nxt is not None and nxt > clock:
@@ -134,8 +134,14 @@ def simulate(requests, step_time, replicas: int = 1, pp: int = 1, max_batch: int
                     rec.times.append(clock + dt)
                     if w.prefill:
                         events.append(Event(w.seq, "wait", "compute", rec.arrival, start, meta={"kind": "opt"}))
+                    last = decoding.get(w.seq)
+                    if not w.prefill and last is not None and last.end == start:   # one bar while it keeps decoding
+                        last.end = clock + dt
+                        continue
                     events.append(Event(w.seq, "prefill" if w.prefill else "decode", "compute", start, clock + dt,
                                         meta={"kind": "B" if w.prefill else "F"}))
+                    if not w.prefill:
+                        decoding[w.seq] = events[-1]
         clock += dt
     return Simulated([recs[r.id] for r in requests], events, ticks)
 
