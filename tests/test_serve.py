@@ -41,14 +41,6 @@ DENSE = GPTConfig(vocab=64, seq=32, layers=4, heads=4, hidden=32)
 MOE = GPTConfig(vocab=64, seq=32, layers=2, heads=4, hidden=32, experts=4, top_k=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _workload(cfg, seed=3, n=10):
     """Mixed lengths and Poisson arrivals; the reference's tokens, after checking it has no near-tie."""
     reqs = make_requests(n, cfg.vocab, "2:10", "1:10", arrival_rate=300.0, seed=seed)
