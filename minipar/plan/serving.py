@@ -142,7 +142,7 @@ def hop_time(m, layout: Layout, gpu, tokens: float) -> float:
     nodes = math.ceil(layout.tp * p / gpu.gpus_per_node)          # a replica's stages span these nodes
     intra, inter = get_link(gpu.intra_node), get_link(gpu.inter_node)
     act = tokens * m.hidden * BYTES
-    cross = nodes - 1                                             # hops between consecutive nodes
+    cross = min(nodes - 1, p - 1)                                 # hops between consecutive nodes
     back = inter if nodes > 1 else intra
     return ((p - 1 - cross) * (intra.latency + act / intra.bandwidth) + cross * (inter.latency + act / inter.bandwidth)
             + back.latency + tokens * 8 / back.bandwidth)
