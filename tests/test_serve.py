@@ -31,8 +31,8 @@ from minipar.exercises.serve import _reference as admission_rule
 from minipar.mesh import Mesh
 from minipar.model import GPT, GPTConfig
 from minipar.plan import serving as S
-from minipar.serve import (Frontend, Request, ServeConfig, StageRunner, blocks_for, make_requests, reference, serve,
-                           simulate)
+from minipar.serve import (BlockManager, Frontend, Request, Scheduler, ServeConfig, StageRunner, blocks_for,
+                           make_requests, reference, serve, simulate, slots_of)
 from minipar.serve.__main__ import main
 from minipar.validation import ConfigError
 
@@ -73,13 +73,15 @@ LAYOUTS = {"tp2": ServeConfig(tp=2), "tp4": ServeConfig(tp=4), "pp2": ServeConfi
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_tokens_equal_generate(name, dense):
     reqs, want = dense
-    sc = replace(LAYOUTS[name], max_batch=3)
+    sc = replace(LAYOUTS[name], max_batch=2)        # 2·pp slots for 10 requests: many join mid-run
     res = serve(DENSE, reqs, sc)
     assert [r.id for r in res.records] == [r.id for r in reqs]
     for rec in res.records:
         assert rec.tokens == want[rec.id], (name, rec.id)
         assert len(rec.times) == len(rec.tokens) and rec.ttft > 0 and min(rec.itl, default=1) > 0
-    assert _joined(res), "no request joined a running batch"
+    assert any(e.meta.get("seqs", 0) > 1 for e in res.events)                  # sequences were batched
+    if sc.pp <= 2:   # with pp4's 8 slots only 2 requests join late; whether beside a survivor is timing
+        assert _joined(res), "no request joined a running batch"
     assert res.free_blocks == [sc.blocks(max(r.cache_tokens for r in reqs))] * sc.replicas   # every block came back
     if sc.dp > 1:
         assert len({rec.replica for rec in res.records}) == sc.dp           # the router used both replicas
@@ -88,7 +90,7 @@ def test_tokens_equal_generate(name, dense):
 def test_tokens_equal_generate_ep2_moe(moe):
     """Attention data-parallel over ep, experts split: dropless MoE decode with the all-to-all."""
     reqs, want = moe
-    res = serve(MOE, reqs, ServeConfig(ep=2, max_batch=3))
+    res = serve(MOE, reqs, ServeConfig(ep=2, max_batch=2))
     assert all(rec.tokens == want[rec.id] for rec in res.records)
     assert _joined(res) and any(e.name == "all_to_all" and e.axis == "ep" for e in res.events)
     # one request: replica 1 never has work, yet steps with zero tokens through every MoE block
@@ -136,6 +138,22 @@ def test_paged_logits_match_the_reference():
     assert pool / (nb * sc.block_size) == 2 * DENSE.layers * DENSE.heads * DENSE.head_dim * 4
 
 
+def test_block_manager_refuses_what_it_cannot_hold():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    bm.admit(0, 9)                                   # 3 blocks promised, none taken yet
+    assert bm.available() == 1 and not bm.can_admit(5) and bm.can_admit(4)
+    with pytest.raises(RuntimeError, match="call can_admit first"):
+        bm.admit(1, 5)
+    assert bm.grow(0, 5) == [0, 1] and bm.available() == 1
+    with pytest.raises(RuntimeError, match="grew past"):
+        bm.grow(0, 13)
+    bm.release(0)
+    bm.check()
+    assert bm.available() == 4 and slots_of([3, 1], 2, 6, 4) == [14, 15, 4, 5]
+    with pytest.raises(ValueError, match="could never be admitted"):
+        Scheduler(num_blocks=2, block_size=4, max_batch=1).add(Request(0, (1,) * 8, 2))
+
+
 # ----------------------------------------------------------------------------- the scheduler, fuzzed
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 12), st.integers(1, 6), st.integers(1, 4), st.integers(1, 3), st.integers(1, 2),
@@ -174,7 +192,7 @@ def test_scheduler_invariants(n, block_size, max_batch, pp, replicas, policy, se
 
 
 def test_continuous_beats_static_on_the_modeled_clock():
-    reqs = make_requests(48, 32000, "64:512", "16:256", arrival_rate=40.0, seed=0)
+    reqs = make_requests(24, 32000, "64:512", "16:256", arrival_rate=40.0, seed=0)
     cost = S.step_cost("70b", S.Layout(tp=8), "h100")
     runs = {p: simulate(reqs, cost, max_batch=16, num_blocks=4096, block_size=16, policy=p).summary()
             for p in ("continuous", "static")}

@@ -86,7 +86,8 @@ class ServingModel:
 
 SERVING_MODELS = {
     "8b": ServingModel("8b", 32, 4096, 32, 8, 14336, 128256, True, "Llama 3 8B (Dubey et al. 2024, Table 3)"),
-    "70b": ServingModel("70b", 80, 8192, 64, 8, 28672, 32000, True, "Llama 2 70B (Touvron et al. 2023): GQA, 8 KV heads"),
+    "70b": ServingModel("70b", 80, 8192, 64, 8, 28672, 32000, True,
+                        "Llama 2 70B (Touvron et al. 2023): GQA, 8 KV heads"),
     "405b": ServingModel("405b", 126, 16384, 128, 8, 53248, 128256, True, "Llama 3 405B (Dubey et al. 2024, Table 3)"),
 }
 
@@ -102,7 +103,8 @@ class Layout:
         return self.tp * self.pp * self.dp
 
     def __str__(self) -> str:
-        return "·".join(f"{a.upper()}{getattr(self, a)}" for a in ("dp", "tp", "pp") if getattr(self, a) > 1) or "1 GPU"
+        axes = [f"{a.upper()}{getattr(self, a)}" for a in ("dp", "tp", "pp") if getattr(self, a) > 1]
+        return "·".join(axes) or "1 GPU"
 
 
 def _model(model) -> ServingModel:
@@ -126,7 +128,9 @@ def all_reduce_time(nbytes: float, k: int, link) -> float:
     NCCL's NVLS for the small messages of decoding)."""
     if k <= 1:
         return 0.0
-    return min(2 * (k - 1) * (link.latency + nbytes / k / link.bandwidth), link.latency + (k - 1) * nbytes / link.bandwidth)
+    ring = 2 * (k - 1) * (link.latency + nbytes / k / link.bandwidth)
+    one_shot = link.latency + (k - 1) * nbytes / link.bandwidth
+    return min(ring, one_shot)
 
 
 def _tp_link(gpu: GPU, layout: Layout):

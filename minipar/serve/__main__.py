@@ -47,7 +47,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("layout (their product is the number of ranks)")
     g.add_argument("--tp", type=Int, default=2, help="tensor-parallel ranks per stage, innermost [2]")
     g.add_argument("--pp", type=Int, default=2, help="pipeline stages [2]")
-    g.add_argument("--ep", type=Int, default=1, help="expert-parallel ranks (attention data-parallel; needs --experts) [1]")
+    g.add_argument("--ep", type=Int, default=1,
+                   help="expert-parallel ranks (attention data-parallel; needs --experts) [1]")
     g.add_argument("--dp", type=Int, default=1, help="data-parallel replicas behind the router [1]")
     m = p.add_argument_group("model (the same in every layout; weights from --seed)")
     m.add_argument("--layers", type=Int, default=4, help="transformer blocks [4]")
@@ -128,7 +129,8 @@ def report(a, cfg, sc, requests, res) -> int:
           f"x {sc.block_size} tokens per replica; {res.wall:.1f} s")
     print(f"wall clock on this machine: {format_summary(s)}")
     if any(res.cache_waits):
-        print(f"admission waited for free cache blocks in {sum(res.cache_waits)} steps (per replica: {res.cache_waits})")
+        print(f"admission waited for free cache blocks in {sum(res.cache_waits)} steps "
+              f"(per replica: {res.cache_waits})")
     model = GPT(cfg, sc.seed)
     refs = [reference(model, r) for r in requests]
     same = sum(rec.tokens == tok for rec, (tok, _) in zip(res.records, refs))

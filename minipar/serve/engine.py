@@ -41,7 +41,8 @@ from .runner import StageRunner
 from .scheduler import POLICIES, Frontend, Request
 from .workload import Record, summarize
 
-__all__ = ["ServeConfig", "ServeResult", "serve", "serve_rank", "check_serve", "sizes_ok"]
+__all__ = ["ServeConfig", "ServeResult", "serve", "serve_rank", "RankLoop", "check_serve", "check_requests",
+           "sizes_ok"]
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,8 @@ def check_serve(cfg, sc: ServeConfig, longest_prompt: int | None, longest_reques
                   f"longest holds {longest_request - 1} tokens in its cache, {need} blocks; raise "
                   f"{p.name('num_blocks')} to >= {need} (a cache too small for all requests at once is fine: "
                   "admission waits)")
-    if runtime.is_torchrun() and sizes_ok(sc.tp, sc.pp, sc.ep, sc.dp) and int(os.environ["WORLD_SIZE"]) != sc.world_size:
+    torchrun_world = int(os.environ["WORLD_SIZE"]) if runtime.is_torchrun() else None
+    if torchrun_world and sizes_ok(sc.tp, sc.pp, sc.ep, sc.dp) and torchrun_world != sc.world_size:
         p.add(f"torchrun started {os.environ['WORLD_SIZE']} processes but tp*pp*ep*dp = {sc.world_size}: "
               "make --nproc_per_node (times nodes) equal the product")
     return p
@@ -147,89 +149,125 @@ def _now(front: Frontend, t0: float) -> float:
     return t.item()
 
 
-def serve_rank(cfg: GPTConfig, sc: ServeConfig, requests: list[Request], progress: bool = False) -> dict:
-    """One rank's serving loop (inside `launch`, or a torchrun process)."""
-    torch.manual_seed(sc.seed)
-    mesh = Mesh(pp=sc.pp, dp=sc.dp, ep=sc.ep, tp=sc.tp)
-    num_blocks = sc.blocks(max(r.cache_tokens for r in requests))
-    runner = StageRunner(cfg, sc.parallel(), mesh, sc.seed, num_blocks, sc.block_size)
-    front = Frontend(requests, sc.replicas, sc.pp, sc.max_batch, num_blocks, sc.block_size, sc.policy)
-    me, s, p, dev = mesh.index("dp") * sc.ep + mesh.index("ep"), mesh.index("pp"), sc.pp, runtime.device()
-    peer = {k: mesh.rank_of(**{**mesh.coords(), "pp": k % p}) for k in (s - 1, s + 1, 0, p - 1)}
-    recorder = runner.last and mesh.index("tp") == 0
-    by_id = {r.id: r for r in requests}
-    records: dict[int, Record] = {}
-    history: list = []                 # the last p+1 ticks' steps (all replicas), newest first
-    fed: dict[int, int] = {}           # stage 0: each running sequence's newest token
-    outbox: list = []                  # sends made this tick, posted with next tick's receives
-    bar = tqdm(total=sum(r.max_new_tokens for r in requests), desc=f"serving ({sc.describe()})", unit="tok",
-               file=sys.stdout, disable=not progress or runtime.rank() != 0)
-    comm.barrier()
-    t0 = runtime.wall()
-    while not front.done:
-        history = [front.advance(_now(front, t0))] + history[:p]
-        mine = history[s][me] if len(history) > s else None
-        back = history[p][me] if p > 1 and len(history) > p and runner.first else None
-        back_works = [w for w in back.works if not w.last] if back else []
-        recvs = []
-        if not runner.first and mine:
-            act = torch.empty(mine.num_tokens, cfg.hidden, device=dev)
-            recvs.append((act, peer[s - 1]))
-        if back_works:
-            back_tok = torch.empty(len(back_works), dtype=torch.long, device=dev)
-            recvs.append((back_tok, peer[p - 1]))
-        if outbox or recvs:
-            for h in comm.batch_p2p(outbox, recvs, group="pp"):
+class RankLoop:
+    """One rank's serving loop (inside `launch`, or a torchrun process): the steps of the last
+    p+1 ticks, the stage's model piece, and what is in flight between the stages."""
+
+    def __init__(self, cfg: GPTConfig, sc: ServeConfig, requests: list[Request], progress: bool = False):
+        mesh = Mesh(pp=sc.pp, dp=sc.dp, ep=sc.ep, tp=sc.tp)
+        self.cfg, self.dev, self.p, self.s = cfg, runtime.device(), sc.pp, mesh.index("pp")
+        self.num_blocks = sc.blocks(max(r.cache_tokens for r in requests))
+        self.runner = StageRunner(cfg, sc.parallel(), mesh, sc.seed, self.num_blocks, sc.block_size)
+        self.front = Frontend(requests, sc.replicas, sc.pp, sc.max_batch, self.num_blocks, sc.block_size, sc.policy)
+        self.me = mesh.index("dp") * sc.ep + mesh.index("ep")             # this rank's replica
+        self.peer = {k: mesh.rank_of(**{**mesh.coords(), "pp": k % self.p})            # global ranks
+                     for k in (self.s - 1, self.s + 1, 0, self.p - 1)}
+        self.recorder = self.runner.last and mesh.index("tp") == 0
+        self.by_id = {r.id: r for r in requests}
+        self.records: dict[int, Record] = {}
+        self.history: list = []        # every replica's steps of the last p+1 ticks, newest first
+        self.fed: dict[int, int] = {}  # stage 0: each running sequence's newest token
+        self.outbox: list = []         # sends made this tick, posted with the next tick's receives
+        self.bar = tqdm(total=sum(r.max_new_tokens for r in requests), desc=f"serving ({sc.describe()})",
+                        unit="tok", file=sys.stdout, disable=not progress or runtime.rank() != 0)
+
+    def run(self) -> dict:
+        comm.barrier()
+        self.t0 = runtime.wall()
+        while not self.front.done:
+            self.history = [self.front.advance(_now(self.front, self.t0))] + self.history[:self.p]
+            mine = self.history[self.s][self.me] if len(self.history) > self.s else None   # tick k - s
+            act = self.exchange(mine)
+            if self.runner.must_run(mine):
+                self.compute(mine, act)
+            if len(self.history) >= self.p:                # the steps leaving the last stage now
+                self.bar.update(sum(len(st.works) for st in self.history[self.p - 1]))
+        self.bar.close()
+        assert not self.outbox, "a send was left unposted at the end"
+        for sch in self.front.schedulers:
+            sch.blocks.check()
+        events, first = trace.gather(), runtime.rank() == 0
+        return {"records": list(self.records.values()), "events": events if first else None,
+                "cache_waits": [sch.cache_waits for sch in self.front.schedulers] if first else None,
+                "free_blocks": [len(sch.blocks.free) for sch in self.front.schedulers] if first else None}
+
+    def exchange(self, mine):
+        """Post last tick's sends with this tick's receives, in one batch: the hidden states of `mine`
+        from the previous stage, and (stage 0) the tokens of the step issued p ticks ago."""
+        p, recvs, act = self.p, [], None
+        back = self.history[p][self.me] if p > 1 and len(self.history) > p and self.runner.first else None
+        going_on = [w for w in back.works if not w.last] if back else []
+        if not self.runner.first and mine:
+            act = torch.empty(mine.num_tokens, self.cfg.hidden, device=self.dev)
+            recvs.append((act, self.peer[self.s - 1]))
+        if going_on:
+            tokens = torch.empty(len(going_on), dtype=torch.long, device=self.dev)
+            recvs.append((tokens, self.peer[p - 1]))
+        if self.outbox or recvs:
+            for h in comm.batch_p2p(self.outbox, recvs, group="pp"):
                 h.wait()
-        outbox = []
-        if back_works:
-            fed.update(zip((w.seq for w in back_works), back_tok.tolist()))
-        if runner.must_run(mine):
-            prefills = sum(w.prefill for w in mine.works)
-            with trace.span("prefill" if prefills else "decode", tokens=mine.num_tokens, seqs=len(mine.works),
-                            prefills=prefills, tick=mine.tick, replica=me):
-                if runner.first:
-                    ids = [t for w in mine.works for t in (by_id[w.seq].prompt if w.prefill else (fed[w.seq],))]
-                    x = runner.embed(mine, ids)
-                else:
-                    x = act if mine else torch.zeros(0, cfg.hidden, device=dev)
-                x = runner.forward(mine, x)
-                tokens = runner.sample(mine, x) if runner.last and mine else []
-            if not runner.last and mine:
-                outbox.append((x, peer[s + 1]))
-            if tokens:
-                _emit(mine, tokens, runtime.wall() - t0, recorder, records, by_id, me)
-                going_on = [(w.seq, tok) for w, tok in zip(mine.works, tokens) if not w.last]
-                if p == 1:
-                    fed.update(going_on)
-                elif going_on:
-                    outbox.append((torch.tensor([tok for _, tok in going_on], device=dev), peer[0]))
-        if len(history) >= p:
-            bar.update(sum(len(st.works) for st in history[p - 1]))
-    bar.close()
-    assert not outbox, "a send was left unposted at the end"
-    for sch in front.schedulers:
-        sch.blocks.check()
-    events = trace.gather()
-    first = runtime.rank() == 0
-    return {"records": list(records.values()), "events": events if first else None,
-            "cache_waits": [sch.cache_waits for sch in front.schedulers] if first else None,
-            "free_blocks": [len(sch.blocks.free) for sch in front.schedulers] if first else None,
-            "num_blocks": num_blocks}
+        self.outbox = []
+        if going_on:
+            self.fed.update(zip((w.seq for w in going_on), tokens.tolist()))
+        return act
+
+    def compute(self, mine, act) -> None:
+        """Embed (stage 0), this stage's blocks, argmax (last stage); queue the sends."""
+        run, prefills = self.runner, sum(w.prefill for w in mine.works)
+        with trace.span("prefill" if prefills else "decode", tokens=mine.num_tokens, seqs=len(mine.works),
+                        prefills=prefills, tick=mine.tick, replica=self.me):
+            if run.first:
+                ids = [t for w in mine.works
+                       for t in (self.by_id[w.seq].prompt if w.prefill else (self.fed[w.seq],))]
+                x = run.embed(mine, ids)
+            else:
+                x = act if mine else torch.zeros(0, self.cfg.hidden, device=self.dev)   # ep lockstep, no work
+            x = run.forward(mine, x)
+            tokens = run.sample(mine, x) if run.last and mine else []
+        if not run.last and mine:
+            self.outbox.append((x, self.peer[self.s + 1]))
+        if tokens:
+            self.emit(mine, tokens, runtime.wall() - self.t0)
+            going_on = [(w.seq, tok) for w, tok in zip(mine.works, tokens) if not w.last]
+            if self.p == 1:
+                self.fed.update(going_on)
+            elif going_on:
+                self.outbox.append((torch.tensor([tok for _, tok in going_on], device=self.dev), self.peer[0]))
+
+    def emit(self, step, tokens, t) -> None:
+        if not self.recorder:
+            return
+        for w, tok in zip(step.works, tokens):
+            if w.seq not in self.records:
+                r = self.by_id[w.seq]
+                self.records[w.seq] = Record(r.id, list(r.prompt), r.arrival, replica=self.me)
+            self.records[w.seq].tokens.append(tok)
+            self.records[w.seq].times.append(t)
 
 
-def _emit(step, tokens, t, recorder, records, by_id, replica) -> None:
-    if not recorder:
-        return
-    for w, tok in zip(step.works, tokens):
-        if w.seq not in records:
-            r = by_id[w.seq]
-            records[w.seq] = Record(r.id, list(r.prompt), r.arrival, replica=replica)
-        records[w.seq].tokens.append(tok)
-        records[w.seq].times.append(t)
+def serve_rank(cfg: GPTConfig, sc: ServeConfig, requests: list[Request], progress: bool = False) -> dict:
+    """One rank's part of `serve` (what `launch` runs on every rank)."""
+    return RankLoop(cfg, sc, requests, progress).run()
 
 
-def serve(cfg: GPTConfig, requests: list[Request], sc: ServeConfig = ServeConfig(), progress: bool = False) -> ServeResult:
+def check_requests(cfg: GPTConfig, requests: list[Request], p: Problems) -> Request | None:
+    """Problems of the requests themselves; returns the longest (prompt + new tokens), if any."""
+    if not requests:
+        p.add("requests: give at least one Request")
+        return None
+    if min(len(r.prompt) for r in requests) < 1 or min(r.max_new_tokens for r in requests) < 1:
+        p.add("every request needs a prompt of >= 1 token and max_new_tokens >= 1")
+        return None
+    if len({r.id for r in requests}) < len(requests):
+        p.add("request ids must be unique")
+    bad = [r.id for r in requests if any(not 0 <= t < cfg.vocab for t in r.prompt)]
+    if bad:
+        p.add(f"requests {bad[:5]} hold token ids outside the vocabulary 0..{cfg.vocab - 1}")
+    return max(requests, key=lambda r: len(r.prompt) + r.max_new_tokens)
+
+
+def serve(cfg: GPTConfig, requests: list[Request], sc: ServeConfig = ServeConfig(),
+          progress: bool = False) -> ServeResult:
     """Validate, then serve `requests` greedily with the layout of `sc` on sc.world_size ranks
     (local processes, or the torchrun processes). Raises ConfigError listing every problem."""
     p = Problems()
@@ -237,18 +275,7 @@ def serve(cfg: GPTConfig, requests: list[Request], sc: ServeConfig = ServeConfig
         p.integer(a, getattr(sc, a), low=1)
     if sc.num_blocks is not None:
         p.integer("num_blocks", sc.num_blocks, low=1)
-    longest = None
-    if not requests:
-        p.add("requests: give at least one Request")
-    elif min(len(r.prompt) for r in requests) < 1 or min(r.max_new_tokens for r in requests) < 1:
-        p.add("every request needs a prompt of >= 1 token and max_new_tokens >= 1")
-    else:
-        longest = max(requests, key=lambda r: len(r.prompt) + r.max_new_tokens)
-        if len({r.id for r in requests}) < len(requests):
-            p.add("request ids must be unique")
-        bad = [r.id for r in requests if any(not 0 <= t < cfg.vocab for t in r.prompt)]
-        if bad:
-            p.add(f"requests {bad[:5]} hold token ids outside the vocabulary 0..{cfg.vocab - 1}")
+    longest = check_requests(cfg, requests, p)
     check_serve(cfg, sc, len(longest.prompt) if longest else None,
                 len(longest.prompt) + longest.max_new_tokens if longest else None, p)
     p.raise_if_any("this serving configuration cannot run")

@@ -57,7 +57,8 @@ print(f"this machine: {os.cpu_count()} CPU cores; every rank below is a local pr
 # %%
 cfg = GPTConfig(vocab=64, seq=64, layers=2, heads=4, hidden=32)
 reqs = [Request(i, tuple(range(1, 11 + i)), 3) for i in range(4)]
-runner = StageRunner(cfg, ServeConfig().parallel(), Mesh(pp=1, dp=1, ep=1, tp=1), seed=0, num_blocks=64, block_size=4)
+runner = StageRunner(cfg, ServeConfig().parallel(), Mesh(pp=1, dp=1, ep=1, tp=1), seed=0, num_blocks=64,
+                     block_size=4)                                 # one rank, in this process
 front = Frontend(reqs, max_batch=4, num_blocks=64, block_size=4)
 (step,) = front.advance(0.0)                                       # the prefill of all four
 tokens = runner.sample(step, runner.forward(step, runner.embed(step, [t for r in reqs for t in r.prompt])))
@@ -70,8 +71,9 @@ formula = 2 * m.matmul_params * b + 4 * cfg.hidden * cfg.layers * ctx
 weight_bytes = sum(p.numel() * p.element_size() for n, p in runner.module.named_parameters() if "wte" not in n)
 slot_bytes = sum(t[0].numel() * t.element_size() for t in (*runner.k_pools.values(), *runner.v_pools.values()))
 print(f"decode step, b={b}, {ctx} cached positions: {counter.get_total_flops():,} FLOPs counted, formula {formula:,}")
-print(f"bytes read: weights {weight_bytes:,} (parameter storage, fp32) + K/V {ctx} x {slot_bytes} = "
-      f"{weight_bytes + ctx * slot_bytes:,}; intensity {counter.get_total_flops() / (weight_bytes + ctx * slot_bytes):.2f} FLOP/B")
+read = weight_bytes + ctx * slot_bytes
+print(f"bytes read: weights {weight_bytes:,} (parameter storage, fp32) + K/V {ctx} x {slot_bytes} = {read:,}; "
+      f"intensity {counter.get_total_flops() / read:.2f} FLOP/B")
 assert counter.get_total_flops() == formula
 assert slot_bytes == 2 * cfg.layers * cfg.heads * cfg.head_dim * 4     # κ for fp32: the pool's storage per slot
 
@@ -92,7 +94,8 @@ m70, lay8 = S.SERVING_MODELS["70b"], S.Layout(tp=8)
 kappa = S.kv_bytes_per_token(m70, lay8)
 fig, ax = plt.subplots(figsize=(7.5, 3.6))
 for c in (128, 1024, 4096, 32768):
-    I = [(d := S.decode_step(m70, lay8, "h100", bb, c))["flops"] / (d["weights_bytes"] + d["kv_bytes"]) for bb in batches]
+    steps = [S.decode_step(m70, lay8, "h100", bb, c) for bb in batches]
+    I = [d["flops"] / (d["weights_bytes"] + d["kv_bytes"]) for d in steps]
     ax.loglog(batches, I, label=f"context {c}")
     limit = (2 * m70.matmul_params + 4 * c * m70.hidden * m70.layers) / 8 / (c * kappa)   # b -> infinity
     assert all(x < y < limit for x, y in zip(I, I[1:])) and (max(I) < ridge) == (c >= 4096)
@@ -280,7 +283,8 @@ pp_lat = [S.token_latency("8b", S.Layout(pp=k), "h100", 1, 1024) for k in gpus]
 fig, ax = plt.subplots(figsize=(6, 3))
 ax.plot(gpus, np.array(tp_lat) * 1e3, "o-", label="TP", color=COLORS["all_reduce"])
 ax.plot(gpus, np.array(pp_lat) * 1e3, "s-", label="PP", color=COLORS["send"])
-ax.set(xlabel="GPUs", ylabel="ms per token (batch 1)", xticks=gpus, title="Llama 3 8B on H100s, context 1024 (modeled)")
+ax.set(xlabel="GPUs", ylabel="ms per token (batch 1)", xticks=gpus,
+       title="Llama 3 8B on H100s, context 1024 (modeled)")
 ax.legend()
 plt.tight_layout()
 assert all(a > b for a, b in zip(tp_lat, tp_lat[1:])) and all(a < b for a, b in zip(pp_lat, pp_lat[1:]))
@@ -324,8 +328,8 @@ print(f"\nTP8 has the most tokens/s up to {max(k for k in wins if k < switch)} c
 print(f"PP8 passes TP8 only from {first_pp} sequences, at "
       f"{S.token_latency('70b', layouts['PP8'], 'h100', first_pp / 8, c) * 1e3:.0f} ms per token")
 assert wins[min(wins)] == "TP8" and wins[max(wins)] != "TP8"
-assert S.token_latency("70b", layouts["TP8"], "h100", 1, c) < S.token_latency("70b", layouts["TP4·PP2"], "h100", 1, c) \
-    < S.token_latency("70b", layouts["PP8"], "h100", 1, c)
+itl_alone = {name: S.token_latency("70b", lay, "h100", 1, c) for name, lay in layouts.items()}
+assert itl_alone["TP8"] < itl_alone["TP4·PP2"] < itl_alone["PP8"]                 # TP lowers latency, PP raises it
 
 # %% [markdown]
 # So: TP8 for the lowest latency and light load; TP4·PP2 for throughput under heavy load; PP8 only
@@ -357,6 +361,7 @@ from minipar.exercises import check
 
 # %% tags=["solution"]
 def can_join(request, now, batch, max_batch, available_blocks, block_size):
+    """True if the waiting `request` may join the batch at time `now`."""
     need = -(-(len(request.prompt) + request.max_new_tokens - 1) // block_size)   # ceil
     return request.arrival <= now and batch < max_batch and need <= available_blocks
 
