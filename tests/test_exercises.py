@@ -42,6 +42,7 @@ PER_TOPIC = {
     "pp_1f1b": "test_pp_exercise.py::test_checker_rejects_wrong_answers",  # GPipe; naive; warm-up off by one
     "nd_layout": "test_exercises.py::test_nd_layout_checker",  # tp across nodes; wrong product; no fit; ZeRO-3
     "fp8_fake_quant": "test_exercises.py::test_fp8_fake_quant_checker",  # no clamp; current amax; no unscale
+    "serve_admission": "test_serve.py::test_exercise_checker",  # ignores the cache; prompt only; off by one; early
 }
 
 # Notebooks whose exercise is not tagged yet (none: every notebook's solution cell is tagged).
