@@ -20,7 +20,7 @@ come from the scheduler, so every layer of every stage indexes its pool the same
 
 Communication per layer and step: tp's two all-reduces of N*h values (after attention's and
 the MLP's row-parallel projections, the g of Megatron), and under ep one all-to-all there and
-back per MoE block (`ep.dispatch_combine`). The greedy token is the argmax over the
+back per MoE block (the dispatcher `ep.expert_parallel` installs). The greedy token is the argmax over the
 vocab-parallel logits (`tp_generate.vocab_parallel_argmax`).
 """
 from __future__ import annotations
@@ -28,11 +28,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..compose import ComposedStage, ParallelConfig, stage_layers
+from ..compose import ComposedStage, ParallelConfig
 from ..ep import expert_parallel
 from ..mesh import Mesh
 from ..model import GPT, GPTConfig
 from ..moe import moe_layers
+from ..pp.stage import part_ranges
 from ..runtime import device
 from ..tp_generate import vocab_parallel_argmax
 from .blocks import slots_of
@@ -66,11 +67,11 @@ class StageRunner:
         ref = GPT(cfg, seed)
         if cfg.experts:
             if pc.ep > 1:
-                expert_parallel(ref, mesh)
+                expert_parallel(ref, mesh, groups=1)
             for layer in moe_layers(ref):
                 layer.groups = 1          # dropless: one group per forward, whatever its size
         s = mesh.index("pp")
-        self.layers = stage_layers(cfg, pc.pp, s)
+        self.layers = part_ranges(cfg, pc.pp, pc.stage_layers)[s]
         self.first, self.last, self.tp = s == 0, s == pc.pp - 1, pc.tp
         self.module = ComposedStage(ref, self.layers, self.first, self.last, pc, mesh).to(device()).eval()
         self.cfg, self.block_size, self.dev = cfg, block_size, device()
