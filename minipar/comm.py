@@ -129,8 +129,8 @@ class StreamWork:
     """The handle of a call queued on a device stream: wait() makes the caller's stream wait for
     its end event; the host does not wait."""
 
-    def __init__(self, dev, end, tensor: torch.Tensor):
-        self.dev, self.end, self.tensor, self.done = dev, end, tensor, False
+    def __init__(self, dev, end, tensor: torch.Tensor, done: bool = False):
+        self.dev, self.end, self.tensor, self.done = dev, end, tensor, done
 
     def wait(self):
         if not self.done:
@@ -162,14 +162,19 @@ def _on_stream(dev, issue, evs, uses, async_op: bool, after=None):
     return end
 
 
-def _run(op, name, axis, payload, wire, tensor, async_op, after=None, uses=(), **meta):
+def _run(op, name, axis, payload, wire, tensor, async_op, after=None, uses=(), result=None, **meta):
+    """Issue `op` (traced); `tensor` is what it writes, `uses` what else it reads, `result` what
+    the handle returns (default `tensor`)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     ev = trace.Event(rank, name, "comm", time.perf_counter(), 0.0, axis=axis, bytes=payload, wire_bytes=wire, meta=meta)
     dev = streams.active()
     if dev is not None:
-        handle = StreamWork(dev, _on_stream(dev, lambda: [op(True)], [ev], (tensor, *uses), async_op, after), tensor)
+        end = _on_stream(dev, lambda: [op(True)], [ev], (tensor, *uses), async_op, after)
+        handle = StreamWork(dev, end, tensor, done=not async_op)   # blocking: it ran on the caller's stream
     else:
         handle = TracedWork(op(async_op), ev, tensor, after)
+    if result is not None:
+        handle.tensor = result
     return handle if async_op else handle.wait()
 
 
@@ -199,10 +204,8 @@ def all_gather(t: torch.Tensor, dim: int = 0, group=None, async_op: bool = False
         raise ValueError(f"all_gather(out=) needs dim=0 and out of shape {(n * src.shape[0], *src.shape[1:])}")
     out = torch.empty((n * src.shape[0], *src.shape[1:]), dtype=t.dtype, device=t.device) if out is None else out
     S = _nbytes(out)
-    h = _run(lambda a: _all_gather_single(out, src, group=pg, async_op=a),
-             "all_gather", name, S, (n - 1) / n * S, out, True, uses=(src,))
-    h.tensor = out.movedim(0, dim)
-    return h if async_op else h.wait()
+    return _run(lambda a: _all_gather_single(out, src, group=pg, async_op=a),
+                "all_gather", name, S, (n - 1) / n * S, out, async_op, uses=(src,), result=out.movedim(0, dim))
 
 
 def reduce_scatter(t: torch.Tensor, dim: int = 0, op: str = "sum", group=None, async_op: bool = False):
@@ -216,10 +219,8 @@ def reduce_scatter(t: torch.Tensor, dim: int = 0, op: str = "sum", group=None, a
     out = torch.empty((src.shape[0] // n, *src.shape[1:]), dtype=t.dtype, device=t.device)
     S = _nbytes(src)
     after = (lambda: out.div_(n)) if op == "avg" else None
-    h = _run(lambda a: _reduce_scatter_single(out, src, _OPS["sum" if op == "avg" else op], group=pg, async_op=a),
-             "reduce_scatter", name, S, (n - 1) / n * S, out, True, after, uses=(src,))
-    h.tensor = out.movedim(0, dim)
-    return h if async_op else h.wait()
+    return _run(lambda a: _reduce_scatter_single(out, src, _OPS["sum" if op == "avg" else op], group=pg, async_op=a),
+                "reduce_scatter", name, S, (n - 1) / n * S, out, async_op, after, uses=(src,), result=out.movedim(0, dim))
 
 
 def all_to_all(t: torch.Tensor, output_split_sizes=None, input_split_sizes=None, group=None, async_op: bool = False):

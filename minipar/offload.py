@@ -149,10 +149,14 @@ class NVMeOptimizer:
         self.dir = tempfile.mkdtemp(dir=nvme_dir, prefix=f"minipar-{tag}-")
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.dir, True)   # scratch: gone with us
         self.files = []
-        for i, numel in enumerate(numels):
-            path = os.path.join(self.dir, f"unit{i}.bin")
-            _reserve(path, NVME_BYTES_PER_PARAM * numel)
-            self.files.append(torch.from_numpy(np.memmap(path, np.float32, "r+", shape=(len(ROWS), numel))))
+        try:
+            for i, numel in enumerate(numels):
+                path = os.path.join(self.dir, f"unit{i}.bin")
+                _reserve(path, NVME_BYTES_PER_PARAM * numel)
+                self.files.append(torch.from_numpy(np.memmap(path, np.float32, "r+", shape=(len(ROWS), numel))))
+        except ConfigError:
+            self._cleanup()
+            raise
         pin = compute_device().type == "cuda"
         self.buffers = [torch.empty(len(ROWS), max(numels), pin_memory=pin) for _ in range(2)]
         # AdamW steps stand-in parameters pointed, one at a time, at the rows of the buffer in hand
