@@ -31,7 +31,6 @@ import errno
 import os
 import shutil
 import tempfile
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -41,9 +40,13 @@ import torch.nn as nn
 from .dp import held_bytes
 from .model import make_optimizer
 from .runtime import device as compute_device
+from .runtime import rank, world_size
 from .validation import ConfigError, Problems, nearest_existing
 
-__all__ = ["ShardOptimizer", "NVMeOptimizer", "host_device", "nvme_problems", "check_nvme", "NVME_BYTES_PER_PARAM"]
+__all__ = ["ShardOptimizer", "NVMeOptimizer", "OFFLOADS", "shard_optimizer", "check_offload", "nvme_bytes", "host_device",
+           "nvme_problems", "check_nvme", "NVME_BYTES_PER_PARAM"]
+
+OFFLOADS = (False, True, "cpu", "nvme")   # where the optimizer runs: device, host (True = "cpu"), NVMe
 
 
 def host_device() -> torch.device:
@@ -138,7 +141,8 @@ class NVMeOptimizer:
          ZeRO-Offload), copies the new master into the shard (host->device, rounding to the compute
          dtype) and writes master and moments back. One I/O thread reads unit i+1 into the second
          buffer while unit i steps: host memory holds two units, not the model.
-    `io` lists the bytes read and written per step, counted at each copy through the mapping."""
+    `io` lists the bytes read and written per step, counted at each copy through the mapping.
+    The files have no name once mapped: the disk space is this process's while it lives."""
 
     def __init__(self, shards: list[torch.Tensor], nvme_dir: str, tag: str = "rank0", sharing: int = 1, **optim):
         self.shards, self.where = shards, "nvme"
@@ -146,17 +150,17 @@ class NVMeOptimizer:
         need = NVME_BYTES_PER_PARAM * sum(numels)
         check_nvme(nvme_dir, need * sharing)          # every rank on this host writes to this disk
         os.makedirs(nvme_dir, exist_ok=True)
-        self.dir = tempfile.mkdtemp(dir=nvme_dir, prefix=f"minipar-{tag}-")
-        self._cleanup = weakref.finalize(self, shutil.rmtree, self.dir, True)   # scratch: gone with us
-        self.files = []
+        scratch, self.files = tempfile.mkdtemp(dir=nvme_dir, prefix=f"minipar-{tag}-"), []
         try:
             for i, numel in enumerate(numels):
-                path = os.path.join(self.dir, f"unit{i}.bin")
+                path = os.path.join(scratch, f"unit{i}.bin")
                 _reserve(path, NVME_BYTES_PER_PARAM * numel)
                 self.files.append(torch.from_numpy(np.memmap(path, np.float32, "r+", shape=(len(ROWS), numel))))
-        except ConfigError:
-            self._cleanup()
-            raise
+                # scratch space: the mapping keeps the blocks, the name goes now, so that no rank that
+                # crashes or is killed (forked ranks end with os._exit) leaves gigabytes behind
+                os.unlink(path)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         pin = compute_device().type == "cuda"
         self.buffers = [torch.empty(len(ROWS), max(numels), pin_memory=pin) for _ in range(2)]
         # AdamW steps stand-in parameters pointed, one at a time, at the rows of the buffer in hand
@@ -216,7 +220,37 @@ class NVMeOptimizer:
                     nvme=sum(f.numel() * 4 for f in self.files), host=held_bytes(self.buffers), where="nvme")
 
     def close(self) -> None:
-        """Finish the I/O and delete the files."""
+        """Finish the I/O and give the disk space back (the files have no name: unmapping frees them)."""
         self.io_thread.shutdown(wait=True)
         self.files = []
-        self._cleanup()
+
+
+def check_offload(offload, nvme_dir=None, nbytes: int = 0) -> None:
+    """ConfigError unless `offload` is one of OFFLOADS and, for "nvme", `nvme_dir` is a writable
+    directory whose disk has `nbytes` free (`zero.nvme_bytes`). Call it before `launch`."""
+    p = Problems()
+    if p.choice("offload", offload, OFFLOADS) and offload == "nvme":
+        if nvme_dir is None:
+            p.add('offload="nvme" needs nvme_dir=, a directory on the NVMe disk for the optimizer states')
+        else:
+            nvme_problems(nvme_dir, nbytes, p)
+    elif nvme_dir is not None and offload in OFFLOADS:
+        p.add(f'nvme_dir={nvme_dir!r} is used only with offload="nvme" (got offload={offload!r})')
+    p.raise_if_any("ZeRO cannot offload like this")
+
+
+def nvme_bytes(units, n: int) -> int:
+    """Disk bytes NVMe offload needs on a host of `n` ranks for ZeRO `units` ([(name, [modules])], e.g.
+    `zero.gpt_units(model)`; a model on the "meta" device costs no memory): 16 per padded parameter."""
+    numels = [sum(p.numel() for m in mods for p in m.parameters()) for _, mods in units]
+    return NVME_BYTES_PER_PARAM * sum(-(-k // n) * n for k in numels)
+
+
+def shard_optimizer(shards: list[torch.Tensor], offload=False, nvme_dir: str | None = None):
+    """The optimizer for `shards` where `offload` says: ShardOptimizer on the device or the host,
+    NVMeOptimizer (whose files share this host's disk with every local rank) for "nvme"."""
+    check_offload(offload, nvme_dir)
+    if offload == "nvme":
+        sharing = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+        return NVMeOptimizer(shards, nvme_dir, tag=f"rank{rank()}", sharing=sharing)
+    return ShardOptimizer(shards, offload=bool(offload))

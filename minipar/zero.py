@@ -24,8 +24,8 @@ padding (zero weight, zero gradient) stays zero.
 Stage 3 frees a unit's flat buffer (its storage resized to 0, the parameter views stay
 valid) and gathers it back right before the unit's forward and again right before its
 backward; it prefetches the next unit (forward: i+1, backward: i-1) asynchronously, so the
-gather overlaps the current unit's compute. FSDP2 skips freeing the root after forward;
-we free every unit, as the paper counts.
+gather overlaps the current unit's compute (on a GPU, on the communication stream: `streams`).
+FSDP2 skips freeing the root after forward; we free every unit, as the paper counts.
 
 Gradient accumulation: stage 1 accumulates full gradients and reduce-scatters once at the
 step; stages 2 and 3 reduce-scatter every micro-batch into the gradient shard (as DeepSpeed
@@ -35,7 +35,6 @@ of each backward that reached it, in unit order, so every rank issues the same c
 """
 from __future__ import annotations
 
-import os
 import time
 from contextlib import nullcontext
 
@@ -45,17 +44,14 @@ import torch.nn as nn
 from . import comm, trace
 from .dp import default_group, held_bytes, train_steps
 from .model import GPT, GPTConfig
-from .offload import NVME_BYTES_PER_PARAM, NVMeOptimizer, ShardOptimizer, nvme_problems
+from .offload import check_offload, nvme_bytes, shard_optimizer
 from .precision import MixedPrecision
 from .recompute import apply_recompute
-from .runtime import device, rank, world_size
-from .validation import Problems
+from .runtime import device, rank
 
-__all__ = ["ZeRO", "Unit", "FSDP_NAMES", "OFFLOADS", "stage_of", "gpt_units", "nvme_bytes", "check_offload",
-           "train_zero"]
+__all__ = ["ZeRO", "Unit", "FSDP_NAMES", "stage_of", "gpt_units", "nvme_bytes", "check_offload", "train_zero"]
 
 FSDP_NAMES = {"FULL_SHARD": 3, "SHARD_GRAD_OP": 2, "NO_SHARD": 0}
-OFFLOADS = (False, True, "cpu", "nvme")   # True = "cpu": ZeRO-Offload; "nvme": ZeRO-Infinity (see offload.py)
 
 
 def stage_of(strategy) -> int:
@@ -111,15 +107,13 @@ class Unit:
 
 class ZeRO(nn.Module):
     """Shard `model` over `group` at ZeRO `stage` (1, 2, 3 or an FSDP name; for NO_SHARD use
-    `minipar.dp.DDP`). offload: True or "cpu" puts the optimizer state and step on the host,
-    "nvme" in files under `nvme_dir` (ZeRO-Infinity). precision: a
-    `MixedPrecision`. spans: trace each unit's F and B (off where the caller traces its own).
+    `minipar.dp.DDP`). offload: "cpu" (or True) or "nvme" (files in `nvme_dir`), see offload.py.
+    precision: a `MixedPrecision`. spans: trace each unit's F and B (off where the caller traces its own).
     late: names of units that reduce at the end of backward (see above). Call zero_grad(), the
     model, backward(loss), step()."""
 
-    def __init__(self, model: nn.Module, stage=3, group=None, units=None, offload=False,
-                 precision: MixedPrecision | None = None, prefetch: bool = True, spans: bool = True, late=(),
-                 nvme_dir: str | None = None):
+    def __init__(self, model: nn.Module, stage=3, group=None, units=None, offload=False, precision=None,
+                 prefetch: bool = True, spans: bool = True, late=(), nvme_dir: str | None = None):
         super().__init__()
         self.stage = stage_of(stage)
         if self.stage == 0:
@@ -134,13 +128,7 @@ class ZeRO(nn.Module):
         if missing:
             raise ValueError(f"parameters {missing} are in no unit: list their modules in `units`")
         self.names = {id(p): name for name, p in model.named_parameters()}
-        check_offload(offload, nvme_dir)
-        shards = [u.shard for u in self.units]
-        if offload == "nvme":   # every rank of this host writes to the same disk
-            sharing = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
-            self.optim = NVMeOptimizer(shards, nvme_dir, tag=f"rank{rank()}", sharing=sharing)
-        else:
-            self.optim = ShardOptimizer(shards, offload=bool(offload))
+        self.optim = shard_optimizer([u.shard for u in self.units], offload, nvme_dir)
         self.scaler = self.mp.make_scaler(self.group)
         self._queued, self.gathered_log = False, []
         for u in self.units:
@@ -323,45 +311,19 @@ def _span(name: str, t0):
         trace.record_span(name, t0)
 
 
-def check_offload(offload, nvme_dir=None, nbytes: int = 0) -> None:
-    """ConfigError unless `offload` is one of OFFLOADS and, for "nvme", `nvme_dir` is a writable
-    directory whose disk has `nbytes` free (see `nvme_bytes`). Call it before `launch`."""
-    p = Problems()
-    if p.choice("offload", offload, OFFLOADS) and offload == "nvme":
-        if nvme_dir is None:
-            p.add('offload="nvme" needs nvme_dir=, a directory on the NVMe disk for the optimizer states')
-        else:
-            nvme_problems(nvme_dir, nbytes, p)
-    elif nvme_dir is not None and offload in OFFLOADS:
-        p.add(f'nvme_dir={nvme_dir!r} is used only with offload="nvme" (got offload={offload!r})')
-    p.raise_if_any("ZeRO cannot offload like this")
-
-
-def nvme_bytes(cfg: GPTConfig, n: int) -> int:
-    """Bytes NVMe offload writes to one host's disk for the reference GPT over `n` ranks on it:
-    16 per parameter of every padded unit (counted on a model without storage)."""
-    with torch.device("meta"):
-        model = GPT(cfg)
-    return NVME_BYTES_PER_PARAM * sum(-(-sum(p.numel() for m in mods for p in m.parameters()) // n) * n
-                                      for _, mods in gpt_units(model))
-
-
 def train_zero(cfg: GPTConfig, stage=3, steps: int = 5, batch_size: int = 8, seed: int = 0, grad_accum: int = 1,
                recompute=None, offload=False, precision: MixedPrecision | None = None, group=None,
                prefetch: bool = True, inject_overflow_at: int | None = None, nvme_dir: str | None = None) -> dict:
     """Run on every rank: ZeRO training of the reference GPT. Returns losses, the final
     parameters, this rank's model-state bytes (measured before the last step) and the
-    loss scaler's history. `inject_overflow_at=k` puts an inf in rank 0's gradient at step k.
-    offload: False, True/"cpu" (ZeRO-Offload) or "nvme" with `nvme_dir` (ZeRO-Infinity; then
-    `io` holds the bytes read and written per step); check it before launching with
-    `check_offload(offload, nvme_dir, nvme_bytes(cfg, ranks))`."""
+    loss scaler's history. `inject_overflow_at=k` puts an inf in rank 0's gradient at step k. With
+    offload="nvme" (before launching: `check_offload("nvme", dir, nvme_bytes(gpt_units(GPT(cfg)), N))`), `io`."""
     torch.manual_seed(seed)
     model = GPT(cfg, seed).to(device())
     if recompute:
         apply_recompute(model, recompute)
     with trace.enabled(False):  # the trace holds the training steps, not the setup
-        z = ZeRO(model, stage, group=group, offload=offload, precision=precision, prefetch=prefetch,
-                 nvme_dir=nvme_dir)
+        z = ZeRO(model, stage, group, offload=offload, precision=precision, prefetch=prefetch, nvme_dir=nvme_dir)
     mem = {}
 
     def step():
@@ -373,10 +335,6 @@ def train_zero(cfg: GPTConfig, stage=3, steps: int = 5, batch_size: int = 8, see
             z.local_grads()[0][0] = float("inf")
 
     losses = train_steps(z, step, cfg, steps, batch_size, seed, grad_accum, spans=z.stage != 3, on_backward=inject)
-    out = dict(losses=losses, params=z.full_parameters(), memory=mem,
-               num_params=sum(u.numel for u in z.units), padded_params=sum(u.padded for u in z.units),
-               scale_history=z.scaler.history if z.scaler else [])
-    if offload == "nvme":
-        out["io"] = z.optim.io
-        z.optim.close()
-    return out
+    return dict(losses=losses, params=z.full_parameters(), memory=mem, io=getattr(z.optim, "io", None),
+                num_params=sum(u.numel for u in z.units), padded_params=sum(u.padded for u in z.units),
+                scale_history=z.scaler.history if z.scaler else [])
