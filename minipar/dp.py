@@ -225,6 +225,7 @@ def train_steps(engine, step_fn, cfg: GPTConfig, steps: int, batch_size: int, se
             step_fn()
         with trace.enabled(False):  # the logged loss is not part of the algorithm's traffic
             losses.append(comm.all_reduce(total, op="avg", group=group).item())
+        trace.resolve()  # .item() waited for the step anyway: read its device timestamps now (GPU)
     return losses
 
 

@@ -45,6 +45,7 @@ class FakeEvent:
 
     def synchronize(self):
         self.dev.syncs += 1
+        self.dev.syncs_outside_resolve += not self.dev.resolving
 
 
 class FakeDevice:
@@ -53,6 +54,7 @@ class FakeDevice:
 
     def __init__(self, follow_host=False):
         self.follow_host, self.log, self.events, self.syncs = follow_host, [], [], 0
+        self.resolving, self.syncs_outside_resolve, self.resolves = False, 0, 0
         self.compute, self.comm_stream = FakeStream(self, "compute"), FakeStream(self, "comm")
         self._current = self.compute
 
@@ -115,10 +117,18 @@ def test_device_timestamps_resolve_after_the_step_and_show_the_overlap():
 def _on_fake_streams():
     dev = FakeDevice(follow_host=True)
     torch.cuda.synchronize = None                  # any call would fail: the path must never make one
+    resolve = trace.resolve
+
+    def counted():                                 # the only place allowed to wait for the device
+        dev.resolving, dev.resolves = True, dev.resolves + 1
+        resolve()
+        dev.resolving = False
+
+    trace.resolve = counted
     with streams.override(dev):
         trace.reset()
         ddp = train_ddp(CFG, steps=2, bucket_mb=0.01)
-        syncs_while_training = dev.syncs
+        resolves_while_training = dev.resolves
         ddp_evs = trace.events()
         ddp_log = list(dev.log)
         dev.log.clear()
@@ -126,7 +136,8 @@ def _on_fake_streams():
         zero = train_zero(CFG, 3, steps=2)
         zero_evs = trace.events()
     return dict(ddp=ddp, zero=zero, ddp_evs=ddp_evs, zero_evs=zero_evs, ddp_log=ddp_log, zero_log=dev.log,
-                syncs_while_training=syncs_while_training, syncs=dev.syncs, stream_of={e.id: e.stream for e in dev.events})
+                resolves_while_training=resolves_while_training, syncs=dev.syncs,
+                syncs_outside_resolve=dev.syncs_outside_resolve, stream_of={e.id: e.stream for e in dev.events})
 
 
 def test_ddp_buckets_and_zero3_prefetch_run_on_the_comm_stream_without_host_waits():
@@ -135,7 +146,8 @@ def test_ddp_buckets_and_zero3_prefetch_run_on_the_comm_stream_without_host_wait
     for r in res:
         assert r["ddp"]["losses"] == pytest.approx(ref.losses, abs=1e-6)   # same numbers as the CPU path
         assert r["zero"]["losses"] == pytest.approx(ref.losses, abs=1e-6)
-        assert r["syncs_while_training"] == 0 and r["syncs"] > 0
+        # the device is waited for only when the trace is read: once per step (train_steps), never per call
+        assert r["syncs_outside_resolve"] == 0 and r["syncs"] > 0 and r["resolves_while_training"] == 2
     r0 = res[0]
     log, stream_of = r0["ddp_log"], r0["stream_of"]
     # every bucket's all-reduce: the comm stream first waits for compute, then runs between two events
