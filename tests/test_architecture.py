@@ -13,7 +13,7 @@ LAYERS = [
     ["validation", "trace"],                                    # leaves: no minipar imports
     ["runtime"],                                                # starting ranks
     ["mesh"],                                                   # named axes
-    ["comm", "mappings", "timeline", "sim", "activations"],     # communication, what happened, the simulator
+    ["streams", "comm", "mappings", "timeline", "sim", "activations"],   # communication, what happened, the simulator
     ["layers", "moe", "model"],                                 # the reference GPT (an MoE block is part of it)
     ["collectives", "dp", "precision", "offload", "zero", "recompute", "fp8", "tp", "sp", "tp_generate", "pp",
      "cp", "ulysses", "ep"],                                    # the strategies
