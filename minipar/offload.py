@@ -246,11 +246,11 @@ def nvme_bytes(units, n: int) -> int:
     return NVME_BYTES_PER_PARAM * sum(-(-k // n) * n for k in numels)
 
 
-def shard_optimizer(shards: list[torch.Tensor], offload=False, nvme_dir: str | None = None):
+def shard_optimizer(shards: list[torch.Tensor], offload=False, nvme_dir: str | None = None, **optim):
     """The optimizer for `shards` where `offload` says: ShardOptimizer on the device or the host,
     NVMeOptimizer (whose files share this host's disk with every local rank) for "nvme"."""
     check_offload(offload, nvme_dir)
     if offload == "nvme":
         sharing = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
-        return NVMeOptimizer(shards, nvme_dir, tag=f"rank{rank()}", sharing=sharing)
-    return ShardOptimizer(shards, offload=bool(offload))
+        return NVMeOptimizer(shards, nvme_dir, tag=f"rank{rank()}", sharing=sharing, **optim)
+    return ShardOptimizer(shards, offload=bool(offload), **optim)

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch.distributed as dist
 
-from . import streams
+from . import runtime, streams
 
 __all__ = ["Event", "span", "now", "record", "record_span", "record_timed", "resolve", "events", "reset",
            "enabled", "gather", "merge", "summary", "format_summary", "to_chrome_trace"]
@@ -203,3 +203,6 @@ def to_chrome_trace(evs: list[Event], path: str | None = None) -> dict:
         with open(path, "w") as f:
             json.dump(trace, f)
     return trace
+
+
+runtime.at_rank_start(reset)   # every launched rank starts with an empty trace

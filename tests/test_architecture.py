@@ -10,10 +10,10 @@ ROOT = pathlib.Path(minipar.__file__).parent
 # Layers, top (imported by everything) to bottom (imports everything). A module may import
 # modules of its own layer or of layers above it. Mirrors the table in DEVELOPING.md.
 LAYERS = [
-    ["validation", "trace"],                                    # leaves: no minipar imports
+    ["validation"],                                             # a leaf: no minipar imports
     ["runtime"],                                                # starting ranks
     ["mesh"],                                                   # named axes
-    ["streams", "comm", "mappings", "timeline", "sim", "activations"],   # communication, what happened, the simulator
+    ["streams", "trace", "comm", "mappings", "timeline", "sim", "activations"],   # communication, what happened
     ["layers", "moe", "model"],                                 # the reference GPT (an MoE block is part of it)
     ["collectives", "dp", "precision", "offload", "zero", "recompute", "fp8", "tp", "sp", "tp_generate", "pp",
      "cp", "ulysses", "ep"],                                    # the strategies
