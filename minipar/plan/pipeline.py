@@ -68,7 +68,7 @@ def _simulated(schedule: str, p: int, m: int, v: int, t_f: tuple, t_b: tuple, r_
 
 
 def _round(xs) -> tuple:
-    return tuple(float(f"{x:.6g}") for x in xs)
+    return tuple(float(f"{x:.10g}") for x in xs)
 
 
 def _closed_form(schedule, p, m, v, t_f, t_b, t_comm) -> float:
@@ -107,10 +107,10 @@ def pipeline_makespan(schedule: str, p: int, m: int, v: int, t_f, t_b, t_comm: f
     if not use_simulator:
         span = _closed_form(schedule, p, m, v, t_f, t_b, t_comm)
         return span, max(0.0, 1 - work / span)
-    unit = max(t_f + t_b)
-    args = (v, _round(x / unit for x in t_f), _round(x / unit for x in t_b), float(f"{t_comm / unit:.6g}"),
+    unit = max(f + b for f, b in zip(t_f, t_b))
+    args = (v, _round(x / unit for x in t_f), _round(x / unit for x in t_b), float(f"{t_comm / unit:.10g}"),
             float(f"{t_fb_ratio:.4g}"))
-    lo_m = 2 * p
+    lo_m = p if schedule in ("gpipe", "1f1b", "interleaved_1f1b") else 2 * p
     if m <= 2 * lo_m:
         span = _simulated(schedule, p, m, *args) * unit
     else:  # steady state: each further micro-batch adds the same time (a line through lo_m and 2 lo_m)
