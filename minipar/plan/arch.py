@@ -134,9 +134,12 @@ class ModelShape:
     def head_flops(self) -> float:
         return 2.0 * self.hidden * self.vocab
 
-    def model_flops(self, batch: int) -> float:
-        """FLOPs one step must do (no recompute): 3 x forward (MFU's numerator; PaLM App. B)."""
-        per_token = sum(self.layer_matmul_flops(k) + self.attention_core_flops() for k in self.layer_kinds())
+    def model_flops(self, batch: int, causal: bool = False) -> float:
+        """FLOPs one step must do (no recompute): 3 x forward (MFU's numerator; PaLM App. B).
+        Attention counts the full s×s square (Narayanan 2021); `causal=True` counts the half a
+        causal mask keeps, as some reports do."""
+        core = self.attention_core_flops() / (2 if causal else 1)
+        per_token = sum(self.layer_matmul_flops(k) + core for k in self.layer_kinds())
         return 3.0 * batch * self.seq * (per_token + self.head_flops)
 
     # ---- activation bytes

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from ..pp.partition import balance_stages
 from .arch import ModelShape
@@ -131,13 +132,20 @@ def _wave(M: float, N: float, tile, sms: int) -> float:
 
 
 def _partition(M: ModelShape, S: int, stage_layers) -> list:
+    """`stage_layers`, else equal stages, else the balanced partition (`pp.balance_stages`) of the
+    layers' forward FLOPs with the head's folded into the last layer."""
     if stage_layers is not None:
         return list(stage_layers)
     if M.layers % S == 0:
         return [M.layers // S] * S
+    return list(_balanced(M, S))
+
+
+@lru_cache(maxsize=1024)
+def _balanced(M: ModelShape, S: int) -> tuple:
     costs = [M.layer_matmul_flops(k) + M.attention_core_flops() for k in M.layer_kinds()]
     costs[-1] += M.head_flops
-    return balance_stages(costs, S)
+    return tuple(balance_stages(costs, S))
 
 
 def _in_flight(schedule: str, p: int, m: int, v: int, rank: int) -> float:
@@ -153,21 +161,32 @@ def _in_flight(schedule: str, p: int, m: int, v: int, rank: int) -> float:
     return float(min(m, p - rank))
 
 
+@lru_cache(maxsize=65536)
+def _layer_memory(M, b, moe, tp, sp, recompute, flash, cp, ep) -> tuple:
+    """(dense params, expert params, activation bytes) of one layer on one GPU."""
+    expert = M.experts * M.mlp_params(M.expert_ffn_hidden or M.ffn) if moe else 0
+    return ((M.layer_params(moe) - expert) / tp, expert / (tp * ep),
+            M.layer_activation_bytes(M.seq, b, moe, tp, sp, recompute, flash, cp))
+
+
 def _memory_at(M, b, m, tp, pp, dp, cp, v, zero, recompute, sp, schedule, ep, stage_layers, flash):
-    """(breakdown of the busiest stage, per-stage list) of memory."""
+    """(breakdown of the busiest rank, layers per stage, per-rank sums) of memory."""
     S = pp * v if schedule == "interleaved_1f1b" else 2 * pp if schedule == "dualpipev" else pp
     counts = _partition(M, S, stage_layers)
-    kinds, out, i = M.layer_kinds(), [], 0
+    kinds, i = M.layer_kinds(), 0
     rank_of = (lambda s: s % pp) if schedule != "dualpipev" else (lambda s: s if s < pp else 2 * pp - 1 - s)
     per_rank = {r: dict(dense=0.0, expert=0.0, acts=0.0, layers=0) for r in range(pp)}
     for s, n in enumerate(counts):
         r = rank_of(s)
-        for k in kinds[i:i + n]:
-            d = M.layer_params(k) - (M.experts * M.mlp_params(M.expert_ffn_hidden or M.ffn) if k else 0)
+        n_moe = sum(kinds[i:i + n])
+        for moe, k in ((False, n - n_moe), (True, n_moe)):
+            if not k:
+                continue
+            d, e, a = _layer_memory(M, b, moe, tp, sp, recompute, flash, cp, ep)
             for rr in {r, pp - 1 - r} if schedule == "dualpipe" else {r}:   # DualPipe keeps 2 copies
-                per_rank[rr]["dense"] += d / tp
-                per_rank[rr]["expert"] += (M.layer_params(k) - d) / (tp * ep)
-            per_rank[r]["acts"] += M.layer_activation_bytes(M.seq, b, k, tp, sp, recompute, flash, cp)
+                per_rank[rr]["dense"] += k * d
+                per_rank[rr]["expert"] += k * e
+            per_rank[r]["acts"] += k * a
         per_rank[r]["layers"] += n
         i += n
     sbh = M.seq / cp * b * M.hidden
@@ -177,19 +196,18 @@ def _memory_at(M, b, m, tp, pp, dp, cp, v, zero, recompute, sp, schedule, ep, st
     for r, x in per_rank.items():
         k_dense, k_exp = dp * cp, max(1, dp * cp // ep)
         states_d, states_e = model_state_bytes(x["dense"], k_dense, zero), model_state_bytes(x["expert"], k_exp, zero)
-        psi = x["dense"] + x["expert"]
         params = 2 * (x["dense"] / (k_dense if zero == 3 else 1) + x["expert"] / (k_exp if zero == 3 else 1))
         grads = 2 * (x["dense"] / (k_dense if zero >= 2 else 1) + x["expert"] / (k_exp if zero >= 2 else 1))
         acts = x["acts"] * _in_flight(schedule, pp, m, v, r)
         if recompute == "full":       # one layer's full activations are live while it is recomputed
-            acts += M.layer_activation_bytes(M.seq, b, bool(M.experts), tp, sp, None, flash, cp)
-        if r == 0:
-            acts += (sbh * min(pp, m) / 2 / (tp if sp else 1)) if M.dropout else 0.0
+            acts += _layer_memory(M, b, bool(M.experts), tp, sp, None, flash, cp, ep)[2]
+        if r == 0 and M.dropout:      # the embedding's dropout mask
+            acts += sbh * min(pp, m) / 2 / (tp if sp else 1)
         if r == rank_of(S - 1):       # fp32 logits and the final norm's input (Korthikanti Sec. 4.3)
             acts += 4 * sbh * (1 + M.vocab / M.hidden) / tp
         row = {"params": params, "grads": grads, "optimizer": states_d + states_e - params - grads,
                "activations": acts}
-        x.update(total=sum(row.values()), row=row, psi=psi)
+        x.update(total=sum(row.values()), row=row, psi=x["dense"] + x["expert"])
         if best is None or x["total"] > best["total"]:
             best = x
     return best["row"], counts, per_rank
@@ -359,7 +377,7 @@ def estimate(layers, hidden, heads, vocab, seq, global_batch, micro_batch, gpus,
     hw = M.model_flops(global_batch)
     layer_fwd = sum(M.layer_matmul_flops(k) + M.attention_core_flops() for k in kinds) * global_batch * seq
     hw += layer_fwd if recompute == "full" else (M.attention_core_flops() * M.layers * global_batch * seq
-                                                  if recompute == "selective" else 0.0)
+                                                  if recompute == "selective" and not flash else 0.0)
     return Estimate(
         config=dict(layers=layers, hidden=hidden, heads=heads, vocab=vocab, seq=seq, global_batch=global_batch,
                     micro_batch=micro_batch, gpus=gpus, tp=tp, pp=pp, dp=dp, cp=cp, v=v, ep=ep, zero_stage=zero_stage,
