@@ -13,9 +13,11 @@ What it models (each constant has a physical reason and a source; see `Assumptio
   efficiency; the backward costs 2.5x the forward (it recomputes QKᵀ; Dao 2023). Without
   it (Megatron 2021) the full s x s square runs as batched GEMMs and its softmax/dropout
   traffic goes through HBM.
-* **Element-wise kernels** (norms, activations, dropout, residuals) are HBM-bound: they
-  move `traffic_factor` x the activation bytes the layer produces (forward once, backward
-  twice, full recompute once more), at the GPU's HBM bandwidth.
+* **Element-wise kernels** (norms, activations, dropout, residuals; MoE's permutation of each
+  token's top-k copies around the all-to-all) are HBM-bound: they move `traffic_factor` x the
+  activation bytes the layer produces (forward once, backward twice, full recompute once
+  more), at the GPU's HBM bandwidth. A GEMM too small or skinny to be compute-bound costs
+  at least its operands' HBM traffic (the roofline; Williams et al. 2009).
 * **Communication** goes through `topology.collective_time` (NCCL's ring/tree choice,
   hierarchical across NVLink domains, SHARP). Axes are laid out tp innermost, then cp, ep,
   dp, pp (Megatron's order). Overlap switches, defaulting to Megatron-LM's defaults:
@@ -247,8 +249,11 @@ def estimate(layers, hidden, heads, vocab, seq, global_batch, micro_batch, gpus,
     tok = seq // cp * micro_batch                      # tokens each GPU of a tp group computes
     h, act = hidden, seq // cp * micro_batch * hidden * 2
 
-    def gemm(n_out, k_in, rows=tok):                   # forward seconds of one GEMM (rows x k_in) @ (k_in x n_out)
-        return 2 * rows * n_out * k_in / (peak * keff * g.matmul_efficiency * _wave(rows, n_out, A.tile, sms))
+    def gemm(n_out, k_in, rows=tok, weights=1):        # forward seconds of (rows x k_in) @ (k_in x n_out)
+        """Compute-bound at MAMF x wave quantization, unless moving its operands through HBM takes
+        longer (the roofline; small or skinny GEMMs, one weight matrix per local expert)."""
+        flops = 2 * rows * n_out * k_in / (peak * keff * g.matmul_efficiency * _wave(rows, n_out, A.tile, sms))
+        return max(flops, 2 * (rows * k_in + weights * k_in * n_out + rows * n_out) / g.memory_bandwidth)
 
     def coll(op, nbytes, size, stride):
         return collective_time(op, nbytes, size, stride, topo)
@@ -275,8 +280,8 @@ def estimate(layers, hidden, heads, vocab, seq, global_batch, micro_batch, gpus,
     def layer(moe):
         """(t_f, t_b, compute-only f, b, exposed comm f, b) of one layer."""
         if moe:
-            rows_e = tok * top_k
-            mlp = (gemm(fe * (2 if gated_mlp else 1) / tp, h, rows_e) + gemm(h, fe / tp, rows_e)
+            rows_e, local = tok * top_k, experts // ep        # routed copies; one weight matrix per local expert
+            mlp = (gemm(fe * (2 if gated_mlp else 1) / tp, h, rows_e, local) + gemm(h, fe / tp, rows_e, local)
                    + (gemm(fe * (2 if gated_mlp else 1) * shared_experts / tp, h) + gemm(h, fe * shared_experts / tp)
                       if shared_experts else 0.0) + gemm(experts, h))
         else:
@@ -285,6 +290,8 @@ def estimate(layers, hidden, heads, vocab, seq, global_batch, micro_batch, gpus,
         written = M.layer_activation_bytes(seq, micro_batch, moe, tp, sp, None, True, cp) + \
             (0.0 if flash else M.layer_activation_bytes(seq, micro_batch, moe, tp, sp, None, False, cp)
              - M.layer_activation_bytes(seq, micro_batch, moe, tp, sp, None, True, cp))
+        if moe:   # permute each token's top-k copies before dispatch and un-permute them after combine
+            written += 2 * (1 + top_k) * tok * h * 2 / (tp if sp else 1)
         ew = A.traffic_factor * written / g.memory_bandwidth
         cf, cb = mm + core_f + ew, 2 * mm + core_b + 2 * ew
         tp_f = 2 * t_tp1 if tp > 1 else 0.0

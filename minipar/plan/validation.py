@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 
-from .arch import ARCH_FIELDS, ModelShape
+from .arch import ARCH_FIELDS, MODELS, ModelShape
 from .estimate import ASSUMPTIONS, estimate
 from .formulas import activation_bytes_per_layer, num_params
 from .memory import model_state_bytes
 
-__all__ = ["MEGATRON_2021_TABLE2", "KORTHIKANTI_2022_TABLE5", "BLOOM", "LLAMA3_TABLE4", "megatron_table2",
+__all__ = ["MEGATRON_BRIDGE_MOE", "MOE_MODELS", "megatron_bridge_moe", "MEGATRON_2021_TABLE2", "KORTHIKANTI_2022_TABLE5", "BLOOM", "LLAMA3_TABLE4", "megatron_table2",
            "korthikanti_table5", "bloom_row", "llama3_table4", "public_tables", "summary", "ZERO_TABLE1", "MEGATRON_2021_TABLE1", "KORTHIKANTI_2022_MFU", "zero_table", "megatron_table",
            "korthikanti_mfu_table", "selective_recompute_savings", "paper_rounding_matches"]
 
@@ -106,6 +106,41 @@ LLAMA3_TABLE4 = [
     (8192, 8, 1, 16, 64, 8192, 430, 0.43), (16384, 8, 1, 16, 128, 8192, 400, 0.41),
     (16384, 8, 16, 16, 8, 131072, 380, 0.38),
 ]
+
+
+# Megatron-Bridge performance summary (NVIDIA-NeMo/Megatron-Bridge, docs/performance-summary*.md), BF16 MoE
+# pre-training rows, token-dropless with forced expert balance: (model, system, gpus, global batch, micro-batch,
+# tp, pp, vp, ep, model TFLOP/s per GPU, release). Their model FLOPs count the causal half of attention
+# (Megatron-LM's num_floating_point_operations).
+_L = dict(gated_mlp=True, tied_embeddings=False, position_embeddings=False, dropout=False)
+MOE_MODELS = {
+    "gpt-oss-120b": ModelShape(36, 2880, 64, 201088, 4096, 1280, "gpt-oss-120b (OpenAI 2025 model card): 36 layers, "
+                               "h 2880, 64 heads of 64, GQA 8, 128 experts top-4 of f 2880, V 201088",
+                               kv_heads=8, head_dim=64, ffn_hidden=2880, experts=128, top_k=4, expert_ffn_hidden=2880,
+                               **_L),
+    "qwen3-235b-a22b": ModelShape(94, 4096, 64, 151936, 4096, 8192, "Qwen3-235B-A22B (Qwen 2025): 94 layers, h 4096, "
+                                  "64 heads of 128, GQA 4, 128 experts top-8 of f 1536, V 151936",
+                                  kv_heads=4, head_dim=128, ffn_hidden=12288, experts=128, top_k=8,
+                                  expert_ffn_hidden=1536, **_L),
+}
+MEGATRON_BRIDGE_MOE = [
+    ("deepseek-v3", "gb200", 256, 4096, 1, 1, 4, 4, 64, 782, "25.11"),
+    ("qwen3-235b-a22b", "gb200", 256, 8192, 1, 1, 8, 3, 32, 728, "25.11"),
+    ("gpt-oss-120b", "h100", 64, 1280, 1, 1, 4, 1, 8, 163, "26.02"),
+    ("gpt-oss-120b", "gb200", 64, 1280, 4, 1, 1, 1, 64, 428, "26.02"),
+]
+
+
+def megatron_bridge_moe(assumptions=None) -> list[dict]:
+    """MoE rows: model TFLOP/s per GPU (causal attention count), BF16, ZeRO-1 (distributed optimizer)."""
+    rows = []
+    for name, gpu, n, B, b, t, p, v, ep, pub, rel in MEGATRON_BRIDGE_MOE:
+        M = MOE_MODELS.get(name) or MODELS[name]
+        e = estimate(M.layers, M.hidden, M.heads, M.vocab, M.seq, B, b, n, gpu, tp=t, pp=p, v=v, ep=ep,
+                     zero_stage=1, recompute=None, assumptions=assumptions, **M.arch_kwargs())
+        got = M.model_flops(B, causal=True) / e.step_time / n / 1e12
+        rows.append(_row(f"Megatron-Bridge {rel} (MoE, BF16)", f"{name} {n} {gpu}", pub, got, "TFLOP/s", e))
+    return rows
 
 
 def _v(layers_per_stage: int) -> int:
