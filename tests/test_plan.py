@@ -333,8 +333,9 @@ def test_exercise_checker_accepts_the_reference_and_rejects_wrong_answers():
 
 
 def test_cluster_shape_changes_the_links():
-    e8 = plan.plan("13b", 32, "a100", shortlist=2).best
-    slow = plan.plan("13b", 32, "a100", gpus_per_node=2, inter_node="ib-hdr", shortlist=2).best
+    kw = dict(shortlist=2, micro_batches=(1,), schedules=("1f1b",), zero_stages=(1,))
+    e8 = plan.plan("13b", 32, "a100", **kw).best
+    slow = plan.plan("13b", 32, "a100", gpus_per_node=2, inter_node="ib-hdr", **kw).best
     assert slow.config["tp"] <= 2 and slow.step_time >= e8.step_time
     with pytest.raises(ValueError, match="unknown link"):
         plan.plan("13b", 32, "a100", inter_node="carrier-pigeon")

@@ -110,14 +110,18 @@ class ModelShape:
     def head_params(self) -> int:
         return 0 if self.tied_embeddings else self.vocab * self.hidden
 
+    def _per_kind(self, fn) -> float:
+        """Sum of fn(moe) over the layers: dense ones, then MoE ones."""
+        n_moe = self.moe_layers
+        return (self.layers - n_moe) * fn(False) + (n_moe * fn(True) if n_moe else 0.0)
+
     @property
     def params(self) -> float:
-        return (sum(self.layer_params(k) for k in self.layer_kinds()) + self.embedding_params + self.head_params)
+        return self._per_kind(self.layer_params) + self.embedding_params + self.head_params
 
     @property
     def active_params(self) -> float:
-        return (sum(self.layer_params(k, True) for k in self.layer_kinds()) + self.embedding_params
-                + self.head_params)
+        return self._per_kind(lambda k: self.layer_params(k, True)) + self.embedding_params + self.head_params
 
     # ---- FLOPs per token, forward
     def layer_matmul_flops(self, moe: bool) -> float:
@@ -139,7 +143,7 @@ class ModelShape:
         Attention counts the full s×s square (Narayanan 2021); `causal=True` counts the half a
         causal mask keeps, as some reports do."""
         core = self.attention_core_flops() / (2 if causal else 1)
-        per_token = sum(self.layer_matmul_flops(k) + core for k in self.layer_kinds())
+        per_token = self._per_kind(self.layer_matmul_flops) + self.layers * core
         return 3.0 * batch * self.seq * (per_token + self.head_flops)
 
     # ---- activation bytes

@@ -332,11 +332,12 @@ def estimate(layers, hidden, heads, vocab, seq, global_batch, micro_batch, gpus,
         x = max(stages, key=lambda x: x["t_f"] + x["t_b"])
         pair = max(x["compute_f"] + x["compute_b"], x["comm_f"] + x["comm_b"], x["t_f"], x["t_b"])
         fb = min(1.0, pair / (x["t_f"] + x["t_b"]))
-    makespan, bubble = pipeline_makespan(schedule, pp, m, v, t_f, t_b, 0.0 if hidden_p2p else t_p2p,
-                                         use_simulator, fb)
+    makespan, _ = pipeline_makespan(schedule, pp, m, v, t_f, t_b, 0.0 if hidden_p2p else t_p2p, use_simulator, fb)
     busiest = max(range(pp), key=lambda r: _rank_work(schedule, pp, [x["t_f"] + x["t_b"] for x in stages])[r])
     compute = m * _rank_work(schedule, pp, [x["compute_f"] + x["compute_b"] for x in stages])[busiest]
-    exposed_comm = m * _rank_work(schedule, pp, [x["t_f"] + x["t_b"] for x in stages])[busiest] - compute
+    # what communication adds to the busiest rank (DualPipe's pairs hide part of it: fb < 1)
+    exposed_comm = max(0.0, fb * m * _rank_work(schedule, pp, [x["t_f"] + x["t_b"] for x in stages])[busiest]
+                       - compute)
 
     # --- data parallel: the busiest rank's gradients and (ZeRO) parameters ----------------
     x0 = max(per_rank.values(), key=lambda x: x["psi"])
@@ -371,7 +372,8 @@ def estimate(layers, hidden, heads, vocab, seq, global_batch, micro_batch, gpus,
     psi_first = x0["psi"]
     vol = comm_bytes(layers, hidden, seq, micro_batch, m, psi_first, tp, pp, dp, cp, v, zero_stage, recompute,
                      sp, cp_kind, ep, M.moe_layers, top_k)
-    a2a = m * sum(x["a2a"] for x in stages[:max(1, len(stages) // pp)])
+    bubble = max(0.0, 1 - (compute + exposed_comm) / makespan) if pp > 1 else 0.0
+    a2a = m * sum(x["a2a"] for x in stages[:max(1, len(stages) // pp)]) * (fb if fb < 1 else 1.0)
     t_tp = max(0.0, exposed_comm - a2a)
     seconds = {"tp": t_tp, "cp": 0.0, "pp": 0.0 if hidden_p2p else 2 * (pp - 1) * t_p2p, "dp": exposed_dp,
                "ep": a2a}
@@ -382,7 +384,7 @@ def estimate(layers, hidden, heads, vocab, seq, global_batch, micro_batch, gpus,
         f"needs {total / 1e9:.1f} GB > {usable / 1e9:.0f} GB usable: raise tp/pp, the ZeRO stage or recompute, "
         "or lower micro_batch"]
     hw = M.model_flops(global_batch)
-    layer_fwd = sum(M.layer_matmul_flops(k) + M.attention_core_flops() for k in kinds) * global_batch * seq
+    layer_fwd = (M._per_kind(M.layer_matmul_flops) + M.layers * M.attention_core_flops()) * global_batch * seq
     hw += layer_fwd if recompute == "full" else (M.attention_core_flops() * M.layers * global_batch * seq
                                                   if recompute == "selective" and not flash else 0.0)
     return Estimate(

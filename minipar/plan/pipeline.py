@@ -50,19 +50,28 @@ def _rank_work(schedule: str, p: int, T: list) -> list:
     return [sum(T[r::p]) for r in range(p)]
 
 
-@lru_cache(maxsize=4096)
-def _simulated(schedule: str, p: int, m: int, v: int, t_f: tuple, t_b: tuple, r_c: float, r_fb: float) -> float:
-    """Makespan in the units of the normalized stage times."""
+@lru_cache(maxsize=256)
+def _graph(schedule: str, p: int, m: int, v: int) -> tuple:
+    """The schedule's op graph (`pp.simulate.op_graph`), built once per shape: the planner prices the
+    same schedule with many stage times. Returns (lanes, cross-rank deps, F&B pair members)."""
     sched = build_schedule(schedule, p, m, num_chunks=v if schedule == "interleaved_1f1b" else 1)
     split = schedule in ("zb_h1", "dualpipe", "dualpipev")
-    lanes = op_graph(sched, t_f=1.0, t_b=2.0, t_w=1.0 if split else None, t_comm=r_c, t_fb=None)
-    pairs = set(sched.overlapped) | set(sched.overlapped.values())
+    lanes = op_graph(sched, t_f=1.0, t_b=2.0, t_w=1.0 if split else None, t_comm=1.0)
+    cross = {op.key: tuple((k, d > 0) for k, d in op.deps) for ops in lanes.values() for op in ops}
+    return lanes, cross, frozenset(sched.overlapped) | frozenset(sched.overlapped.values())
+
+
+@lru_cache(maxsize=4096)
+def _simulated(schedule: str, p: int, m: int, v: int, t_f: tuple, t_b: tuple, r_c: float, r_fb: float) -> float:
+    """Makespan in the units of the normalized stage times: every op priced at its own stage's time."""
+    lanes, cross, pairs = _graph(schedule, p, m, v)
     for ops in lanes.values():
         for op in ops:
             a, s = op.key, op.key.stage % len(t_f)
             f, b = t_f[s], t_b[s]
             cost = {"F": f, "B": b, "I": b / 2, "W": b / 2}[a.kind]
             op.duration = cost * (r_fb if a in pairs else 1.0)
+            op.deps = tuple((k, r_c if x else 0.0) for k, x in cross[a])
     done = sim.run(lanes)
     return max(op.end for op in done.values())
 

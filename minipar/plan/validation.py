@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from .arch import ARCH_FIELDS, MODELS, ModelShape
-from .estimate import ASSUMPTIONS, estimate
+from .estimate import estimate as _estimate
 from .formulas import activation_bytes_per_layer, num_params
 from .memory import model_state_bytes
 
@@ -143,6 +143,18 @@ def megatron_bridge_moe(assumptions=None) -> list[dict]:
     return rows
 
 
+_CACHE: dict = {}
+
+
+def estimate(*args, **kw):
+    """`plan.estimate`, remembered: several tables share configurations (Korthikanti's Table 5 and its
+    MFU rows are the same runs)."""
+    key = (args, tuple(sorted((k, repr(x)) for k, x in kw.items())))
+    if key not in _CACHE:
+        _CACHE[key] = _estimate(*args, **kw)
+    return _CACHE[key]
+
+
 def _v(layers_per_stage: int) -> int:
     """The same rule on every Megatron row: the smallest v > 1 dividing the layers per stage."""
     return next(x for x in (2, 3, 5, 7) if layers_per_stage % x == 0)
@@ -228,7 +240,7 @@ def megatron_table(assumptions=None) -> list[dict]:
     for P, a, h, l, t, p, n, B, pub in MEGATRON_2021_TABLE1:
         v = 1 if p == 1 else _v(l // p)
         e = estimate(l, h, a, 51200, 2048, B, 1, n, "a100", tp=t, pp=p, v=v, zero_stage=0, recompute="full",
-                     sequence_parallel=False, flash_attention=False, assumptions=assumptions or ASSUMPTIONS)
+                     sequence_parallel=False, flash_attention=False, assumptions=assumptions)
         rows.append(dict(params_published=P, params=num_params(l, h, 51200, 2048) / 1e9, tp=t, pp=p, v=v, gpus=n,
                          batch=B, predicted=e.tflops_per_gpu, published=pub, error=e.tflops_per_gpu / pub - 1,
                          bubble=e.bubble_fraction, estimate=e))
@@ -242,7 +254,7 @@ def korthikanti_mfu_table(assumptions=None) -> list[dict]:
     for name, a, h, l, t, p, n, B, pub in KORTHIKANTI_2022_MFU:
         v = 1 if p == 1 else _v(l // p)
         e = estimate(l, h, a, 51200, 2048, B, 1, n, "a100", tp=t, pp=p, v=v, zero_stage=1, recompute="selective",
-                     sequence_parallel=True, flash_attention=False, assumptions=assumptions or ASSUMPTIONS)
+                     sequence_parallel=True, flash_attention=False, assumptions=assumptions)
         rows.append(dict(model=name, tp=t, pp=p, v=v, gpus=n, predicted=e.mfu, published=pub,
                          error=e.mfu / pub - 1, estimate=e))
     return rows

@@ -67,34 +67,44 @@ def _balance(costs: tuple, p: int) -> tuple:
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
-
-    def C(i, j):
-        return prefix[j] - prefix[i]
-
-    # pass 1: the optimal maximum. top[k][i] = best max over layers i.. split into k stages
     inf = float("inf")
+
+    # pass 1: the optimal maximum. top[k][i] = best max over layers i.. split into k stages. C(i, j)
+    # grows with j and top[k-1][j] shrinks with j, so the best j sits where they cross (bisection).
     top = [[inf] * (L + 1) for _ in range(p + 1)]
     top[0][L] = 0.0
     for k in range(1, p + 1):
+        prev, row = top[k - 1], top[k]
         for i in range(L - k, -1, -1):
-            top[k][i] = min(max(C(i, j), top[k - 1][j]) for j in range(i + 1, L - k + 2))
+            lo, hi = i + 1, L - k + 1               # j: the first layer of the next stage
+            while lo < hi:                          # smallest j with C(i, j) >= top[k-1][j]
+                mid = (lo + hi) // 2
+                if prefix[mid] - prefix[i] >= prev[mid]:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            row[i] = min(max(prefix[j] - prefix[i], prev[j]) for j in (lo - 1, lo) if i < j <= L - k + 1)
     limit = top[p][0] * (1 + _REL) + 1e-300
 
     # pass 2: among partitions with every stage <= limit, the smallest sum of squares
     sq = [[inf] * (L + 1) for _ in range(p + 1)]
     sq[0][L] = 0.0
     for k in range(1, p + 1):
+        prev, row = sq[k - 1], sq[k]
         for i in range(L - k, -1, -1):
-            sq[k][i] = min((C(i, j) ** 2 + sq[k - 1][j] for j in range(i + 1, L - k + 2) if C(i, j) <= limit),
-                           default=inf)
+            best, j = inf, i + 1
+            while j <= L - k + 1 and prefix[j] - prefix[i] <= limit:
+                c = prefix[j] - prefix[i]
+                best = min(best, c * c + prev[j])
+                j += 1
+            row[i] = best
 
     # walk from the front: the fewest layers on each stage that keeps both optima
     out, i = [], 0
     for k in range(p, 0, -1):
         for j in range(i + 1, L - k + 2):
-            c = C(i, j)
-            rest = c * c + sq[k - 1][j]
-            if c <= limit and rest <= sq[k][i] * (1 + _REL) + 1e-300:
+            c = prefix[j] - prefix[i]
+            if c <= limit and c * c + sq[k - 1][j] <= sq[k][i] * (1 + _REL) + 1e-300:
                 out.append(j - i)
                 i = j
                 break
