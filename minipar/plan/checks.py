@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ..validation import Problems
 from .formulas import RECOMPUTE
-from .hardware import get_gpu
+from .hardware import get_gpu, get_link
 from .pipeline import PIPELINE_SCHEDULES, SCHEDULE_ALIASES
 from .topology import Topology, get_topology
 
@@ -24,7 +24,7 @@ def _lookup(p: Problems, field: str, fn, value):
 def check_layout(layers, hidden, heads, vocab, seq, global_batch, micro_batch, gpus, gpu, tp, pp, dp, cp, v,
                  zero_stage, recompute, schedule, stage_layers, ep, cp_kind, topology, kv_heads, ffn_hidden,
                  head_dim, attention_params, experts, top_k, shared_experts, expert_ffn_hidden,
-                 first_dense_layers, **_):
+                 first_dense_layers, inter_node=None, **_):
     """Return (dp, schedule, micro-batches per pipeline, GPU, Topology) or raise ConfigError."""
     p = Problems()
     ok = all([p.integer(k, x) for k, x in dict(
@@ -43,6 +43,8 @@ def check_layout(layers, hidden, heads, vocab, seq, global_batch, micro_batch, g
     topo = _lookup(p, "topology", get_topology, topology or (g.topology if g and g.topology else None) or "dgx-h100")
     if g is not None and topology is None and not g.topology:      # a user's GPU: its own links
         topo = Topology(g.name, g.gpus_per_node, g.gpus_per_node, g.intra_node, g.inter_node, g.gpus_per_node)
+    if inter_node is not None:
+        _lookup(p, "inter_node", get_link, inter_node)
     sched = SCHEDULE_ALIASES.get(schedule, schedule) or ("interleaved_1f1b" if isinstance(v, int) and v > 1 else "1f1b")
     if not p.choice("schedule", sched, PIPELINE_SCHEDULES + tuple(SCHEDULE_ALIASES)):
         ok = False

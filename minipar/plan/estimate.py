@@ -41,16 +41,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
 
-from ..pp.partition import balance_stages
 from .arch import ModelShape
 from .checks import check_layout
 from .formulas import comm_bytes
-from .hardware import GPU, get_gpu
-from .memory import model_state_bytes
+from .hardware import GPU
+from .memory import stage_memory, stage_params
 from .pipeline import SCHEDULE_ALIASES, _rank_work, pipeline_makespan
-from .topology import Topology, collective_time, get_topology, placement
+from .topology import Topology, collective_time, placement
 
 __all__ = ["Assumptions", "ASSUMPTIONS", "Estimate", "estimate", "stage_params", "memory_breakdown"]
 
@@ -108,20 +106,13 @@ class Estimate:
         return "\n".join(lines + [f"note    {n}" for n in self.notes])
 
 
-def stage_params(layers: int, hidden: int, vocab: int, seq: int, tp: int, pp: int) -> float:
-    """Parameters on the first pipeline stage's GPU of a GPT: its l/p layers plus the word and
-    position embeddings, all split t ways (Megatron's vocab-parallel embedding)."""
-    per_layer = 12 * hidden**2 * (1 + 13 / (12 * hidden))
-    return (layers / pp * per_layer + (vocab + seq) * hidden) / tp
-
-
 def memory_breakdown(layers, hidden, heads, vocab, seq, micro_batch, num_microbatches, tp=1, pp=1, dp=1, cp=1,
                      v=1, zero_stage=1, recompute="selective", sequence_parallel=True, schedule="1f1b", *,
                      ep=1, stage_layers=None, flash_attention=None, **arch) -> dict:
     """Bytes per GPU on the busiest stage: params, grads, optimizer (ZeRO 2020) and activations
     (Korthikanti 2022, generalized in `arch.py`). `arch`: the ModelShape keywords."""
     flash = ASSUMPTIONS.flash_attention if flash_attention is None else flash_attention
-    return _memory_at(ModelShape(layers, hidden, heads, vocab, seq, num_microbatches, **arch), micro_batch,
+    return stage_memory(ModelShape(layers, hidden, heads, vocab, seq, num_microbatches, **arch), micro_batch,
                       num_microbatches, tp, pp, dp, cp, v, zero_stage, recompute, bool(sequence_parallel and tp > 1),
                       SCHEDULE_ALIASES.get(schedule, schedule or "1f1b"), ep, stage_layers, flash)[0]
 
@@ -131,88 +122,6 @@ def _wave(M: float, N: float, tile, sms: int) -> float:
     """Fraction of the GPU's SM-time a GEMM's output tiles keep busy (the last wave is partial)."""
     tiles = math.ceil(M / tile[0]) * math.ceil(max(N, 1) / tile[1])
     return tiles / (math.ceil(tiles / sms) * sms)
-
-
-def _partition(M: ModelShape, S: int, stage_layers) -> list:
-    """`stage_layers`, else equal stages, else the balanced partition (`pp.balance_stages`) of the
-    layers' forward FLOPs with the head's folded into the last layer."""
-    if stage_layers is not None:
-        return list(stage_layers)
-    if M.layers % S == 0:
-        return [M.layers // S] * S
-    return list(_balanced(M, S))
-
-
-@lru_cache(maxsize=1024)
-def _balanced(M: ModelShape, S: int) -> tuple:
-    costs = [M.layer_matmul_flops(k) + M.attention_core_flops() for k in M.layer_kinds()]
-    costs[-1] += M.head_flops
-    return tuple(balance_stages(costs, S))
-
-
-def _in_flight(schedule: str, p: int, m: int, v: int, rank: int) -> float:
-    """Micro-batches (through one rank's whole share of layers) rank `rank` holds at its peak."""
-    if schedule == "gpipe":
-        return float(m)
-    if schedule == "interleaved_1f1b":          # Korthikanti 2022 Sec. 4.2.3 for rank 0
-        return min(m, p - rank + (p - 1) / v)
-    if schedule == "dualpipe":                  # DeepSeek-V3 Table 2: PP + 1 stages' activations
-        return (p + 1) / 2
-    if schedule == "dualpipev":
-        return (2 * p + 1) / 2
-    return float(min(m, p - rank))
-
-
-@lru_cache(maxsize=65536)
-def _layer_memory(M, b, moe, tp, sp, recompute, flash, cp, ep) -> tuple:
-    """(dense params, expert params, activation bytes) of one layer on one GPU."""
-    expert = M.experts * M.mlp_params(M.expert_ffn_hidden or M.ffn) if moe else 0
-    return ((M.layer_params(moe) - expert) / tp, expert / (tp * ep),
-            M.layer_activation_bytes(M.seq, b, moe, tp, sp, recompute, flash, cp))
-
-
-def _memory_at(M, b, m, tp, pp, dp, cp, v, zero, recompute, sp, schedule, ep, stage_layers, flash):
-    """(breakdown of the busiest rank, layers per stage, per-rank sums) of memory."""
-    S = pp * v if schedule == "interleaved_1f1b" else 2 * pp if schedule == "dualpipev" else pp
-    counts = _partition(M, S, stage_layers)
-    kinds, i = M.layer_kinds(), 0
-    rank_of = (lambda s: s % pp) if schedule != "dualpipev" else (lambda s: s if s < pp else 2 * pp - 1 - s)
-    per_rank = {r: dict(dense=0.0, expert=0.0, acts=0.0, layers=0) for r in range(pp)}
-    for s, n in enumerate(counts):
-        r = rank_of(s)
-        n_moe = sum(kinds[i:i + n])
-        for moe, k in ((False, n - n_moe), (True, n_moe)):
-            if not k:
-                continue
-            d, e, a = _layer_memory(M, b, moe, tp, sp, recompute, flash, cp, ep)
-            for rr in {r, pp - 1 - r} if schedule == "dualpipe" else {r}:   # DualPipe keeps 2 copies
-                per_rank[rr]["dense"] += k * d
-                per_rank[rr]["expert"] += k * e
-            per_rank[r]["acts"] += k * a
-        per_rank[r]["layers"] += n
-        i += n
-    sbh = M.seq / cp * b * M.hidden
-    per_rank[0]["dense"] += M.embedding_params / tp
-    per_rank[rank_of(S - 1)]["dense"] += (M.head_params or (M.vocab * M.hidden if pp > 1 else 0)) / tp
-    best = None
-    for r, x in per_rank.items():
-        k_dense, k_exp = dp * cp, max(1, dp * cp // ep)
-        states_d, states_e = model_state_bytes(x["dense"], k_dense, zero), model_state_bytes(x["expert"], k_exp, zero)
-        params = 2 * (x["dense"] / (k_dense if zero == 3 else 1) + x["expert"] / (k_exp if zero == 3 else 1))
-        grads = 2 * (x["dense"] / (k_dense if zero >= 2 else 1) + x["expert"] / (k_exp if zero >= 2 else 1))
-        acts = x["acts"] * _in_flight(schedule, pp, m, v, r)
-        if recompute == "full":       # one layer's full activations are live while it is recomputed
-            acts += _layer_memory(M, b, bool(M.experts), tp, sp, None, flash, cp, ep)[2]
-        if r == 0 and M.dropout:      # the embedding's dropout mask
-            acts += sbh * min(pp, m) / 2 / (tp if sp else 1)
-        if r == rank_of(S - 1):       # fp32 logits and the final norm's input (Korthikanti Sec. 4.3)
-            acts += 4 * sbh * (1 + M.vocab / M.hidden) / tp
-        row = {"params": params, "grads": grads, "optimizer": states_d + states_e - params - grads,
-               "activations": acts}
-        x.update(total=sum(row.values()), row=row, psi=x["dense"] + x["expert"])
-        if best is None or x["total"] > best["total"]:
-            best = x
-    return best["row"], counts, per_rank
 
 
 # ----------------------------------------------------------------------------- the estimate
@@ -232,16 +141,16 @@ def estimate(layers, hidden, heads, vocab, seq, global_batch, micro_batch, gpus,
     first_dense_layers, with ep-way expert parallelism carved out of dp x cp, as Megatron-Core does)."""
     A = assumptions or ASSUMPTIONS
     dp, schedule, m, g, topo = check_layout(**{k: x for k, x in locals().items() if k != "A"})
-    # `flash_attention` describes the run (Megatron 2021 predates it); None: the Assumptions' default
-    if inter_node is not None:
+    if inter_node is not None:      # the older way to name the NIC: replace the topology's
         topo = Topology(topo.name + "+" + str(inter_node), topo.gpus_per_node, topo.domain, topo.nvlink,
                         str(inter_node), topo.nics_per_node, topo.sharp, topo.source)
     M = ModelShape(layers, hidden, heads, vocab, seq, global_batch, "", kv_heads, ffn_hidden, gated_mlp,
                    tied_embeddings, position_embeddings, dropout, head_dim, attention_params, experts, top_k,
                    shared_experts, expert_ffn_hidden, first_dense_layers)
     sp = bool(sequence_parallel and tp > 1)
+    # `flash_attention` describes the run (Megatron 2021 predates it); None: the Assumptions' default
     flash = A.flash_attention if flash_attention is None else bool(flash_attention)
-    mem, counts, per_rank = _memory_at(M, micro_batch, m, tp, pp, dp, cp, v, zero_stage, recompute, sp, schedule,
+    mem, counts, per_rank = stage_memory(M, micro_batch, m, tp, pp, dp, cp, v, zero_stage, recompute, sp, schedule,
                                        ep, stage_layers, flash)
 
     # --- per layer, per micro-batch, on one GPU -------------------------------------------
@@ -278,7 +187,7 @@ def estimate(layers, hidden, heads, vocab, seq, global_batch, micro_batch, gpus,
     t_hop /= max(1, cp - 1)
 
     def layer(moe):
-        """(t_f, t_b, compute-only f, b, exposed comm f, b) of one layer."""
+        """(compute f, b; exposed TP f, b; exposed CP f, b; all-to-all f, b) of one layer, per micro-batch."""
         if moe:
             rows_e, local = tok * top_k, experts // ep        # routed copies; one weight matrix per local expert
             mlp = (gemm(fe * (2 if gated_mlp else 1) / tp, h, rows_e, local) + gemm(h, fe / tp, rows_e, local)
@@ -287,9 +196,7 @@ def estimate(layers, hidden, heads, vocab, seq, global_batch, micro_batch, gpus,
         else:
             mlp = gemm(M.ffn * (2 if gated_mlp else 1) / tp, h) + gemm(h, M.ffn / tp)
         mm = attn_gemm + mlp
-        written = M.layer_activation_bytes(seq, micro_batch, moe, tp, sp, None, True, cp) + \
-            (0.0 if flash else M.layer_activation_bytes(seq, micro_batch, moe, tp, sp, None, False, cp)
-             - M.layer_activation_bytes(seq, micro_batch, moe, tp, sp, None, True, cp))
+        written = M.layer_activation_bytes(seq, micro_batch, moe, tp, sp, None, flash, cp)   # every tensor produced
         if moe:   # permute each token's top-k copies before dispatch and un-permute them after combine
             written += 2 * (1 + top_k) * tok * h * 2 / (tp if sp else 1)
         ew = A.traffic_factor * written / g.memory_bandwidth
@@ -306,7 +213,7 @@ def estimate(layers, hidden, heads, vocab, seq, global_batch, micro_batch, gpus,
             tp_b += tp_f
         elif recompute == "selective" and not flash:
             cb += core_f
-        return cf, cb, tp_f + cp_f, tp_b + cp_b, ep_f, ep_f
+        return cf, cb, tp_f, tp_b, cp_f, cp_b, ep_f, ep_f
 
     kinds, stages, i = M.layer_kinds(), [], 0
     lay = {k: layer(k) for k in set(kinds)}
@@ -314,11 +221,11 @@ def estimate(layers, hidden, heads, vocab, seq, global_batch, micro_batch, gpus,
     for s, n in enumerate(counts):
         parts = [lay[k] for k in kinds[i:i + n]]
         i += n
-        cf, cb, xf, xb, af, ab = (sum(p[j] for p in parts) for j in range(6))
+        cf, cb, xf, xb, cpf, cpb, af, ab = (sum(p[j] for p in parts) for j in range(8))
         if s == len(counts) - 1:
             cf, cb = cf + head_f, cb + 2 * head_f
-        stages.append(dict(layers=n, compute_f=cf, compute_b=cb, comm_f=xf + af, comm_b=xb + ab, a2a=af + ab,
-                           t_f=cf + xf + af, t_b=cb + xb + ab))
+        stages.append(dict(layers=n, compute_f=cf, compute_b=cb, comm_f=xf + cpf + af, comm_b=xb + cpb + ab,
+                           cp=cpf + cpb, a2a=af + ab, t_f=cf + xf + cpf + af, t_b=cb + xb + cpb + ab))
     t_f, t_b = [x["t_f"] for x in stages], [x["t_b"] for x in stages]
 
     # pipeline sends: s·b·h (/t with SP) to the next stage, over the pp axis's link
@@ -373,10 +280,10 @@ def estimate(layers, hidden, heads, vocab, seq, global_batch, micro_batch, gpus,
     vol = comm_bytes(layers, hidden, seq, micro_batch, m, psi_first, tp, pp, dp, cp, v, zero_stage, recompute,
                      sp, cp_kind, ep, M.moe_layers, top_k)
     bubble = max(0.0, 1 - (compute + exposed_comm) / makespan) if pp > 1 else 0.0
-    a2a = m * sum(x["a2a"] for x in stages[:max(1, len(stages) // pp)]) * (fb if fb < 1 else 1.0)
-    t_tp = max(0.0, exposed_comm - a2a)
-    seconds = {"tp": t_tp, "cp": 0.0, "pp": 0.0 if hidden_p2p else 2 * (pp - 1) * t_p2p, "dp": exposed_dp,
-               "ep": a2a}
+    on_busiest = [x for j, x in enumerate(stages) if j % pp == busiest]
+    a2a, t_cp = (m * fb * sum(x[k] for x in on_busiest) for k in ("a2a", "cp"))
+    seconds = {"tp": max(0.0, exposed_comm - a2a - t_cp), "cp": t_cp, "ep": a2a, "dp": exposed_dp,
+               "pp": 0.0 if hidden_p2p else 2 * (pp - 1) * t_p2p}
     how = {"tp": tp_how, "cp": cp_how, "pp": link.name, "dp": dp_how, "ep": a2a_how}
     for axis, x in vol.items():
         x["link"], x["seconds"] = how[axis], seconds[axis]

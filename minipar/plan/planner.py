@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from .arch import MODELS, ModelShape, get_model
-from .estimate import ASSUMPTIONS, Assumptions, Estimate, _memory_at, estimate
+from .estimate import ASSUMPTIONS, Assumptions, Estimate, estimate
+from .memory import stage_memory
 from .hardware import get_gpu, get_link
 from .topology import Topology, get_topology
 
@@ -133,7 +134,7 @@ def plan(model="70b", gpus: int = 64, gpu="h100", *, global_batch: int | None = 
                                     considered += 1
                                     if any(rc2 == rc or z2 == zero for z2, rc2 in kept):
                                         continue
-                                    mem = sum(_memory_at(M, b, m, tp, pp, dp, cp, v, zero, rc, tp > 1, schedule, ep,
+                                    mem = sum(stage_memory(M, b, m, tp, pp, dp, cp, v, zero, rc, tp > 1, schedule, ep,
                                                          None, A.flash_attention)[0].values())
                                     if mem > usable:
                                         too_big += 1
