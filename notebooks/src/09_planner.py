@@ -172,12 +172,16 @@ assert t1["mean"] <= 0.06 and s["mean"] <= 0.06 and s["worst"] <= 0.15
 
 # %%
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
-markers = dict(zip(groups, "osD^vP<>"))
+markers, x0 = dict(zip(groups, "osD^vP<>")), 0
 for k, rs in groups.items():
-    ax1.scatter([r["published"] / r["published"] for r in rs], [r["predicted"] / r["published"] for r in rs],
-                marker=markers[k], label=k, s=18)
+    ax1.scatter(range(x0, x0 + len(rs)), [r["predicted"] / r["published"] for r in rs], marker=markers[k], label=k,
+                s=18)
+    x0 += len(rs) + 1
+moe_x = range(x0, x0 + len(moe))
+ax1.scatter(moe_x, [r["predicted"] / r["published"] for r in moe], marker="x", color="k", label="MoE (Megatron-Bridge)")
 ax1.axhspan(0.9, 1.1, color="0.9", zorder=0)
-ax1.set_xticks([]); ax1.set_ylabel("predicted / published"); ax1.set_title("every row (band: ±10%)")
+ax1.set_yscale("log"); ax1.set_xticks([]); ax1.set_xlabel("rows, grouped by source")
+ax1.set_ylabel("predicted / published"); ax1.set_title("every row (grey band: ±10%)")
 ax1.legend(fontsize=6, loc="upper left")
 pt = [r for r in groups["Narayanan 2021 Table 2"] if r["name"].startswith("PTD-P")]
 for model, c in (("174.6B", COLORS["F"]), ("529.6B", COLORS["B"])):
