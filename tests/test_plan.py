@@ -11,7 +11,7 @@ from minipar.exercises import check
 from minipar.exercises import plan as ex
 from minipar.plan import validation
 from minipar.plan.__main__ import main
-from minipar.plan._alpha_beta_standin import alpha_beta
+from minipar.plan.topology import alpha_beta      # the one import of the stand-in (swapped at merge)
 from minipar.plan.pipeline import _closed_form, pipeline_makespan
 from minipar.pp.partition import balance_stages, layer_costs, stage_costs
 from minipar.validation import ConfigError
@@ -136,6 +136,17 @@ def test_pipeline_extrapolation_equals_a_full_simulation_with_communication():
     for sched in ("zb_h1", "dualpipev", "dualpipe"):       # their steady state, extended from 2p and 4p
         full = simulate(build_schedule(sched, 4, 40), t_f=1.0, t_b=2.0, t_comm=0.1).makespan
         assert pipeline_makespan(sched, 4, 40, 1, 1.0, 2.0, 0.1)[0] == pytest.approx(full, rel=1e-9)
+
+
+def test_dualpipe_pairs_are_priced_by_the_simulators_t_fb():
+    """DualPipe(V)'s F&B pairs: the planner's `t_fb_ratio` is pp.simulate's t_fb in units of t_f + t_b."""
+    from minipar.pp import build_schedule, simulate
+    for sched, m in (("dualpipev", 16), ("dualpipe", 16)):
+        for r in (1.0, 0.8, 2 / 3):
+            want = simulate(build_schedule(sched, 4, m), t_f=1.0, t_b=2.0, t_fb=r * 3.0).makespan
+            assert pipeline_makespan(sched, 4, m, 1, 1.0, 2.0, t_fb_ratio=r)[0] == pytest.approx(want, rel=1e-9)
+    assert pipeline_makespan("dualpipev", 4, 16, 1, 1.0, 2.0, t_fb_ratio=0.7)[0] < \
+        pipeline_makespan("dualpipev", 4, 16, 1, 1.0, 2.0)[0]
 
 
 def test_uneven_stages_price_the_slowest_stage_on_the_simulator():

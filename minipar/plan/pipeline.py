@@ -15,7 +15,7 @@ The closed forms the search ranks with (the simulator reproduces them for equal 
     GPipe, 1F1B:      m max_r W_r + (sum_r W_r - max_r W_r)        W_r = t_f + t_b of rank r's stage
     interleaved:      m max_r W_r + (sum_r W_r - max_r W_r) / v    W_r = rank r's v chunks together
     ZB-H1:            m max_r W_r + (sum_s t_f[s] - max_s t_f[s])  (Qi et al. 2024, W = B/2)
-    DualPipe(V):      m W + (p/2 - 1)(F&B + B - 3W) per the DeepSeek-V3 report, Table 2
+    DualPipe(V):      m W + (p/2 - 1)(F&B + B - 3W) per the DeepSeek-V3 report, Table 2 (F&B = fb (F + B))
 each plus 2(p - 1) t_comm for the sends along the fill and drain.
 """
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _round(xs) -> tuple:
     return tuple(float(f"{x:.10g}") for x in xs)
 
 
-def _closed_form(schedule, p, m, v, t_f, t_b, t_comm) -> float:
+def _closed_form(schedule, p, m, v, t_f, t_b, t_comm, fb: float = 1.0) -> float:
     T = [f + b for f, b in zip(t_f, t_b)]
     W = _rank_work(schedule, p, T)
     sends = 2 * (p - 1) * t_comm
@@ -89,7 +89,7 @@ def _closed_form(schedule, p, m, v, t_f, t_b, t_comm) -> float:
     if schedule == "zb_h1":   # the drain's backwards wait only for their I half
         return m * max(W) + sum(t_f) - max(t_f) + sends
     f, b = max(t_f) * len(T) / p / 2, max(t_b) * len(T) / p / 2        # one chunk's F and B
-    return m * max(W) + (p / 2 - 1) * (f + b + b - 1.5 * b) + sends
+    return fb * m * max(W) + (p / 2 - 1) * (fb * (f + b) + b - 1.5 * b) + sends     # F&B pairs cost fb(F + B)
 
 
 def pipeline_makespan(schedule: str, p: int, m: int, v: int, t_f, t_b, t_comm: float = 0.0,
@@ -114,11 +114,11 @@ def pipeline_makespan(schedule: str, p: int, m: int, v: int, t_f, t_b, t_comm: f
         return m * sum(t_f + t_b), 0.0
     work = m * max(_rank_work(schedule, p, [f + b for f, b in zip(t_f, t_b)]))
     if not use_simulator:
-        span = _closed_form(schedule, p, m, v, t_f, t_b, t_comm)
+        span = _closed_form(schedule, p, m, v, t_f, t_b, t_comm, t_fb_ratio)
         return span, max(0.0, 1 - work / span)
     unit = max(f + b for f, b in zip(t_f, t_b))
     args = (v, _round(x / unit for x in t_f), _round(x / unit for x in t_b), float(f"{t_comm / unit:.10g}"),
-            float(f"{t_fb_ratio:.4g}"))
+            float(f"{t_fb_ratio:.10g}"))
     lo_m = p if schedule in ("gpipe", "1f1b", "interleaved_1f1b") else 2 * p
     if m <= 2 * lo_m:
         span = _simulated(schedule, p, m, *args) * unit
