@@ -13,7 +13,7 @@ from .estimate import estimate as _estimate
 from .formulas import activation_bytes_per_layer, num_params
 from .memory import model_state_bytes
 
-__all__ = ["MEGATRON_BRIDGE_MOE", "MOE_MODELS", "megatron_bridge_moe", "MEGATRON_2021_TABLE2", "KORTHIKANTI_2022_TABLE5", "BLOOM", "LLAMA3_TABLE4", "megatron_table2",
+__all__ = ["NEMOTRON4_TABLE2", "NEMOTRON4", "nemotron4_table2", "MEGATRON_BRIDGE_MOE", "MOE_MODELS", "megatron_bridge_moe", "MEGATRON_2021_TABLE2", "KORTHIKANTI_2022_TABLE5", "BLOOM", "LLAMA3_TABLE4", "megatron_table2",
            "korthikanti_table5", "bloom_row", "llama3_table4", "public_tables", "summary", "ZERO_TABLE1", "MEGATRON_2021_TABLE1", "KORTHIKANTI_2022_MFU", "zero_table", "megatron_table",
            "korthikanti_mfu_table", "selective_recompute_savings", "paper_rounding_matches"]
 
@@ -107,6 +107,13 @@ LLAMA3_TABLE4 = [
     (16384, 8, 16, 16, 8, 131072, 380, 0.38),
 ]
 
+
+# NVIDIA 2024, Nemotron-4 340B Technical Report, Table 2: H100 (DGX H100, InfiniBand), tp8 pp12, ramping the
+# batch with data parallelism: (gpus, dp, global batch, seconds per iteration, MFU). 96 layers, h 18432,
+# 96 heads, GQA 8, squared-ReLU MLP of 73728, V 256000, s 4096, untied, no dropout, no recompute.
+NEMOTRON4_TABLE2 = [(1536, 16, 768, 10.3, 0.424), (3072, 32, 1536, 10.3, 0.423), (6144, 64, 2304, 8.0, 0.410)]
+NEMOTRON4 = ModelShape(96, 18432, 96, 256000, 4096, 768, "Nemotron-4 340B (NVIDIA 2024)", kv_heads=8,
+                       ffn_hidden=73728, tied_embeddings=False, position_embeddings=False, dropout=False)
 
 # Megatron-Bridge performance summary (NVIDIA-NeMo/Megatron-Bridge, docs/performance-summary*.md), BF16 MoE
 # pre-training rows, token-dropless with forced expert balance: (model, system, gpus, global batch, micro-batch,
@@ -214,6 +221,17 @@ def llama3_table4(assumptions=None) -> list[dict]:
     return rows
 
 
+def nemotron4_table2(assumptions=None) -> list[dict]:
+    """Nemotron-4 340B: seconds per iteration. Megatron-Core with the distributed optimizer and its
+    gradient/parameter overlap; v by the same rule as Megatron's tables (8 layers per stage: v = 2)."""
+    M, rows = NEMOTRON4, []
+    for n, d, B, t, _ in NEMOTRON4_TABLE2:
+        e = estimate(M.layers, M.hidden, M.heads, M.vocab, M.seq, B, 1, n, "h100", tp=8, pp=12, v=_v(8),
+                     zero_stage=1, recompute=None, overlap_dp=True, assumptions=assumptions, **M.arch_kwargs())
+        rows.append(_row("Nemotron-4 340B (NVIDIA 2024) Table 2", f"340B {n} GPUs", t, e.step_time, "s/iteration", e))
+    return rows
+
+
 def public_tables(assumptions=None) -> list[dict]:
     """Every published throughput the planner is checked against, one row each."""
     return ([_row("Narayanan 2021 Table 1", f"{r['params_published']:g}B {r['gpus']} GPUs", r["published"],
@@ -221,7 +239,7 @@ def public_tables(assumptions=None) -> list[dict]:
             + megatron_table2(assumptions) + korthikanti_table5(assumptions)
             + [_row("Korthikanti 2022 / Megatron README", f"{r['model']} MFU", r["published"], r["predicted"], "MFU",
                     r["estimate"]) for r in korthikanti_mfu_table(assumptions)]
-            + bloom_row(assumptions) + llama3_table4(assumptions))
+            + bloom_row(assumptions) + llama3_table4(assumptions) + nemotron4_table2(assumptions))
 
 
 def summary(rows) -> dict:

@@ -143,9 +143,9 @@ print(f"\nall {len(z)} entries match the paper's printing")
 # %% [markdown]
 # ### Throughput: every public row
 # Each source's rows with the configuration the source states (flash attention only where it existed;
-# Megatron 2021's interleaving with the smallest v > 1 dividing the layers per stage, the same rule on
-# every row; BLOOM on Jean Zay's 4 Omni-Path links per node; Llama 3 on 400 Gb/s RoCE, 126 layers on
-# uneven stages). What each source reports is what we compare: TFLOP/s per GPU (hardware FLOPs, recompute
+# interleaving with the smallest v > 1 dividing the layers per stage where a source does not say, the
+# same rule on every row; BLOOM on Jean Zay's 4 Omni-Path links per node; Llama 3 on 400 Gb/s RoCE, 126
+# layers on uneven stages; Nemotron-4 340B on DGX H100 with Megatron-Core's gradient overlap). What each source reports is what we compare: TFLOP/s per GPU (hardware FLOPs, recompute
 # counted), seconds per iteration, or MFU. Llama 3's MFU counts the causal half of attention, as
 # Megatron-LM's current FLOP counter does; Narayanan and Korthikanti count the full square.
 
