@@ -23,7 +23,8 @@ What it models (each constant has a physical reason and a source; see `Assumptio
   dp, pp (Megatron's order). Overlap switches, defaulting to Megatron-LM's defaults:
   `overlap_tp` (--tp-comm-overlap, off): TP collectives hide behind that layer's GEMMs;
   `overlap_dp` (--overlap-grad-reduce/--overlap-param-gather, off): the gradient reduce-scatter
-  hides behind the last backward and the parameter all-gather behind the first forward;
+  hides behind the last backward and the parameter all-gather behind the first forward (with
+  ZeRO-3: each micro-batch's gathers behind its compute, the prefetch FSDP and DeepSpeed do);
   `overlap_pp` (--overlap-p2p-communication, on): the interleaved schedule's sends hide
   behind compute. CP ring attention hides behind the attention math when shorter. MoE's
   all-to-alls are exposed, except inside DualPipe's F&B pairs, which the simulator prices
