@@ -20,7 +20,8 @@ CUSTOM = ("layers", "hidden", "heads", "vocab", "seq", "global_batch")
 
 
 def parse_args(argv=None):
-    ap = ArgumentParser(prog="python -m minipar.plan", description=__doc__)
+    ap = ArgumentParser(prog="python -m minipar.plan", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama3-70b", help=f"a preset ({', '.join(MODELS)}) or 'custom' with "
                     "--layers/--hidden/--heads/--vocab/--seq/--global-batch (default llama3-70b)")
     ap.add_argument("--gpus", type=Int, default=64, help="number of GPUs (default 64)")
