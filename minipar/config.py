@@ -82,6 +82,8 @@ def parse_args(argv=None, description: str = ""):
                                                                "checkpoint, at most this many times [0]")
     r.add_argument("--inject-fault", type=_fault, default=None, metavar="RANK:STEP",
                    help="SIGKILL rank RANK when it reaches step STEP, on the first attempt only (for tests)")
+    r.add_argument("--optimizer", default="adamw", help="adamw, or sgd (no normalization: sharp parameter "
+                                                        "parity, see minipar.model.make_optimizer) [adamw]")
     r.add_argument("--no-check", action="store_true", help="skip the single-device comparison")
     r.add_argument("--timeout", type=Float, default=120, help="seconds any collective may wait, and a step may "
                                                               "take, before the run counts as hung [120]")
@@ -104,7 +106,8 @@ class RunConfig:
     inject_fault: tuple | None = None  # (rank, step)
     check: bool = True
     timeout: float = 120.0
-    capture_grads: bool = False        # return the first step's gradients, full shape (parity tests)
+    optimizer: str = "adamw"           # or "sgd" (parity tests of parameters: see model.make_optimizer)
+    capture: bool = False              # return the first step's gradients and the final parameters, full shape
 
 
 def validate(a) -> tuple[GPTConfig, ParallelConfig, RunConfig]:
@@ -127,6 +130,7 @@ def validate(a) -> tuple[GPTConfig, ParallelConfig, RunConfig]:
     p.choice("cp_layout", a.cp_layout, ("zigzag", "contiguous"))
     p.choice("recompute", a.recompute, (None, "full", "selective"))
     p.choice("precision", a.precision, ("fp32", "bf16"))
+    p.choice("optimizer", a.optimizer, ("adamw", "sgd"))
     for f, kind in (("stage_layers", "comma-separated layer counts such as 3,4,4,3"), ("inject_fault", "RANK:STEP"),
                     ("resume_step", "a step number")):
         v = getattr(a, f)
@@ -151,7 +155,8 @@ def validate(a) -> tuple[GPTConfig, ParallelConfig, RunConfig]:
     check(cfg, pc, a.batch, problems=p)
     run = RunConfig(steps=a.steps, batch=a.batch, seed=a.seed, out=a.out, metrics=a.metrics, save=a.save,
                     save_every=a.save_every, resume=a.resume, resume_step=a.resume_step, max_restarts=a.max_restarts,
-                    inject_fault=a.inject_fault, check=not a.no_check, timeout=float(a.timeout))
+                    inject_fault=a.inject_fault, check=not a.no_check, timeout=float(a.timeout),
+                    optimizer=a.optimizer)
     _run_rules(cfg, pc, run, p)
     _memory(cfg, pc, run, p)
     p.raise_if_any()
