@@ -103,7 +103,11 @@ def train_rank(cfg: GPTConfig, pc: ParallelConfig, run: RunConfig, attempt: int 
         state = {k.split("/", 1)[1]: ck.full(k) for k in ck.keys() if k.startswith("param/")}
     stages = {s: st.to(dev) for s, st in build_stages(cfg, pc, mesh, run.seed, state, schedule).items()}
     named = [(n, p) for st in stages.values() for n, p in st.named_parameters()]
-    opt = Optimizer(named, pc, module=stages, kind=run.optimizer,
+    if run.compile:   # each block on its own: the pipeline and ZeRO hooks stay outside the graphs
+        for st in stages.values():
+            for blk in st.blocks.values():
+                blk.compile()
+    opt = Optimizer(named, pc, module=stages, kind=run.optimizer, **({"fused": True} if run.fused else {}),
                     mirror=mirror_group(mesh, pc.pp) if pc.schedule == "dualpipe" and schedule else None)
     if resume_from and run.optimizer == "adamw":
         opt.load_moments({n: tuple(_local_slice(ck.full(f"{k}/{n}"), p, pc) for k in ("exp_avg", "exp_avg_sq"))

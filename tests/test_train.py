@@ -95,6 +95,7 @@ MORE = {
     "llama3 4D pp2 tp2 cp2 sp": ["--dp", "1", "--pp", "2", "--tp", "2", "--cp", "2", "--sp", "--zero", "0"],
     "uneven stages 1,3": ["--dp", "2", "--pp", "2", "--tp", "1", "--stage-layers", "1,3", "--microbatches", "2"],
     "dualpipe pp2 tp2": ["--dp", "1", "--pp", "2", "--tp", "2", "--schedule", "dualpipe", "--microbatches", "4"],
+    "fused adamw dp2 tp2": ["--dp", "2", "--pp", "1", "--tp", "2", "--fused-adamw"],
     # MoE: routing is discontinuous, so another summation order can flip a near-tied top-k choice;
     # MoE parity runs use seed 1, whose routing here has no near ties.
     "moe through a pipeline": ["--dp", "2", "--pp", "2", "--tp", "1", "--ep", "2", "--experts", "4",
