@@ -89,12 +89,13 @@ print(inspect.getsource(DDP._finish))
 ref = train_reference(CFG, steps=5, batch_size=8)
 runs = minipar.launch(train_ddp, N, CFG, steps=5, batch_size=8)
 first = train_reference(CFG, steps=1, batch_size=8).grads
-grad_err = max((runs[r]["grads"][n] - g).abs().max().item() / g.abs().max().item()
+scale = max(g.abs().max().item() for g in first.values())   # a key bias's zero gradient is rounding at this scale
+grad_err = max((runs[r]["grads"][n] - g).abs().max().item() / (g.abs().max().item() + 1e-2 * scale)
                for r in range(N) for n, g in first.items())
 loss_err = max(abs(a - b) for a, b in zip(runs[0]["losses"], ref.losses))
 sgd = minipar.launch(train_ddp, N, CFG, steps=5, batch_size=8, kind="sgd")
 sgd_ref = train_reference(CFG, steps=5, batch_size=8, kind="sgd").model
-param_err = max((sgd[r]["params"][n] - p).abs().max().item() / p.abs().max().item()
+param_err = max((sgd[r]["params"][n] - p).abs().max().item() / (p.abs().max().item() + 1e-2)
                 for r in range(N) for n, p in sgd_ref.named_parameters())
 print("losses (DDP):      ", [f"{l:.5f}" for l in runs[0]["losses"]])
 print("losses (reference):", [f"{l:.5f}" for l in ref.losses])

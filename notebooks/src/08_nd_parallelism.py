@@ -148,17 +148,16 @@ assert len({e.rank for e in modeled}) == 8
 # data-parallel ranks gives, in fp32 (4-byte parameters and gradients; AdamW's two moments,
 # K = 8 bytes per parameter: in fp32 the parameter is its own master):
 #
-# $$ M = 4Ψ'_{local} + 4Ψ_{local} + 8Ψ'_{local}/d $$
+# $$ M = 4Ψ'_{local} + 4Ψ'_{local} + 8Ψ'_{local}/d $$
 #
-# (Rajbhandari et al. 2020, P_os; Ψ' is Ψ_local padded to a multiple of d: the flat parameter buffer
-# and the optimizer's shards are padded, each parameter's own gradient is not).
+# (Rajbhandari et al. 2020, P_os; Ψ' is Ψ_local padded to a multiple of d: the flat parameter and
+# gradient buffers of each unit are padded so that they split into d equal shards).
 
 # %%
 rows = []
 for r, res in enumerate(results):
     sb = res["state_bytes"]
-    want = plan.model_state_bytes(sb["padded"], pc.dp, 1, k=8, param_bytes=4, grad_bytes=4) \
-        - 4 * (sb["padded"] - sb["numel"])  # the gradients are not padded
+    want = plan.model_state_bytes(sb["padded"], pc.dp, 1, k=8, param_bytes=4, grad_bytes=4)
     got = sb["params"] + sb["grads"] + sb["optimizer"]
     rows.append((r, sb["numel"], got, want))
     assert got == want, (r, got, want)
@@ -178,7 +177,7 @@ for r, n, got, want in rows:
 # | stage | parameters | gradients | optimizer (two moments) |
 # |---|---|---|---|
 # | 0 | 4Ψ | 4Ψ | 8Ψ |
-# | 1 | 4Ψ' | 4Ψ | 8Ψ'/d |
+# | 1 | 4Ψ' | 4Ψ' | 8Ψ'/d |
 # | 2 | 4Ψ' | 4Ψ'/d | 8Ψ'/d |
 # | 3 | 4Ψ'/d | 4Ψ'/d | 8Ψ'/d |
 #
@@ -197,7 +196,7 @@ for stage in range(4):
         out = minipar.launch(train_rank, p_.world_size, c, p_, r_)[0]
     r = train_reference(c, steps=3, batch_size=16).losses
     sb, n, P_, d = out["state_bytes"], out["state_bytes"]["numel"], out["state_bytes"]["padded"], 2
-    want = {0: (4 * n, 4 * n, 8 * n), 1: (4 * P_, 4 * n, 8 * P_ // d), 2: (4 * P_, 4 * P_ // d, 8 * P_ // d),
+    want = {0: (4 * n, 4 * n, 8 * n), 1: (4 * P_, 4 * P_, 8 * P_ // d), 2: (4 * P_, 4 * P_ // d, 8 * P_ // d),
             3: (4 * P_ // d, 4 * P_ // d, 8 * P_ // d)}[stage]
     got = (sb["params"], sb["grads"], sb["optimizer"])
     err = max(abs(x - y) for x, y in zip(out["losses"], r))
@@ -249,7 +248,8 @@ with contextlib.redirect_stdout(io.StringIO()):
     out5 = minipar.launch(train_rank, p5.world_size, c5, p5, dataclasses.replace(r5, capture=True))
 grads5 = {n: g for o in out5 for n, g in o["grads"].items()}
 ref5 = train_reference(c5, steps=1, batch_size=a5.batch, seed=1).grads
-worst = max((grads5[n] - g).abs().max().item() / g.abs().max().item() for n, g in ref5.items())
+scale = max(g.abs().max().item() for g in ref5.values())   # a key bias's zero gradient is rounding at this scale
+worst = max((grads5[n] - g).abs().max().item() / (g.abs().max().item() + 1e-2 * scale) for n, g in ref5.items())
 err5 = max(abs(x - y) for x, y in zip(out5[0]["losses"], train_reference(c5, 2, a5.batch, 1).losses))
 print(f"{len(ref5)} gradients, worst relative difference {worst:.1e}; loss difference {err5:.1e}")
 assert worst < 1e-5 and err5 < 2e-5
