@@ -208,8 +208,6 @@ def impossible(f) -> list[str]:
     if f["experts"]:
         if f["experts"] % f["ep"]:
             why.append("E/ep experts per rank")
-        if c > 1 or sp:
-            why.append("MoE with cp or sp is not implemented")
     elif f["ep"] > 1:
         why.append("ep needs experts")
     return why
