@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
+import sys
 import time
 
 import torch
@@ -25,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import comm, runtime
 from ..dp import DDP, local_batch
 from ..model import GPT, GPTConfig, SyntheticData, make_optimizer
+from ..validation import ArgumentParser, Int, Problems, exit_on_error
 from ..zero import ZeRO
 
 CFG = GPTConfig(vocab=256, seq=64, layers=4, heads=4, hidden=256)
@@ -80,15 +82,21 @@ def _run(kind: str, cfg: GPTConfig, steps: int, warmup: int, batch: int):
     return times[warmup:], _peak_mib(start), loss.item()
 
 
+@exit_on_error
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--world", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=15)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=8)
+    ap = ArgumentParser(prog="python -m minipar.bench.dp", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world", type=Int, default=2, help="ranks [2]")
+    ap.add_argument("--steps", type=Int, default=15, help="timed steps [15]")
+    ap.add_argument("--warmup", type=Int, default=3, help="untimed steps first [3]")
+    ap.add_argument("--batch", type=Int, default=8, help="global batch, a multiple of --world [8]")
     a = ap.parse_args(argv)
-    if a.batch % a.world:
-        raise SystemExit(f"--batch {a.batch} must be a multiple of --world {a.world}")
+    p = Problems(cli=True)
+    ok = p.integer("world", a.world, low=1) & p.integer("steps", a.steps, low=1) & p.integer("batch", a.batch, low=1)
+    p.integer("warmup", a.warmup, low=0)
+    if ok:
+        p.divides("world", a.world, "batch", a.batch, "every rank gets the same sequences")
+    p.raise_if_any()
     psi = sum(p.numel() for p in GPT(CFG).parameters())
     print(f"model: {CFG.layers} layers, hidden {CFG.hidden}, Ψ = {psi:,}; world {a.world}; "
           f"batch {a.batch}; median of {a.steps} steps after {a.warmup} warm-up")
@@ -107,4 +115,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    rc = main()   # 2 for a refused command line; the results otherwise
+    sys.exit(rc if isinstance(rc, int) else 0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
+import sys
 
 from torch.distributed import pipelining
 
@@ -20,6 +21,7 @@ from ..model import GPT, GPTConfig, SyntheticData, make_optimizer
 from ..pp import build_schedule
 from ..pp.runtime import loss_fn, train_pipeline
 from ..pp.stage import build_stages
+from ..validation import ArgumentParser, Int, Problems, exit_on_error
 
 # ours -> torch.distributed.pipelining class (zb_h1 is torch's interleaved ZB with one stage per rank)
 PEERS = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B",
@@ -89,13 +91,27 @@ def compare(names=tuple(PEERS), ranks=4, m=8, steps=6, cfg=None, batch_size=16, 
     return rows
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ranks", type=int, default=4)
-    ap.add_argument("--microbatches", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=6, help="steps per run")
-    ap.add_argument("--rounds", type=int, default=2, help="runs of each, alternating which goes first")
-    a = ap.parse_args()
+@exit_on_error
+def main(argv=None):
+    ap = ArgumentParser(prog="python -m minipar.bench.pp", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ranks", type=Int, default=4, help="pipeline ranks [4]")
+    ap.add_argument("--microbatches", type=Int, default=8, help="micro-batches per step [8]")
+    ap.add_argument("--steps", type=Int, default=6, help="steps per run; the first is left out as warm-up [6]")
+    ap.add_argument("--rounds", type=Int, default=2, help="runs of each, alternating which goes first [2]")
+    a = ap.parse_args(argv)
+    p = Problems(cli=True)
+    ok = p.integer("ranks", a.ranks, low=2, why="a pipeline needs two stages") & \
+        p.integer("microbatches", a.microbatches, low=1) & p.integer("rounds", a.rounds, low=1)
+    p.integer("steps", a.steps, low=2, why="the first step is a warm-up")
+    if ok:
+        p.divides("microbatches", a.microbatches, "batch", 16, "the benchmark's 16 sequences split into micro-batches")
+        for name in PEERS:   # every schedule the comparison runs must exist for this p and m
+            try:
+                build_schedule(name, a.ranks, a.microbatches, 2 if name == "interleaved_1f1b" else 1)
+            except ValueError as e:
+                p.add(f"{name}: {e}")
+    p.raise_if_any()
     rows = compare(ranks=a.ranks, m=a.microbatches, steps=a.steps, rounds=a.rounds)
     print(f"{'schedule':<18}{'ours ms':>10}{'torch ms':>10}{'ratio':>8}{'max |loss diff|':>17}")
     for name, r in rows.items():
@@ -107,4 +123,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    rc = main()   # 2 for a refused command line; the results otherwise
+    sys.exit(rc if isinstance(rc, int) else 0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
+import sys
 import time
 
 import torch
@@ -36,6 +37,7 @@ from ..mappings import sync_sequence_parallel_grads
 from ..optim import Optimizer
 from ..runtime import device
 from ..tp import TPGPT, check_tp
+from ..validation import ArgumentParser, Int, Problems, exit_on_error
 
 
 def dtensor_tp_model(cfg: GPTConfig, seed: int = 0, sequence_parallel: bool = False, mesh=None) -> GPT:
@@ -141,16 +143,25 @@ def _run_2d(cfg, steps, batch_size, sp, ours, dp, tp):
     return {"losses": losses, "median": statistics.median(times[2:]), "peak": peak, "grads": grads}
 
 
+@exit_on_error
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tp", type=int, default=2)
-    ap.add_argument("--dp", type=int, default=1, help="also shard over dp: ZeRO-3 vs FSDP2 (world dp*tp)")
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--seq", type=int, default=64)
+    ap = ArgumentParser(prog="python -m minipar.bench.tp", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tp", type=Int, default=2, help="tensor-parallel ranks [2]")
+    ap.add_argument("--dp", type=Int, default=1, help="also shard over dp: ZeRO-3 vs FSDP2 (world dp*tp) [1]")
+    ap.add_argument("--steps", type=Int, default=12, help="steps; the median leaves out the first two [12]")
+    ap.add_argument("--batch", type=Int, default=8, help="global batch [8]")
+    ap.add_argument("--layers", type=Int, default=2, help="transformer blocks [2]")
+    ap.add_argument("--hidden", type=Int, default=128, help="model width, a multiple of the 8 heads [128]")
+    ap.add_argument("--seq", type=Int, default=64, help="sequence length [64]")
     a = ap.parse_args(argv)
+    p = Problems(cli=True)
+    ok = all([p.integer(f, getattr(a, f), low=1) for f in ("tp", "dp", "batch", "layers", "hidden", "seq")])
+    p.integer("steps", a.steps, low=3, why="the median leaves out the first two steps")
+    if ok:
+        p.divides("dp", a.dp, "batch", a.batch, "every data-parallel rank gets the same sequences")
+        p.divides("heads", 8, "hidden", a.hidden, "the benchmark's model has 8 heads")
+    p.raise_if_any()
     cfg = GPTConfig(vocab=256, seq=a.seq, layers=a.layers, heads=8, hidden=a.hidden)
     check_tp(cfg, a.tp, sequence_parallel=True)
     print(f"{cfg}\ntp={a.tp}, dp={a.dp}, batch={a.batch}, {a.steps} steps (median of the last {a.steps - 2})")
@@ -170,4 +181,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    rc = main()   # 2 for a refused command line; the results otherwise
+    sys.exit(rc if isinstance(rc, int) else 0)
