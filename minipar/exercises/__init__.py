@@ -29,7 +29,6 @@ import os
 import pkgutil
 import random
 import re
-import sys
 import sysconfig
 import traceback
 from contextlib import contextmanager
@@ -180,8 +179,11 @@ def seed_from_env(seed: int | None = None) -> int:
 
 
 # ----------------------------------------------------------------------------- checking
-def check(name: str, solution, seed: int | None = None, deadline_scale: float = 1.0) -> Verdict:
-    """Check `solution` against exercise `name` (see the module docstring)."""
+def check(name: str, solution, seed: int | None = None, deadline_scale: float = 1.0,
+          first_failure: bool = False) -> Verdict:
+    """Check `solution` against exercise `name` (see the module docstring). `seed` draws the
+    randomized cases; `deadline_scale` stretches every case's deadline (a slow machine);
+    `first_failure` skips the cases after the first wrong one (quicker, no partial credit)."""
     load_all()
     if name not in EXERCISES:
         raise KeyError(f"no exercise named {name!r}; known: {sorted(EXERCISES)}")
@@ -210,6 +212,8 @@ def check(name: str, solution, seed: int | None = None, deadline_scale: float = 
             stop = "an earlier case did not finish"
         elif res.status == "forbidden":
             stop = "the solution calls a disabled function"
+        elif first_failure and not res.passed:
+            stop = "an earlier case failed"
         results.append(res)
     earned = round(sum(r.earned for r in results), 2)
     failed = [r for r in results if not r.passed]
