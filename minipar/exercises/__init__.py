@@ -391,6 +391,7 @@ def student_frames(tb) -> str:
     error was raised there), innermost last."""
     frames = traceback.extract_tb(tb)
     mine = [f for f in frames if is_student_file(f.filename)]
+    mine = [f for i, f in enumerate(mine) if i == 0 or (f.filename, f.lineno) != (mine[i - 1].filename, mine[i - 1].lineno)]
     lines = [f"  {place(f.filename, f.lineno)}, in {f.name}: {(f.line or '').strip()}" for f in mine]
     if frames and not is_student_file(frames[-1].filename) and mine:
         f = frames[-1]
@@ -410,11 +411,15 @@ def _waits(e) -> str:
         frames = [m.groupdict() for m in _FRAME.finditer(stacks.get(r, ""))]   # innermost first
         mine = next((f for f in frames if is_student_file(f["file"])), None)
         inner = where.get(r) or (f"{frames[0]['file']}:{frames[0]['line']} in {frames[0]['func']}" if frames else "?")
-        line = ""
         if mine:
-            src = _source_line(mine["file"], int(mine["line"]))
-            line = f" (your {place(mine['file'], mine['line'])}, in {mine['func']}: {src})"
-        parts.append(f"rank {r} was waiting at {_short(inner)}{line}")
+            yours = (f"{place(mine['file'], mine['line'])}, in {mine['func']}: "
+                     f"{_source_line(mine['file'], int(mine['line']))}")
+            if frames and frames[0] is mine:
+                parts.append(f"rank {r} was at {yours}")
+            else:
+                parts.append(f"rank {r} was waiting in {_short(inner)}, called from {yours}")
+        else:
+            parts.append(f"rank {r} was waiting at {_short(inner)}")
     head = str(e).splitlines()[0] if str(e) else ""
     if head.startswith("deadlock:"):
         head = head[len("deadlock:"):].strip()

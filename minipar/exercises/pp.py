@@ -16,7 +16,11 @@ FIXED = [(2, 4), (4, 4), (4, 8), (3, 7), (8, 16), (4, 2)]
 
 def _cases(rng):
     fixed = [Case(f"p={p}, m={m}", (p, m)) for p, m in FIXED]
-    drawn = [(rng.randint(2, 8), rng.randint(1, 24)) for _ in range(3)]
+    drawn = []
+    while len(drawn) < 3:
+        pm = (rng.randint(2, 8), rng.randint(1, 24))
+        if pm not in drawn and pm not in FIXED:
+            drawn.append(pm)
     return fixed + [Case(f"random case p={p}, m={m}", (p, m), random=True) for p, m in drawn]
 
 

@@ -112,7 +112,8 @@ assert per_axis["tp"] > per_axis["dp"] > 0 and per_axis["tp"] > per_axis["pp"] >
 
 # %% [markdown]
 # ## The timeline, on two clocks
-# On this machine 8 ranks share 2 cores, so the wall clock mostly shows time-slicing. The modeled
+# On this machine 8 ranks share its CPU cores (their number is in the first plot's title), so the
+# wall clock mostly shows time-slicing. The modeled
 # clock re-times the same events (their order and dependencies as recorded) as if each rank were an
 # H100 with NVLink (`minipar.plan.retime`, the one simulator of `minipar.sim`): compute at 60% of
 # peak for the FLOPs of each action, each transfer at its link's latency and bandwidth.
@@ -124,6 +125,7 @@ assert per_axis["tp"] > per_axis["dp"] > 0 and per_axis["tp"] > per_axis["pp"] >
 
 # %%
 import dataclasses
+import os
 
 WIDER, LONGER = 128, 64
 b_micro = args.batch // (pc.dp * pc.microbatches)
@@ -133,7 +135,7 @@ wider = [dataclasses.replace(e, wire_bytes=e.wire_bytes * grow.get(e.axis, 1), b
          for e in events]
 modeled = plan.retime(wider, gpu="h100", flops={"F": fwd, "B": 2 * fwd, "opt": 0.0})
 fig, axs = plt.subplots(2, 1, figsize=(11, 8))
-plot_timeline(events, ax=axs[0], title="wall clock: 8 ranks on 2 CPU cores", color_by="axis")
+plot_timeline(events, ax=axs[0], title=f"wall clock: 8 ranks on {os.cpu_count()} CPU cores", color_by="axis")
 plot_timeline(modeled, ax=axs[1], unit="ms", clock="modeled", color_by="axis",
               title=f"modeled clock: the same schedule, {WIDER}x wider and {LONGER}x longer, on 8 H100s")
 plt.tight_layout()
@@ -231,12 +233,12 @@ except ValueError as e:
 # planner's best predicted MFU. The checker uses `minipar.plan.estimate`.
 
 # %%
-from minipar.exercises import check as check_exercise
+from minipar.exercises import NotYet, check as check_exercise
 
-# %% tags=["solution"]
+# %% tags=["exercise"]
 def pick_layout():
     """Return dict(tp, pp, dp, zero_stage) for 13B on 16 H100s."""
-    return dict(tp=2, pp=1, dp=8, zero_stage=1)
+    raise NotYet("write this function, then run the checker cell")
 
 # %%
 verdict = check_exercise("nd_layout", pick_layout)
