@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["Piece", "save", "load", "Checkpoint", "CheckpointError", "box_piece", "flat_piece"]
+__all__ = ["Piece", "save", "load", "read_metadata", "has_checkpoint", "Checkpoint", "CheckpointError", "box_piece",
+           "flat_piece"]
 
 
 class CheckpointError(RuntimeError):
@@ -191,13 +192,46 @@ def _tuplify(v):
     return tuple(_tuplify(x) for x in v) if isinstance(v, list) else v
 
 
-def load(directory: str, step: int | None = None) -> Checkpoint:
-    """The checkpoint of `step`, or the newest complete one."""
+def _path(directory: str, step: int | None) -> str:
     if step is None:
         latest = os.path.join(directory, "latest")
         if not os.path.exists(latest):
             raise CheckpointError(f"no complete checkpoint in {directory} (no 'latest' file)")
-        name = open(latest).read().strip()
-    else:
-        name = f"step_{step:06d}"
-    return Checkpoint(os.path.join(directory, name))
+        with open(latest) as f:
+            return os.path.join(directory, f.read().strip())
+    path = os.path.join(directory, f"step_{step:06d}")
+    if not os.path.isdir(path):
+        have = sorted(n for n in os.listdir(directory) if n.startswith("step_") and not n.endswith(".partial")) \
+            if os.path.isdir(directory) else []
+        raise CheckpointError(f"no checkpoint of step {step} in {directory}; it has {', '.join(have) or 'none'}")
+    return path
+
+
+def load(directory: str, step: int | None = None) -> Checkpoint:
+    """The checkpoint of `step`, or the newest complete one."""
+    return Checkpoint(_path(directory, step))
+
+
+def read_metadata(directory: str, step: int | None = None) -> dict:
+    """The metadata of a checkpoint (step, layout, meta) without loading its tensors: cheap
+    enough to check a resume before any rank starts. Its rank files must all be there."""
+    path = _path(directory, step)
+    meta = os.path.join(path, "metadata.json")
+    try:
+        with open(meta) as f:
+            doc = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not a complete checkpoint ({e}); load an earlier step") from None
+    missing = [n for n in doc.get("files", {}) if not os.path.exists(os.path.join(path, n))]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is missing {', '.join(missing)}")
+    return doc
+
+
+def has_checkpoint(directory: str) -> bool:
+    """Whether `directory` holds a complete checkpoint to resume from."""
+    try:
+        read_metadata(directory)
+    except CheckpointError:
+        return False
+    return True

@@ -1,6 +1,6 @@
-"""The one place where minipar communicates: traced collectives, p2p, and (from
-`mappings.py`, re-exported here) the autograd-aware operators of Megatron-LM (f, g)
-and sequence parallelism.
+"""The one place where minipar communicates: traced collectives and p2p. The autograd-aware
+operators built on them (Megatron-LM's f and g, sequence parallelism's gathers and
+scatters, the differentiable all-to-all) are in `minipar.mappings`.
 
 `group` everywhere is None (the world), a mesh axis name ("dp", "tp", ...)
 resolved through the current `Mesh`, or a ProcessGroup. A group of one rank
@@ -14,13 +14,11 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from . import trace
+from . import runtime, trace
 from .mesh import get_mesh, group_name
 
 __all__ = ["resolve", "size", "local_rank", "all_reduce", "all_gather", "reduce_scatter", "all_to_all",
-           "all_reduce_grads", "broadcast", "send", "recv", "isend", "irecv", "batch_p2p", "barrier",
-           "f", "g", "copy_to_parallel_region", "reduce_from_parallel_region",
-           "gather_along", "reduce_scatter_along", "split_along", "all_to_all_autograd"]
+           "all_reduce_grads", "broadcast", "send", "recv", "isend", "irecv", "batch_p2p", "barrier"]
 
 # The *_tensor collectives warn as deprecated in favour of the *_single forms; we use
 # the new names, and silence the warning in this one place should torch route through them.
@@ -83,7 +81,8 @@ class TracedWork:
     def wait(self):
         if not self.done:
             if self.work is not None:
-                self.work.wait()
+                with runtime.waiting(self.waiting_for()):   # what the deadlock detector reports
+                    self.work.wait()
             _sync(self.tensor)
             if self.after is not None:
                 self.after()
@@ -91,6 +90,13 @@ class TracedWork:
             trace.record(self.ev)
             self.done = True
         return self.tensor
+
+
+    def waiting_for(self) -> str:
+        peer = self.ev.meta.get("peer")
+        if peer is not None:
+            return f"{self.ev.name} {'to' if self.ev.name == 'send' else 'from'} rank {peer}"
+        return f"{self.ev.name} on {self.ev.axis}"
 
 
 class _Done:
@@ -246,9 +252,3 @@ def batch_p2p(sends=(), recvs=(), group=None) -> list[TracedWork]:
             for t, s in recvs]
     tensors = [t for t, _ in sends] + [t for t, _ in recvs]
     return [TracedWork(w, e, t) for w, e, t in zip(works, evs, tensors)]
-
-
-# The autograd-aware operators (Megatron's f and g, SP's gathers and scatters) live in
-# `mappings.py`, built on the collectives above; they are part of this layer's API.
-from .mappings import (all_to_all_autograd, copy_to_parallel_region, f, g, gather_along,  # noqa: E402
-                       reduce_from_parallel_region, reduce_scatter_along, split_along)

@@ -17,29 +17,42 @@ Ulysses under CP, and keeps its experts under EP: the composed model *is* the
 reference model, cut into pieces. Data: the global batch is split into dp*ep data
 shards, each shard's sequence into cp slices, then into micro-batches.
 
-MoE blocks compose with dp, ep, tp and pp: experts are split over ep and replicated over tp
-(every tp rank routes the same tokens), and each pipeline stage backpropagates its own
-load-balancing loss. Capacity and the aux loss are per group of tokens, so every forward
-call (one micro-batch of one data shard) holds whole groups of the reference's batch.
+MoE blocks compose with every axis (5D: pp x dp x ep x cp x tp): experts are split over ep
+and replicated over dp, cp and tp; each rank routes its own tokens (all of its sequences'
+under plain TP, its s/t slice under SP, its cp chunks under CP), and each pipeline stage
+backpropagates its own load-balancing loss. Capacity and the aux loss are per group of
+tokens, so every forward call (one micro-batch of one data shard) holds whole groups of the
+reference's batch; when cp or SP spread a group over ranks, its expert counts are summed
+over them (`moe.split_tokens`) and the run is dropless.
 
 Gradients are then averaged over every replica of each parameter, and ZeRO 0-3 shards
 the model states over dp: `minipar.optim.Optimizer` (re-exported here).
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cp import attention_fn, sequence_positions
+from .ep import expert_parallel
 from .mesh import Mesh, check_sizes
 from .model import GPT, GPTConfig
+from .moe import check_config as check_moe, moe_layers, split_tokens
 from .optim import Optimizer, stage_units
+from .pp import build_schedule
+from .pp.stage import Stage, build_stages as build_pipeline_stages, stage_layer_counts
+from .recompute import apply_recompute
+from .tp import (ColumnParallelLinear, ParallelAttention, ParallelBlock, VocabParallelEmbedding, column_parallel,
+                 vocab_parallel_cross_entropy)
+from .validation import Problems
 
-__all__ = ["ParallelConfig", "AXES", "check", "ComposedStage", "build_stages", "stage_layers", "Optimizer",
-           "stage_units"]
+__all__ = ["ParallelConfig", "AXES", "TRAIN_SCHEDULES", "check", "ComposedStage", "build_stages",
+           "stage_layer_counts", "mirror_group", "Optimizer", "stage_units"]
 
 AXES = ("pp", "dp", "ep", "cp", "tp")
 
@@ -60,6 +73,7 @@ class ParallelConfig:
     cp_layout: str = "zigzag"         # "zigzag" or "contiguous"
     recompute: str | None = None      # None, "full" or "selective"
     precision: str = "fp32"           # "fp32" or "bf16" (autocast compute, fp32 master weights)
+    stage_layers: tuple | None = None  # blocks per model part (pp*chunks); None: balanced
 
     @property
     def seq_layout(self) -> str:
@@ -77,167 +91,156 @@ class ParallelConfig:
         return asdict(self)
 
 
-def check(cfg: GPTConfig, pc: ParallelConfig, batch: int, world_size: int | None = None) -> None:
-    """Every problem with this combination, in one ValueError, before any process starts."""
-    problems = []
-    try:
-        check_sizes(pc.world_size if world_size is None else world_size, pc.axes())
-    except ValueError as e:
-        problems.append(str(e))
-    t, c = pc.tp, pc.cp
-    if pc.zero not in (0, 1, 2, 3):
-        problems.append(f"--zero {pc.zero}: ZeRO stages are 0, 1, 2 and 3")
-    elif pc.zero >= 2 and pc.schedule not in ("gpipe", "1f1b", "interleaved_1f1b") and (pc.pp > 1 or pc.chunks > 1):
-        problems.append(f"--zero {pc.zero} with --schedule {pc.schedule}: ZeRO-2/3 reduce-scatter from the "
-                        "gradient hooks of backward(), and the zero-bubble I/W split computes weight gradients "
-                        "by hand: use gpipe, 1f1b or interleaved_1f1b, or --zero 1")
-    if cfg.heads % t or cfg.hidden % t:
-        problems.append(f"heads={cfg.heads} and hidden={cfg.hidden} must be divisible by tp={t}")
-    if cfg.vocab % t:
-        problems.append(f"vocab={cfg.vocab} must be divisible by tp={t} (the vocab-parallel head splits it)")
-    if pc.sp and t == 1:
-        problems.append("sequence parallelism (--sp) splits the sequence over the tp group: it needs tp > 1")
-    local_seq = cfg.seq // max(c, 1)
-    if c > 1 and pc.seq_layout == "zigzag" and cfg.seq % (2 * c):
-        problems.append(f"seq={cfg.seq} must be divisible by 2*cp={2 * c} for the zigzag layout")
-    elif c > 1 and cfg.seq % c:
-        problems.append(f"seq={cfg.seq} must be divisible by cp={c}")
-    if pc.sp and local_seq % t:
-        problems.append(f"the sequence each rank holds ({local_seq}) must be divisible by tp={t} under --sp")
-    if pc.cp_method not in ("ring", "ulysses"):
-        problems.append(f"--cp-method {pc.cp_method!r}: use ring or ulysses")
-    elif c > 1 and pc.cp_method == "ulysses" and (cfg.heads // max(t, 1)) % c:
-        problems.append(f"Ulysses needs the heads per tp rank ({cfg.heads}/{t}) divisible by cp={c}: "
-                        "lower cp or tp, or use --cp-method ring")
-    if pc.cp_layout not in ("zigzag", "contiguous"):
-        problems.append(f"--cp-layout {pc.cp_layout!r}: use zigzag or contiguous")
-    if pc.recompute not in (None, "full", "selective"):
-        problems.append(f"--recompute {pc.recompute!r}: use full or selective")
-    if pc.precision not in ("fp32", "bf16"):
-        problems.append(f"--precision {pc.precision!r}: use fp32 or bf16")
-    shards = pc.dp * pc.ep
-    if batch % shards:
-        problems.append(f"batch={batch} must split into dp*ep={shards} equal data shards")
-    elif (batch // shards) % pc.microbatches:
-        problems.append(f"each data shard's {batch // shards} sequences must split into "
-                        f"{pc.microbatches} equal micro-batches")
-    if cfg.experts:
-        shards *= pc.microbatches
-        if cfg.experts % pc.ep:
-            problems.append(f"experts={cfg.experts} must be divisible by ep={pc.ep}")
-        if c > 1 or pc.sp:
-            problems.append("MoE blocks compose with dp, ep, tp and pp here; not with cp or sp (capacity groups "
-                            "and experts replicated over tp need every tp rank to see the same whole tokens)")
-        if cfg.moe_groups % shards:
-            problems.append(f"moe_groups={cfg.moe_groups} must be a multiple of dp*ep*microbatches={shards}: "
-                            "capacity and the aux loss are per group of tokens, and each micro-batch of each "
-                            "data shard must hold whole groups")
-    elif pc.ep > 1:
-        problems.append(f"ep={pc.ep} needs an MoE model (--experts > 0)")
-    if pc.pp > 1 or pc.chunks > 1:
-        from .pp import build_schedule
-        if cfg.layers % (pc.pp * pc.chunks):
-            problems.append(f"layers={cfg.layers} must be divisible by pp*chunks={pc.pp * pc.chunks} "
-                            "(each model chunk gets the same number of blocks)")
+# Schedules the composed trainer runs. PipeDream (pipedream, pipedream_2bw) updates weights
+# asynchronously, so by design it does not follow the single-device curve: see pp.train_pipedream.
+TRAIN_SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zb_h2", "zbv", "dualpipe", "dualpipev")
+# ZeRO-2/3 reduce-scatter from the gradient hooks that backward() fires; the zero-bubble I/W split
+# (and DualPipe's) computes weight gradients by hand, outside those hooks.
+ZERO23_SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved_1f1b")
+
+
+def check(cfg: GPTConfig, pc: ParallelConfig, batch: int, world_size: int | None = None,
+          problems: Problems | None = None) -> None:
+    """The one validation entry of a composed run: every problem of this combination, in one
+    ConfigError, before any process starts. Each rule says why it holds. Sizes are assumed to be
+    positive ints already (see `train.validate`, which checks every flag first)."""
+    p = Problems() if problems is None else problems
+    t, c, shards = pc.tp, pc.cp, pc.dp * pc.ep
+    p.merge(check_sizes, pc.world_size if world_size is None else world_size, pc.axes())
+    p.choice("zero", pc.zero, (0, 1, 2, 3))
+    p.choice("schedule", pc.schedule, TRAIN_SCHEDULES)
+    pipelined = pc.pp > 1 or pc.chunks > 1
+    if pipelined and pc.schedule in TRAIN_SCHEDULES:
+        if pc.zero >= 2 and pc.schedule not in ZERO23_SCHEDULES:
+            p.add(f"{p.show('zero', pc.zero)} with {p.show('schedule', pc.schedule)}: ZeRO-2/3 reduce-scatter "
+                  "from the gradient hooks of backward(), and this schedule's I/W split computes weight gradients "
+                  f"by hand: use {', '.join(ZERO23_SCHEDULES[1:])}, or {p.name('zero')} 1")
         try:
-            build_schedule(pc.schedule, pc.pp, pc.microbatches, pc.chunks)
-        except ValueError as e:
-            problems.append(f"schedule {pc.schedule!r}: {e}")
-    if problems:
-        raise ValueError("this parallel configuration cannot work:\n  - " + "\n  - ".join(problems))
+            schedule = build_schedule(pc.schedule, pc.pp, pc.microbatches, pc.chunks)
+        except ValueError as e:   # the generator states its own rule (e.g. interleaved: m % p == 0)
+            p.add(f"{p.show('schedule', pc.schedule)}: {e}")
+        else:
+            p.merge(stage_layer_counts, cfg, schedule.num_parts, pc.stage_layers)
+    elif pc.stage_layers is not None and tuple(pc.stage_layers) != (cfg.layers,):
+        p.add(f"{p.name('stage_layers')} splits layers over pipeline stages: it needs {p.name('pp')} > 1")
+    # Megatron splits attention by heads and the MLP by columns: each tp rank holds whole heads.
+    p.divides("tp", t, "heads", cfg.heads, "each tensor-parallel rank holds whole attention heads")
+    p.divides("tp", t, "vocab", cfg.vocab, "the vocab-parallel embedding and head hold V/tp rows each; "
+              "we do not pad the vocabulary (see minipar.tp.check_tp)")
+    if c > 1:   # ring/zigzag cut the sequence into cp (zigzag: 2cp) equal chunks
+        chunks = 2 * c if pc.seq_layout == "zigzag" else c
+        p.divides("cp", chunks, "seq", cfg.seq, f"the {pc.seq_layout} layout cuts it into {chunks} equal chunks"
+                  + (" (2 per cp rank)" if chunks > c else ""))
+        if pc.cp_method == "ulysses" and cfg.heads % t == 0 and (cfg.heads // t) % c:
+            p.add(f"Ulysses' all-to-all gives each cp rank whole heads: the {cfg.heads // t} heads per tp rank "
+                  f"must be divisible by {p.name('cp')}={c}; lower cp or tp, or use {p.name('cp_method')} ring")
+    if pc.sp and cfg.seq % (c * t):   # SP cuts each rank's seq/cp positions into tp equal slices
+        p.add(f"sequence parallelism splits each rank's sequence over tp: {p.show('seq', cfg.seq)} must be "
+              f"divisible by cp*tp={c * t}")
+    # the global batch is cut into dp*ep equal data shards, each into equal micro-batches
+    if batch % shards:
+        p.add(f"{p.show('batch', batch)} must split into dp*ep={shards} equal data shards: use a multiple of {shards}")
+    elif (batch // shards) % pc.microbatches:
+        p.add(f"each data shard's {batch // shards} sequences must split into {pc.microbatches} equal "
+              f"micro-batches: make {p.name('batch')} a multiple of dp*ep*microbatches={shards * pc.microbatches}")
+    if cfg.experts:
+        p.merge(check_moe, cfg, pc.ep)
+        if (c > 1 or pc.sp) and cfg.capacity_factor != float("inf"):
+            p.add("with cp or sp a group's tokens are spread over ranks, and token dropping ranks them by "
+                  "position within the group: MoE must be dropless there (capacity_factor = inf)")
+        if cfg.moe_groups % (shards * pc.microbatches):
+            p.add(f"moe_groups={cfg.moe_groups} must be a multiple of dp*ep*microbatches="
+                  f"{shards * pc.microbatches}: capacity and the aux loss are per group of tokens, and each "
+                  "micro-batch of each data shard must hold whole groups")
+    elif pc.ep > 1:
+        p.add(f"{p.show('ep', pc.ep)} splits experts over ranks: it needs an MoE model ({p.name('experts')} > 0)")
+    if problems is None:
+        p.raise_if_any("this parallel configuration cannot run")
 
 
-def stage_layers(cfg: GPTConfig, parts: int, part: int) -> range:
-    per = cfg.layers // parts
-    return range(part * per, (part + 1) * per)
-
-
-class ComposedStage(nn.Module):
-    """One pipeline stage (the whole model when pp = 1) of the composed GPT on this rank.
+class ComposedStage(Stage):
+    """One pipeline stage (the whole model when pp = 1) of the composed GPT on this rank: the
+    pipeline's `Stage` with its modules swapped for their parallel versions.
 
     Parameter names equal the reference's ("blocks.3.attn.q.weight"); TP-split ones carry
     `tp_dim`, so checkpoints and parity tests can rebuild the full tensors."""
 
     def __init__(self, ref: GPT, layers: range, first: bool, last: bool, pc: ParallelConfig, mesh: Mesh):
-        super().__init__()
-        from . import cp as cpm
-        from .tp import ColumnParallelLinear, ParallelAttention, ParallelBlock, VocabParallelEmbedding
-        self.first, self.last, self.pc = first, last, pc
+        super().__init__(ref, layers, first, last)
+        self.pc = pc
         tp, sp = pc.tp > 1, pc.sp
         if first:
-            self.wte = VocabParallelEmbedding(ref.wte, "tp", sp) if tp else copy.deepcopy(ref.wte)
-            self.wpe = copy.deepcopy(ref.wpe)
+            if tp:
+                self.wte = VocabParallelEmbedding(ref.wte, "tp", sp)
             pos = torch.arange(ref.cfg.seq)
             if pc.cp > 1:
-                pos = cpm.sequence_positions(ref.cfg.seq, mesh.index("cp"), pc.cp, pc.seq_layout)
+                pos = sequence_positions(ref.cfg.seq, mesh.index("cp"), pc.cp, pc.seq_layout)
             if sp:  # SP keeps s/t of this rank's tokens between the TP regions
                 pos = pos.chunk(pc.tp)[mesh.index("tp")]
-            self.register_buffer("pos", pos, persistent=False)
-        self.blocks = nn.ModuleDict()
+            self.pos = pos
         for i in layers:
-            blk = ref.blocks[i]
-            self.blocks[str(i)] = ParallelBlock(blk, "tp", sp) if tp and not ref.cfg.is_moe(i) else copy.deepcopy(blk)
-            if tp and ref.cfg.is_moe(i):  # attention split over tp, experts replicated over it
-                self.blocks[str(i)].attn = ParallelAttention(blk.attn, "tp", sp)
+            blk = self.blocks[str(i)]
+            if tp and ref.cfg.is_moe(i):   # attention split over tp; experts replicated over it
+                blk.attn = ParallelAttention(ref.blocks[i].attn, "tp", sp)
+            elif tp:
+                self.blocks[str(i)] = blk = ParallelBlock(ref.blocks[i], "tp", sp)
             if pc.cp > 1:
-                self.blocks[str(i)].attn.attn_fn = cpm.attention_fn(pc.cp_method, pc.seq_layout, "cp")
-        if last:
-            self.ln_f = copy.deepcopy(ref.ln_f)
-            self.head = ColumnParallelLinear(ref.head, "tp") if tp else copy.deepcopy(ref.head)
+                blk.attn.attn_fn = attention_fn(pc.cp_method, pc.seq_layout, "cp")
+        if last and tp:
+            self.head = ColumnParallelLinear(ref.head, "tp")
         for p in self.parameters():
             p.tp_dim = getattr(p, "tp_dim", None)
-            p.sequence_parallel = sp and p.tp_dim is None
+            p.sequence_parallel = sp and p.tp_dim is None   # saw only this rank's s/t tokens: summed over tp
         if pc.recompute:
-            from .recompute import apply_recompute
             apply_recompute(self, pc.recompute)
 
-    def forward(self, x):
-        if self.first:
-            x = self.wte(x) + self.wpe(self.pos)
-        for blk in self.blocks.values():
-            x = blk(x)
-        if not self.last:
-            return x
-        if self.pc.tp > 1:  # logits stay split over the vocabulary (and gathered along s under SP)
-            from .tp import column_parallel
-            # ZeRO-3 gathers the head's weight in its module hooks, so under SP the head must be
-            # called as a module (regather=False) rather than through gather_linear's raw weights
-            (logits,) = column_parallel(self.ln_f(x), [self.head], "tp", self.pc.sp, regather=self.pc.zero < 3)
-            return logits
-        return self.head(self.ln_f(x))
+    def logits(self, x):
+        if self.pc.tp == 1:
+            return self.head(x)
+        # The logits stay split over the vocabulary (gathered along s under SP). ZeRO-3 gathers
+        # the head's weight in its module hooks, so under SP the head must be called as a module
+        # (regather=False) rather than through gather_linear's raw weights.
+        (logits,) = column_parallel(x, [self.head], "tp", self.pc.sp, regather=self.pc.zero < 3)
+        return logits
 
-    def aux_loss(self):
-        return sum((getattr(b.mlp, "aux_loss", 0.0) for b in self.blocks.values()), torch.zeros(()))
+
+def mirror_group(mesh: Mesh, p: int):
+    """DualPipe keeps every layer slice on two ranks of a pipeline, r and p-1-r (one copy per
+    direction); their gradients are summed before the step. Every rank creates every pair's
+    group, in the same order (torch's contract for new_group). Returns this rank's pair."""
+    mine = None
+    for ranks in mesh.groups("pp"):          # one pipeline per coordinate of the other axes
+        for r in range(p // 2):
+            pair = [ranks[r], ranks[p - 1 - r]]
+            g = dist.new_group(pair)
+            if mesh.rank in pair:
+                mine = g
+    return mine
 
 
 def loss_of(logits, y, pc: ParallelConfig):
     """Mean cross-entropy over this rank's tokens (vocab-parallel under TP: no full logits)."""
     if pc.tp > 1:
-        from .tp import vocab_parallel_cross_entropy
         return vocab_parallel_cross_entropy(logits.flatten(0, 1), y.flatten(), "tp")
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
 
 def build_stages(cfg: GPTConfig, pc: ParallelConfig, mesh: Mesh, seed: int = 0, state: dict | None = None,
                  schedule=None) -> dict:
-    """{stage index: ComposedStage} for this rank. `state` (full tensors by name) overrides the
-    seed's initial weights, e.g. when resuming from a checkpoint saved under another layout."""
+    """{stage index: ComposedStage} for this rank, through the pipeline's one stage builder.
+    `state` (full tensors by name) overrides the seed's initial weights, e.g. when resuming
+    from a checkpoint saved under another layout."""
     ref = GPT(cfg, seed)
     if state is not None:
         ref.load_state_dict({k: v for k, v in state.items() if k in ref.state_dict()}, strict=False)
     if cfg.experts:
-        from .ep import expert_parallel
-        from .moe import moe_layers
         if pc.ep > 1:
             expert_parallel(ref, mesh)
         # capacity and the aux loss are per group of tokens: each forward call (one micro-batch
-        # of one data shard) must hold whole groups of the reference's global batch
+        # of one data shard) holds whole groups of the reference's global batch, whose tokens
+        # are spread over cp (and tp under SP)
         for layer in moe_layers(ref):
             layer.groups = cfg.moe_groups // (pc.dp * pc.ep * pc.microbatches)
-    if schedule is None:
-        return {0: ComposedStage(ref, range(cfg.layers), True, True, pc, mesh)}
-    parts, out = schedule.num_parts, {}
-    for s in schedule.stages_of(mesh.index("pp")):
-        k = schedule.part[s]
-        out[s] = ComposedStage(ref, stage_layers(cfg, parts, k), k == 0, k == parts - 1, pc, mesh)
-    return out
+        split_tokens(ref, tuple(a for a, on in (("cp", pc.cp > 1), ("tp", pc.sp)) if on), 1.0 / pc.tp if pc.sp else 1.0)
+    make = partial(ComposedStage, pc=pc, mesh=mesh)
+    return build_pipeline_stages(ref, schedule, mesh.index("pp"), pc.stage_layers, make)

@@ -34,7 +34,7 @@ from functools import partial
 
 import torch
 
-from . import comm, trace
+from . import comm, mappings, trace
 from .collectives import ring_neighbours
 from .ulysses import ulysses_attention, ulysses_bytes
 
@@ -74,7 +74,7 @@ def unshard_sequence(local: torch.Tensor, size: int, layout: str = "zigzag", dim
     its backward keeps this rank's slice of the gradient)."""
     if comm.size(group) != size:
         raise ValueError(f"unshard_sequence(size={size}) on a group of {comm.size(group)} ranks; pass the group size")
-    gathered = comm.gather_along(local, dim, group, grad="split")  # rank 0's chunks, rank 1's chunks, ...
+    gathered = mappings.gather_along(local, dim, group, grad="split")  # rank 0's chunks, rank 1's chunks, ...
     held = [c for r in range(size) for c in chunk_ids(r, size, layout)]
     pieces = gathered.chunk(len(held), dim)
     return torch.cat([pieces[held.index(c)] for c in range(len(held))], dim)

@@ -30,15 +30,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
-from . import comm, trace
+from . import comm, mappings, trace
 from .mesh import Mesh
 from .model import GPT, GPTConfig, SyntheticData, make_optimizer
-from .moe import check_config, moe_layers, skew_router, update_bias
+from .moe import check_config, combine, moe_layers, permute, skew_router, update_bias
 from .runtime import device, launch
 
-__all__ = ["dispatch_combine", "a2a_formula", "expert_parallel", "sync_grads", "train_moe", "MoERun", "check_ep",
-           "run_ep"]
+__all__ = ["dispatch_combine", "AllToAllDispatcher", "a2a_formula", "expert_parallel", "sync_grads", "train_moe",
+           "MoERun", "check_ep", "run_ep"]
 
 
 def a2a_formula(tokens: int, top_k: int, hidden: int, ep: int, bytes_per_value: int = 4) -> float:
@@ -50,18 +51,14 @@ def dispatch_combine(x, index, weights, keep, experts, num_experts, ep_size=1, e
     """Steps 2-7 above for x [T, h]; `experts` holds this rank's E/ep experts in order.
     With ep_size 1 the exchanges are skipped and the same code is the single-device layer.
     Returns (y [T, h], split sizes for the stats)."""
-    tok, choice = keep.nonzero(as_tuple=True)
-    expert = index[tok, choice]
-    order = torch.argsort(expert, stable=True)                        # 2. permute
-    tok, choice, expert = tok[order], choice[order], expert[order]
-    counts = torch.bincount(expert, minlength=num_experts)            # rows to each expert
+    tok, choice, expert, counts = permute(index, keep, num_experts)  # 2. rows sorted by expert
     n_local = num_experts // ep_size
     rows = x[tok]
     if ep_size > 1:
         table = comm.all_gather(counts[None], dim=0, group=group)     # 3. [source rank, expert]
         recv = table[:, ep_rank * n_local:(ep_rank + 1) * n_local]  # rows each source sends to my experts
         send_splits, recv_splits = counts.view(ep_size, n_local).sum(1).tolist(), recv.sum(1).tolist()
-        rows = comm.all_to_all_autograd(rows, recv_splits, send_splits, group)   # 4. dispatch
+        rows = mappings.all_to_all_autograd(rows, recv_splits, send_splits, group)   # 4. dispatch
         # arrivals are ordered (source, expert); regroup them by local expert
         local = torch.arange(n_local, device=x.device).repeat(ep_size).repeat_interleave(recv.flatten())
         by_expert = torch.argsort(local, stable=True)
@@ -72,9 +69,20 @@ def dispatch_combine(x, index, weights, keep, experts, num_experts, ep_size=1, e
     out = torch.cat([e(chunk) for e, chunk in zip(experts.values(), rows.split(per_expert.tolist()))])  # 5.
     if ep_size > 1:
         out = out[torch.argsort(by_expert)]                           # back to (source, expert) order
-        out = comm.all_to_all_autograd(out, send_splits, recv_splits, group)     # 6. combine
-    y = torch.zeros_like(x).index_add(0, tok, out * weights[tok, choice, None])  # 7. un-permute
+        out = mappings.all_to_all_autograd(out, send_splits, recv_splits, group)     # 6. combine
+    y = combine(x, tok, choice, out, weights)                         # 7. un-permute
     return y, dict(table=table.detach().cpu(), send_splits=send_splits, recv_splits=recv_splits)
+
+
+class AllToAllDispatcher:
+    """The token dispatcher `expert_parallel` installs in every MoE layer (Megatron-Core's
+    MoEAlltoAllTokenDispatcher): the layer routes, this sends the rows to their experts' ranks."""
+
+    def __init__(self, group, size: int, rank: int):
+        self.group, self.size, self.rank = group, size, rank
+
+    def __call__(self, x, index, weights, keep, experts, num_experts):
+        return dispatch_combine(x, index, weights, keep, experts, num_experts, self.size, self.rank, self.group)
 
 
 def check_ep(cfg: GPTConfig, ep: int, dp: int = 1, batch_size: int = 8) -> None:
@@ -91,10 +99,9 @@ def check_ep(cfg: GPTConfig, ep: int, dp: int = 1, batch_size: int = 8) -> None:
 
 
 def expert_parallel(model: GPT, mesh: Mesh) -> GPT:
-    """Keep only this rank's experts in every MoE layer and point the layers at the ep axis."""
-    if {a for a, n in mesh.axes.items() if n > 1} - {"dp", "ep", "tp", "pp"}:
-        raise ValueError(f"{mesh}: expert parallelism composes with dp, tp and pp here (experts are replicated "
-                         "over tp, whose ranks see the same tokens); not with cp")
+    """Keep only this rank's experts in every MoE layer and install the all-to-all dispatcher
+    over the ep axis. The other axes need nothing here: experts are replicated over dp, cp and
+    tp, and each rank dispatches its own tokens (for cp and SP, see `moe.split_tokens`)."""
     ep, shards = mesh.size("ep"), mesh.size("dp") * mesh.size("ep")
     for m in moe_layers(model):
         check_config(m.cfg, ep)
@@ -102,7 +109,7 @@ def expert_parallel(model: GPT, mesh: Mesh) -> GPT:
         for name in list(m.experts):
             if int(name) // n_local != me:
                 del m.experts[name]
-        m.ep_group, m.ep_size, m.ep_rank = "ep", ep, me
+        m.dispatcher = AllToAllDispatcher("ep", ep, me)
         m.groups = m.cfg.moe_groups // shards
     return model
 
@@ -142,7 +149,6 @@ def train_moe(cfg: GPTConfig, steps: int = 5, batch_size: int = 8, seed: int = 0
     """`train_reference`'s loop plus the MoE bookkeeping: aux-loss-free bias updates (gamma > 0)
     and load/drop statistics. mesh=None: single device. With a Mesh(dp=, ep=) inside `launch`:
     expert parallel on this rank's batch shard (call through `run_ep`)."""
-    from tqdm.auto import tqdm
     torch.manual_seed(seed)
     model = GPT(cfg, seed)
     if skew:

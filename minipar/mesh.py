@@ -76,6 +76,8 @@ class Mesh:
         self._members: dict[str, list[int]] = {}
         if dist.is_initialized():
             for a in self.axes:
+                if self.axes[a] == 1:   # a group of one rank communicates nothing (comm skips it)
+                    continue
                 for ranks in enumerate_groups(self.axes, a):
                     g = dist.new_group(ranks)  # collective: every rank, every group, same order
                     if self.rank in ranks:
@@ -105,12 +107,13 @@ class Mesh:
         return self.coords().get(axis, 0)
 
     def group(self, axis: str):
-        """The process group of `axis` that holds this rank (None if the mesh lacks the axis)."""
+        """The process group of `axis` that holds this rank (None if the mesh lacks the axis or
+        it has size 1)."""
         return self._groups.get(axis)
 
     def ranks(self, axis: str) -> list[int]:
         """Global ranks in this rank's group along `axis`, in axis order."""
-        if axis not in self.axes:
+        if self.axes.get(axis, 1) == 1:
             return [self.rank]
         return self._members.get(axis) or enumerate_groups(self.axes, axis)[0]
 

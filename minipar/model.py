@@ -4,123 +4,24 @@ that every parity test compares against.
 GPT-2 shape, pre-LayerNorm:  x = x + attn(ln1(x));  x = x + mlp(ln2(x)),
 causal attention through `F.scaled_dot_product_attention`, GELU MLP (4h), learned
 positions, untied output head (so the vocab-parallel head and embedding shard
-independently). No dropout: parity tests need determinism.
-
-Initialization is a pure function of (seed, parameter name): `init_tensor(name,
-shape, seed)` draws each tensor from its own generator. A strategy that builds
-its own modules can therefore build the exact full weight of any parameter by
-name and keep its slice, and it equals the reference model by construction.
+independently). No dropout: parity tests need determinism. Its config, layers and
+by-name initialization are in `minipar.layers` (re-exported here); an MoE block's
+feed-forward is `minipar.moe.MoE`.
 """
 from __future__ import annotations
 
-import math
-import zlib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-__all__ = ["GPTConfig", "GPT", "Block", "Attention", "MLP", "init_tensor", "init_gpt", "SyntheticData",
+from .layers import MLP, Attention, GPTConfig, init_gpt, init_tensor, sdpa_causal
+from .moe import MoE
+
+__all__ = ["GPTConfig", "GPT", "Block", "Attention", "MLP", "init_tensor", "init_gpt", "sdpa_causal", "SyntheticData",
            "make_optimizer", "train_reference", "TrainResult", "OPTIM"]
-
-
-@dataclass(frozen=True)
-class GPTConfig:
-    vocab: int = 64
-    seq: int = 32
-    layers: int = 2
-    heads: int = 4
-    hidden: int = 64
-    mlp_ratio: int = 4
-    # Mixture of experts (see minipar.moe): 0 experts = dense MLP everywhere.
-    experts: int = 0
-    top_k: int = 1
-    moe_every: int = 1          # every n-th block is an MoE block
-    capacity_factor: float = float("inf")
-    shared_expert: bool = False
-    router: str = "softmax"     # or "sigmoid" (DeepSeek-V3)
-    aux_alpha: float = 0.01     # Switch load-balancing loss weight (0 = off)
-    z_loss: float = 0.0         # ST-MoE router z-loss weight (1e-3 in the paper)
-    min_capacity: int = 0       # floor of the per-expert capacity
-    moe_groups: int = 1         # token groups per batch; capacity and aux loss are per group (GShard)
-
-    def __post_init__(self):
-        if self.hidden % self.heads:
-            raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-    def is_moe(self, layer: int) -> bool:
-        return self.experts > 0 and (layer + 1) % self.moe_every == 0
-
-    def replace(self, **kw) -> "GPTConfig":
-        return replace(self, **kw)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def init_tensor(name: str, shape, seed: int, layers: int) -> torch.Tensor:
-    """The full initial value of parameter `name`, independent of construction order.
-
-    GPT-2 scheme: N(0, 0.02) for weights, residual projections scaled by 1/sqrt(2L),
-    zero biases, LayerNorm weight 1 and bias 0."""
-    leaf = name.rsplit(".", 1)[-1]
-    if ".ln" in f".{name}" and (leaf == "weight"):
-        return torch.ones(shape)
-    if leaf == "bias":
-        return torch.zeros(shape)
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    std = 0.02 / math.sqrt(2 * layers) if name.endswith(("attn.proj.weight", "mlp.proj.weight")) else 0.02
-    return torch.randn(shape, generator=gen) * std
-
-
-@torch.no_grad()
-def init_gpt(model: nn.Module, seed: int, layers: int) -> nn.Module:
-    for name, p in model.named_parameters():
-        p.copy_(init_tensor(name, p.shape, seed, layers))
-    return model
-
-
-def sdpa_causal(q, k, v):
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-
-class Attention(nn.Module):
-    """Multi-head causal self-attention. `attn_fn(q, k, v)` on [b, heads, s, d] is
-    swappable, so context parallelism can plug in ring or Ulysses attention."""
-
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.heads, self.head_dim = cfg.heads, cfg.head_dim
-        self.q = nn.Linear(cfg.hidden, cfg.hidden)
-        self.k = nn.Linear(cfg.hidden, cfg.hidden)
-        self.v = nn.Linear(cfg.hidden, cfg.hidden)
-        self.proj = nn.Linear(cfg.hidden, cfg.hidden)
-        self.attn_fn = sdpa_causal
-
-    def split_heads(self, x):  # [b, s, heads*d] -> [b, heads, s, d]
-        b, s, _ = x.shape
-        return x.view(b, s, -1, self.head_dim).transpose(1, 2)
-
-    def forward(self, x):
-        q, k, v = (self.split_heads(lin(x)) for lin in (self.q, self.k, self.v))
-        y = self.attn_fn(q, k, v)
-        b, _, s, _ = y.shape
-        return self.proj(y.transpose(1, 2).reshape(b, s, -1))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.fc = nn.Linear(cfg.hidden, cfg.mlp_ratio * cfg.hidden)
-        self.proj = nn.Linear(cfg.mlp_ratio * cfg.hidden, cfg.hidden)
-
-    def forward(self, x):
-        return self.proj(F.gelu(self.fc(x)))
 
 
 class Block(nn.Module):
@@ -129,11 +30,7 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.hidden)
         self.attn = Attention(cfg)
         self.ln2 = nn.LayerNorm(cfg.hidden)
-        if cfg.is_moe(layer):
-            from .moe import MoE  # optional MoE block; see minipar.moe
-            self.mlp = MoE(cfg)
-        else:
-            self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe(layer) else MLP(cfg)
 
     def forward(self, x):
         x = x + self.attn(self.ln1(x))
@@ -223,8 +120,6 @@ def train_reference(cfg: GPTConfig, steps: int = 5, batch_size: int = 8, seed: i
 
     With grad_accum=k the global batch is split into k micro-batches and the mean of
     their losses is the step's loss (the same number every parallel layout reports)."""
-    from tqdm.auto import tqdm
-
     torch.manual_seed(seed)
     model = GPT(cfg, seed)
     data = SyntheticData(cfg.vocab, cfg.seq, seed)

@@ -45,10 +45,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import MLP, GPTConfig
+from . import comm
+from .layers import MLP, GPTConfig
 
-__all__ = ["capacity", "switch_aux_loss", "router_z_loss", "route", "assign_slots", "MoE",
-           "check_config", "moe_layers", "skew_router", "update_bias"]
+__all__ = ["capacity", "switch_aux_loss", "router_z_loss", "route", "assign_slots", "MoE", "permute", "combine",
+           "local_dispatch", "check_config", "moe_layers", "split_tokens", "skew_router", "update_bias"]
 
 
 def check_config(cfg: GPTConfig, ep: int = 1) -> None:
@@ -85,14 +86,20 @@ def capacity(num_tokens: int, num_experts: int, top_k: int = 1, capacity_factor:
     return max(int(min_capacity), math.ceil(num_tokens * top_k * capacity_factor / num_experts))
 
 
-def switch_aux_loss(router_probs: torch.Tensor, expert_index: torch.Tensor, alpha: float = 0.01) -> torch.Tensor:
+def switch_aux_loss(router_probs: torch.Tensor, expert_index: torch.Tensor, alpha: float = 0.01,
+                    first_choices: torch.Tensor | None = None) -> torch.Tensor:
     """alpha * E * sum_i f_i * P_i (Switch Transformer eq. 4-6), f from the first choice.
 
     router_probs: [tokens, E] (rows sum to 1); expert_index: [tokens, k]. Leading group
     dimensions [G, tokens, ...] are allowed: the loss is computed per group and averaged.
-    f is a count, so the gradient reaches the router through P only."""
+    f is a count, so the gradient reaches the router through P only. When a group's tokens
+    are spread over ranks (context or sequence parallelism), pass `first_choices` [..., E],
+    the whole group's count of first choices per expert: f is then the group's, P stays the
+    mean over this rank's tokens, and the loss is linear in this rank's tokens (see MoE)."""
     E = router_probs.shape[-1]
-    f = F.one_hot(expert_index[..., 0], E).to(router_probs.dtype).mean(-2)
+    if first_choices is None:
+        first_choices = F.one_hot(expert_index[..., 0], E).sum(-2)
+    f = first_choices.to(router_probs.dtype) / first_choices.sum(-1, keepdim=True)
     P = router_probs.mean(-2)
     return alpha * E * (f * P).sum(-1).mean()
 
@@ -129,11 +136,39 @@ def assign_slots(expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
     return slot.unflatten(-1, (k, T)).transpose(-1, -2)
 
 
+def permute(index: torch.Tensor, keep: torch.Tensor, num_experts: int):
+    """The kept (token, choice) pairs sorted by expert (hence by destination rank under EP):
+    -> (token, choice, expert) per row, and the row count of each expert."""
+    tok, choice = keep.nonzero(as_tuple=True)
+    expert = index[tok, choice]
+    order = torch.argsort(expert, stable=True)
+    tok, choice, expert = tok[order], choice[order], expert[order]
+    return tok, choice, expert, torch.bincount(expert, minlength=num_experts)
+
+
+def combine(x: torch.Tensor, tok, choice, out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Un-permute: y_t = sum over t's kept choices j of g_j * (expert output row of (t, j))."""
+    return torch.zeros_like(x).index_add(0, tok, out * weights[tok, choice, None])
+
+
+def local_dispatch(x, index, weights, keep, experts, num_experts):
+    """Every expert on this rank: permute, run each expert on its contiguous rows, combine.
+    `minipar.ep` installs its all-to-all dispatcher in place of this one (as Megatron-Core's
+    MoE layer takes a token dispatcher). -> (y [T, h], split sizes for the stats)."""
+    tok, choice, _, counts = permute(index, keep, num_experts)
+    out = torch.cat([e(rows) for e, rows in zip(experts.values(), x[tok].split(counts.tolist()))])
+    n = [int(counts.sum())]
+    return combine(x, tok, choice, out, weights), dict(table=counts[None].detach().cpu(), send_splits=n, recv_splits=n)
+
+
 class MoE(nn.Module):
     """Drop-in replacement of the block's MLP. Experts are named experts.<global index>, so
     every expert is initialized from its name and an expert-parallel shard equals the
     single-device layer by construction. After each forward: `aux_loss` (a scalar) and
-    `stats` (load, kept mask, capacity, drops, and the all-to-all split sizes)."""
+    `stats` (load, kept mask, capacity, drops, and the all-to-all split sizes).
+
+    Installed by the strategies that use it: `dispatcher` (expert parallelism's all-to-all),
+    and `split_tokens` (context or sequence parallelism: a group's tokens spread over ranks)."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -144,13 +179,13 @@ class MoE(nn.Module):
         self.shared = MLP(cfg) if cfg.shared_expert else None
         self.register_buffer("expert_bias", torch.zeros(cfg.experts))  # selection only, never trained
         self.groups = cfg.moe_groups                 # groups in the batch this layer sees
-        self.ep_group, self.ep_size, self.ep_rank = None, 1, 0   # set by minipar.ep.expert_parallel
+        self.dispatcher = local_dispatch
+        self.token_axes, self.share = (), 1.0        # see split_tokens
         self.aux_loss = torch.zeros(())
         self.step_load = torch.zeros(cfg.experts, dtype=torch.long)  # routed choices since the last bias update
         self.stats: dict = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .ep import dispatch_combine  # ep.py imports this module, so import at call time
         shape, cfg, E, k = x.shape, self.cfg, self.num_experts, self.top_k
         x = x.reshape(-1, shape[-1])
         T, G = x.shape[0], self.groups
@@ -161,13 +196,8 @@ class MoE(nn.Module):
         probs, index, weights = route(logits, k, cfg.router, self.expert_bias)
         C = capacity(T // G, E, k, cfg.capacity_factor, cfg.min_capacity)
         keep = assign_slots(index.view(G, T // G, k), E).reshape(T, k) < C
-        aux = x.new_zeros(())
-        if cfg.aux_alpha:
-            aux = aux + switch_aux_loss(probs.view(G, T // G, E), index.view(G, T // G, k), cfg.aux_alpha)
-        if cfg.z_loss:
-            aux = aux + router_z_loss(logits, cfg.z_loss)
-        self.aux_loss = aux
-        y, sent = dispatch_combine(x, index, weights, keep, self.experts, E, self.ep_size, self.ep_rank, self.ep_group)
+        self.aux_loss = self.balance_loss(logits, probs.view(G, T // G, E), index.view(G, T // G, k))
+        y, sent = self.dispatcher(x, index, weights, keep, self.experts, E)
         if self.shared is not None:
             y = y + self.shared(x)
         load = torch.bincount(index.flatten().cpu(), minlength=E)
@@ -178,9 +208,34 @@ class MoE(nn.Module):
                           choices=T * k, **sent)
         return y.view(shape)
 
+    def balance_loss(self, logits, probs, index) -> torch.Tensor:
+        """Switch's aux loss (+ ST-MoE's z-loss) of this rank's tokens. When a group's tokens are
+        spread over `token_axes`, f counts the whole group (one all-reduce of G*E counts per
+        axis, as Megatron-Core reduces tokens_per_expert over tp and cp) while P and the z-loss
+        average this rank's tokens: the training loop averages the cp ranks' losses like their
+        cross-entropies, and `share` = 1/tp divides what the tp ranks' gradients sum (SP)."""
+        cfg, aux = self.cfg, logits.new_zeros(())
+        if cfg.aux_alpha:
+            counts = F.one_hot(index[..., 0], self.num_experts).sum(-2)
+            for axis in self.token_axes:
+                comm.all_reduce(counts, group=axis)
+            aux = aux + switch_aux_loss(probs, index, cfg.aux_alpha, counts)
+        if cfg.z_loss:
+            aux = aux + router_z_loss(logits, cfg.z_loss)
+        return aux * self.share
+
 
 def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def split_tokens(model: nn.Module, axes: tuple = (), share: float = 1.0) -> None:
+    """Tell every MoE layer that its groups' tokens are spread over the ranks of `axes` (cp, and
+    tp under sequence parallelism) and what share of the loss this rank holds (1/tp under SP).
+    Capacity is then unknowable locally (it ranks a group's tokens by position), so such a run
+    must be dropless (capacity_factor = inf): `minipar.compose.check` says so."""
+    for m in moe_layers(model):
+        m.token_axes, m.share = tuple(axes), share
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ import torch
 
 from . import comm
 from .model import make_optimizer
-from .sp import sync_sequence_parallel_grads
+from .mappings import sync_sequence_parallel_grads
 
 __all__ = ["Optimizer", "stage_units"]
 
@@ -56,14 +56,14 @@ class Optimizer:
     `module` (a ComposedStage, or {stage: ComposedStage} under pp) is needed for ZeRO-2/3,
     which re-home the parameters into flat units."""
 
-    def __init__(self, named_params: list, pc, module=None):
+    def __init__(self, named_params: list, pc, module=None, mirror=None):
         # dense parameters first, experts last: the ep all-reduce then covers one prefix slice
         named_params = sorted(named_params, key=lambda np_: ".experts." in np_[0])
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
         self.dense = sum(p.numel() for n, p in named_params if ".experts." not in n)
         self.numel = sum(p.numel() for p in self.params)
-        self.pc = pc
+        self.pc, self.mirror = pc, mirror   # mirror: DualPipe's pair of ranks holding the same layers
         self.name_of = {id(p): n for n, p in named_params}
         if pc.zero >= 2:
             from .zero import ZeRO
@@ -113,6 +113,8 @@ class Optimizer:
                 g.mul_(1.0 / (pc.cp * pc.ep))
             self.zero.step()
             return
+        if self.mirror is not None:   # DualPipe: each copy saw half the micro-batches; names order both ranks alike
+            comm.all_reduce_grads([p for _, p in sorted(zip(self.names, self.params))], group=self.mirror)
         sync_sequence_parallel_grads(self.params, "tp")   # LayerNorms etc. saw only s/t tokens under SP
         g = self.flat_grads()
         comm.all_reduce(g, group="cp")                    # replicas that saw other sequence slices

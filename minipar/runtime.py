@@ -9,18 +9,36 @@
 * Under `torchrun` (RANK/WORLD_SIZE in the environment) it runs `fn` in this
   process, on NCCL when CUDA is present, and all-gathers the return values.
 
-A rank that raises ends the whole launch within seconds: the parent kills the
-others and re-raises `RankError` with that rank's traceback. No process
-outlives the call.
+It never hangs and never hides a failure:
+
+* A rank that raises ends the whole launch within seconds: the parent kills the
+  others and re-raises `RankError` with that rank's traceback.
+* `deadline=` bounds the whole launch: past it, `DeadlineExceeded` says where each
+  rank was (a faulthandler dump of every rank's stack).
+* Every rank blocked in communication at once, for `deadlock_after` seconds, is a
+  deadlock (on one host a message arrives in milliseconds): `Deadlock` names what each
+  rank waits for and on which line. `minipar.comm` reports its blocking waits here.
+* `progress_timeout=` ends a run whose ranks stop calling `heartbeat()` (a training
+  loop calls it once per step): a rank stuck outside communication is caught too.
+* With `grace=` seconds, SIGINT/SIGTERM do not kill the ranks: they are told
+  (`stop_requested()`), so a training loop can save its last step and return.
+No process outlives the call.
 """
 from __future__ import annotations
 
+import ctypes
+import faulthandler
+import math
 import os
 import pickle
+import shutil
 import signal
 import sys
+import tempfile
+import threading
 import time
 import traceback
+from contextlib import contextmanager
 from datetime import timedelta
 from multiprocessing import get_context
 from multiprocessing.connection import wait
@@ -28,9 +46,16 @@ from multiprocessing.connection import wait
 import torch
 import torch.distributed as dist
 
-__all__ = ["launch", "RankError", "device", "rank", "world_size", "is_torchrun", "backend"]
+from . import trace
+from .validation import Problems
 
-DEFAULT_TIMEOUT = 60.0  # seconds a collective may wait before gloo gives up
+__all__ = ["launch", "RankError", "DeadlineExceeded", "Deadlock", "device", "rank", "world_size", "is_torchrun",
+           "backend", "waiting", "heartbeat", "stop_requested", "wall"]
+
+DEFAULT_TIMEOUT = 60.0   # seconds a collective may wait before gloo gives up
+DEADLOCK_AFTER = 5.0     # seconds every rank may sit blocked in communication at once
+RENDEZVOUS_TRIES = 3
+_POLL = 0.25             # how often the parent looks at its ranks
 
 
 class RankError(RuntimeError):
@@ -41,6 +66,22 @@ class RankError(RuntimeError):
         super().__init__(f"rank {rank} failed:\n{tb}")
 
 
+class DeadlineExceeded(RankError):
+    """The launch ran past its deadline (or made no progress): where every rank was.
+    `stacks[r]` is rank r's Python stack, `where[r]` its innermost frame of user code."""
+
+    def __init__(self, message: str, stacks: dict, where: dict):
+        self.stacks, self.where = stacks, where
+        lines = [message] + [f"  rank {r}: {where.get(r) or '(no stack)'}" for r in sorted(stacks)]
+        RuntimeError.__init__(self, "\n".join(lines))
+        self.rank, self.remote_traceback = min(stacks, default=0), "\n".join(lines)
+
+
+class Deadlock(DeadlineExceeded):
+    """Every rank was blocked in communication at once: none can ever proceed."""
+
+
+# ----------------------------------------------------------------------------- what a rank knows
 def is_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
@@ -64,33 +105,145 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def wall() -> float:
+    """One clock for every rank on a host (CLOCK_MONOTONIC is shared across processes)."""
+    return time.perf_counter()
+
+
+# ----------------------------------------------------------------------------- the board
+class _Board:
+    """Shared memory between the parent and its forked ranks: since when each rank has been
+    blocked in communication (0: it is not), on what, and when it last made progress."""
+    WHAT = 160
+
+    def __init__(self, ctx, n: int):
+        self.since = ctx.RawArray(ctypes.c_double, n)
+        self.beat = ctx.RawArray(ctypes.c_double, n)
+        self.text = ctx.RawArray(ctypes.c_char, n * self.WHAT)
+
+    def what(self, r: int) -> str:
+        raw = bytes(self.text[r * self.WHAT:(r + 1) * self.WHAT])
+        return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+    def set_what(self, r: int, what: str) -> None:
+        raw = what.encode()[:self.WHAT - 1].ljust(self.WHAT, b"\0")
+        self.text[r * self.WHAT:(r + 1) * self.WHAT] = raw
+
+
+_BOARD: list = [None, 0]     # (board, this rank) inside a forked rank
+_STOP = [0]                  # the signal that asked this rank to stop, or 0
+
+
+@contextmanager
+def waiting(what: str):
+    """Mark this rank blocked in communication (`what`, e.g. "recv from rank 3") for the parent's
+    deadlock detector. `minipar.comm` wraps every blocking wait in it."""
+    board, r = _BOARD
+    if board is None:
+        yield
+        return
+    board.set_what(r, what)
+    board.since[r] = time.monotonic()
+    try:
+        yield
+    finally:
+        board.since[r] = 0.0
+
+
+def heartbeat() -> None:
+    """Tell the parent this rank made progress (see `launch(progress_timeout=)`)."""
+    board, r = _BOARD
+    if board is not None:
+        board.beat[r] = time.monotonic()
+
+
+def stop_requested() -> int:
+    """The signal (SIGINT or SIGTERM) that asked this run to stop at the next safe point, or 0."""
+    return _STOP[0]
+
+
+def _request_stop(signum, frame) -> None:
+    _STOP[0] = signum
+
+
+# ----------------------------------------------------------------------------- launch
+def check_launch(world_size, timeout, deadline, grace, progress_timeout, deadlock_after) -> None:
+    """launch's arguments, all problems at once (ConfigError)."""
+    p = Problems()
+    p.integer("world_size", world_size, low=1)
+    p.number("timeout", timeout, low=0, low_open=True, why="seconds a collective may wait")
+    for name, v in (("deadline", deadline), ("progress_timeout", progress_timeout), ("grace", grace)):
+        if v is not None:
+            p.number(name, v, low=0, low_open=name != "grace")
+    p.number("deadlock_after", deadlock_after, low=0, low_open=True)
+    p.raise_if_any("launch cannot start")
+
+
+def launch(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT, deadline: float | None = None,
+           progress_timeout: float | None = None, grace: float | None = None,
+           deadlock_after: float = DEADLOCK_AFTER, **kwargs) -> list:
+    """Run `fn(*args, **kwargs)` on `world_size` ranks; return their results in rank order.
+
+    timeout: seconds any collective may wait (gloo/NCCL's own limit). deadline: seconds the
+    whole launch may take. progress_timeout: seconds a rank may go without `heartbeat()`.
+    grace: on SIGINT/SIGTERM, seconds the ranks get to stop by themselves (they see
+    `stop_requested()`); None stops them at once. deadlock_after: seconds every rank may be
+    blocked in communication at once before it counts as a deadlock."""
+    if not callable(fn):
+        raise TypeError(f"launch needs a callable as its first argument, got {type(fn).__name__}")
+    check_launch(world_size, timeout, deadline, grace, progress_timeout, deadlock_after)
+    limits = dict(timeout=timeout, deadline=deadline, progress_timeout=progress_timeout, grace=grace,
+                  deadlock_after=deadlock_after)
+    if is_torchrun():
+        return _launch_torchrun(fn, world_size, args, kwargs, limits)
+    for _ in range(RENDEZVOUS_TRIES):
+        try:
+            return _launch_local(fn, world_size, args, kwargs, limits)
+        except _RendezvousFailed as e:  # nothing ran yet: start over with fresh processes
+            failed = e
+    raise RankError(failed.rank, f"could not connect the {world_size} ranks after {RENDEZVOUS_TRIES} tries; "
+                                 f"the last error:\n{failed.tb}")
+
+
+class _RendezvousFailed(Exception):
+    def __init__(self, rank: int, tb: str):
+        self.rank, self.tb = rank, tb
+
+
 def _die_with_parent() -> None:
     # Linux only: if the parent (a notebook kernel) dies, the kernel kills us too,
     # so a crashed kernel never leaves ranks behind.
     try:
-        import ctypes
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
+    except (OSError, AttributeError):
         pass
 
 
-def _child(fn, args, kwargs, r, n, timeout, conn) -> None:
+def _child(fn, args, kwargs, r, n, limits, conn, board, dump_path) -> None:
     # One OpenMP thread per rank: forking after the parent used several threads
     # deadlocks GNU OpenMP, and N ranks on few cores run faster this way anyway.
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
     _die_with_parent()
+    # SIGUSR1 from the parent dumps every thread's stack: where this rank was when time ran out
+    dump = open(dump_path, "w")
+    faulthandler.register(signal.SIGUSR1, file=dump, all_threads=True)
+    _BOARD[:] = [board, r]
+    _STOP[0] = 0
+    for sig in (signal.SIGINT, signal.SIGTERM):   # graceful: stop at a safe point; else the parent kills us
+        signal.signal(sig, _request_stop if limits["grace"] is not None else signal.SIG_DFL)
     os.environ.update(RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r))
+    timeout = timedelta(seconds=limits["timeout"])
     try:
         port = conn.recv()  # sent once every rank is forked and the parent's store is up
-        store = dist.TCPStore("127.0.0.1", port, n, is_master=False, timeout=timedelta(seconds=timeout))
-        dist.init_process_group("gloo", store=store, rank=r, world_size=n, timeout=timedelta(seconds=timeout))
+        store = dist.TCPStore("127.0.0.1", port, n, is_master=False, timeout=timeout)
+        dist.init_process_group("gloo", store=store, rank=r, world_size=n, timeout=timeout)
     except BaseException:  # noqa: BLE001 - the parent may simply try again
         conn.send(("rendezvous", traceback.format_exc()))
         os._exit(0)
+    heartbeat()
     try:
-        from . import trace
-        trace.reset()
+        trace.reset()   # a forked rank starts with an empty trace, not the parent's
         out = fn(*args, **kwargs)
         payload = ("ok", pickle.dumps(out))
     except BaseException:  # noqa: BLE001 - everything must reach the parent
@@ -112,69 +265,73 @@ def _kill(procs) -> None:
         p.join(timeout=5)
 
 
-def launch(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT, **kwargs) -> list:
-    """Run `fn(*args, **kwargs)` on `world_size` ranks; return their results in rank order.
+_SKIP = (os.sep + "torch" + os.sep, os.sep + "multiprocessing" + os.sep, "threading.py", "selectors.py",
+         os.path.join("minipar", "runtime.py"), os.path.join("minipar", "comm.py"), os.path.join("minipar", "mappings.py"))
 
-    `timeout` bounds every collective (a rank that skips one is caught after it).
-    """
-    if not callable(fn):
-        raise TypeError(f"launch needs a callable as its first argument, got {type(fn).__name__}")
-    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
 
-    if is_torchrun():
-        return _launch_torchrun(fn, world_size, args, kwargs, timeout)
-    for attempt in range(RENDEZVOUS_TRIES):
+def _innermost(stack: str) -> str:
+    """'file:line in func' of the innermost frame outside torch, the standard library's
+    process machinery and minipar's own communication layer: the line the user wrote."""
+    for line in stack.splitlines():
+        line = line.strip()
+        if line.startswith('File "') and not any(s in line for s in _SKIP):
+            path, rest = line[6:].split('", line ', 1)   # 'File "p.py", line 12 in f'
+            return f"{path}:{rest}"
+    return ""
+
+
+def _main_thread_stack(dump: str, ident: int | None) -> str:
+    """The main thread's section of a faulthandler dump (all threads are dumped)."""
+    sections = [s for s in dump.split("\n\n") if "(most recent call first)" in s]
+    tag = f"0x{ident:016x}" if ident else None
+    for s in sections:
+        if tag and tag in s.splitlines()[0]:
+            return s
+    return sections[-1] if sections else dump
+
+
+def _stacks(procs, pending, dump_paths, board) -> tuple[dict, dict]:
+    """Ask every unfinished rank for its stack (SIGUSR1 -> faulthandler), read the dumps."""
+    for r in pending:
+        if procs[r].is_alive():
+            os.kill(procs[r].pid, signal.SIGUSR1)
+    time.sleep(0.3)
+    stacks, where = {}, {}
+    for r in sorted(pending):
         try:
-            return _launch_local(fn, world_size, args, kwargs, timeout)
-        except _RendezvousFailed as e:  # nothing ran yet: start over with fresh processes
-            failed = e
-    raise RankError(failed.rank, f"could not connect the {world_size} ranks after {RENDEZVOUS_TRIES} tries; "
-                                 f"the last error:\n{failed.tb}")
+            with open(dump_paths[r]) as f:
+                dump = f.read()
+        except OSError:
+            dump = ""
+        stacks[r] = _main_thread_stack(dump, procs[r].ident_main) if dump else "(no stack: the process is gone)"
+        line = _innermost(stacks[r])
+        waits = board.what(r) if board.since[r] else ""
+        where[r] = ", ".join(x for x in (waits and f"waiting in {waits}", line and f"at {line}") if x)
+    return stacks, where
 
 
-RENDEZVOUS_TRIES = 3
-
-
-class _RendezvousFailed(Exception):
-    def __init__(self, rank: int, tb: str):
-        self.rank, self.tb = rank, tb
-
-
-def _launch_local(fn, world_size: int, args, kwargs, timeout: float) -> list:
-    """Fork the ranks, host their rendezvous, collect their results (one attempt)."""
-    # torch.optim imports torch._dynamo at a process's first optimizer step, which takes
-    # seconds; importing it once here means every forked rank starts with it loaded.
-    import torch._dynamo  # noqa: F401
-    ctx = get_context("fork")
-    procs, conns, store = [], [], None
-    for r in range(world_size):
-        parent_end, child_end = ctx.Pipe(duplex=True)
-        p = ctx.Process(target=_child, args=(fn, args, kwargs, r, world_size, timeout, child_end),
-                        daemon=True, name=f"minipar-rank{r}")
-        p.start()
-        child_end.close()
-        procs.append(p)
-        conns.append(parent_end)
-    # The parent hosts the rendezvous store on a port the OS hands it atomically (picking a free
-    # port for rank 0 to bind later races with every other process on the host). It starts only
-    # after every fork, so no child inherits the store's server thread mid-request.
-    try:
-        store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
-                              timeout=timedelta(seconds=timeout))
-        for c in conns:
-            c.send(store.port)
-    except BaseException:
-        _kill(procs)
-        raise
-
+def _watch(procs, conns, board, dump_paths, limits, started) -> dict:
+    """The parent's loop: collect every rank's result, or raise as soon as something is wrong."""
     results: dict[int, object] = {}
+    pending = dict(enumerate(conns))
+    sentinels = {p.sentinel: r for r, p in enumerate(procs)}
+    stop = {"signal": 0, "until": None}
+    grace = limits["grace"]
+
+    def on_signal(signum, frame):   # first signal: tell the ranks; a second one: stop now
+        if stop["signal"]:
+            raise KeyboardInterrupt
+        stop["signal"], stop["until"] = signum, time.monotonic() + grace
+        for r in pending:
+            if procs[r].is_alive():
+                os.kill(procs[r].pid, signum)
+
+    handlers = {}
+    if grace is not None and threading.current_thread() is threading.main_thread():
+        handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        pending = dict(enumerate(conns))
-        sentinels = {p.sentinel: r for r, p in enumerate(procs)}
         while pending:
-            ready = wait(list(pending.values()) + list(sentinels), timeout=1.0)
-            for obj in ready:
+            for obj in wait(list(pending.values()) + list(sentinels), timeout=_POLL):
                 if obj in sentinels:  # a process exited; did it report first?
                     r = sentinels.pop(obj)
                     if r in pending and not pending[r].poll(0.5):
@@ -192,35 +349,104 @@ def _launch_local(fn, world_size: int, args, kwargs, timeout: float) -> list:
                 if status == "err":
                     raise RankError(r, data)
                 results[r] = pickle.loads(data)
+            if pending:
+                _check_progress(procs, pending, board, dump_paths, limits, started, stop)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return results
+
+
+def _check_progress(procs, pending, board, dump_paths, limits, started, stop) -> None:
+    now = time.monotonic()
+    if stop["until"] is not None and now > stop["until"]:
+        raise KeyboardInterrupt(f"the ranks did not stop within {limits['grace']:g} s of the signal")
+    if limits["deadline"] is not None and now - started > limits["deadline"]:
+        stacks, where = _stacks(procs, pending, dump_paths, board)
+        raise DeadlineExceeded(f"did not finish within {limits['deadline']:g} s; where each rank was:", stacks, where)
+    if limits["progress_timeout"] is not None:
+        stale = [r for r in pending if now - max(board.beat[r], started) > limits["progress_timeout"]]
+        if stale:
+            stacks, where = _stacks(procs, pending, dump_paths, board)
+            raise DeadlineExceeded(f"rank {stale[0]} made no progress for {limits['progress_timeout']:g} s "
+                                   "(no step finished); where each rank was:", stacks, where)
+    since = [board.since[r] for r in pending]
+    if all(since) and now - max(since) > limits["deadlock_after"]:
+        # All blocked at once can only be a slow collective if they all wait in the same one;
+        # that case is left to the backend's timeout.
+        whats = {board.what(r).split(" ", 1)[0] for r in pending}
+        if len(whats) > 1 or any(w in ("send", "recv") for w in whats):
+            stacks, where = _stacks(procs, pending, dump_paths, board)
+            raise Deadlock(f"deadlock: every rank has been waiting for another for "
+                           f"{now - max(since):.1f} s, so none can proceed:", stacks, where)
+
+
+def _launch_local(fn, world_size: int, args, kwargs, limits) -> list:
+    """Fork the ranks, host their rendezvous, collect their results (one attempt)."""
+    # torch.optim imports torch._dynamo at a process's first optimizer step, which takes
+    # seconds; importing it once here means every forked rank starts with it loaded.
+    # (Lazy on purpose: importing it with minipar would cost every `import minipar` 2.6 s.)
+    import torch._dynamo  # noqa: F401, PLC0415
+    ctx = get_context("fork")
+    board = _Board(ctx, world_size)
+    dumps = tempfile.mkdtemp(prefix="minipar-stacks-")
+    dump_paths = [os.path.join(dumps, f"rank{r}.txt") for r in range(world_size)]
+    procs, conns, store = [], [], None
+    started = time.monotonic()
+    for r in range(world_size):
+        parent_end, child_end = ctx.Pipe(duplex=True)
+        p = ctx.Process(target=_child, args=(fn, args, kwargs, r, world_size, limits, child_end, board,
+                                             dump_paths[r]), daemon=True, name=f"minipar-rank{r}")
+        p.start()
+        p.ident_main = threading.get_ident()   # a forked child's only thread keeps the forking thread's id
+        child_end.close()
+        procs.append(p)
+        conns.append(parent_end)
+    try:
+        # The parent hosts the rendezvous store on a port the OS hands it atomically (picking a free
+        # port for rank 0 to bind later races with every other process on the host). It starts only
+        # after every fork, so no child inherits the store's server thread mid-request.
+        store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                              timeout=timedelta(seconds=limits["timeout"]))
+        for c in conns:
+            c.send(store.port)
+        results = _watch(procs, conns, board, dump_paths, limits, started)
     finally:
         _kill(procs)
         for c in conns:
             c.close()
         del store
+        shutil.rmtree(dumps, ignore_errors=True)
     return [results[r] for r in range(world_size)]
 
 
-def _launch_torchrun(fn, n, args, kwargs, timeout):
+def _launch_torchrun(fn, n, args, kwargs, limits):
     if int(os.environ["WORLD_SIZE"]) != n:
-        raise ValueError(f"launch(world_size={n}) under torchrun with WORLD_SIZE={os.environ['WORLD_SIZE']}: "
-                         f"pass --nproc_per_node so that the two agree")
+        p = Problems()
+        p.add(f"launch(world_size={n}) under torchrun with WORLD_SIZE={os.environ['WORLD_SIZE']}: "
+              "pass --nproc_per_node (times --nnodes) so that the two agree")
+        p.raise_if_any("launch cannot start")
     if not dist.is_initialized():
         use_cuda = torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=max(timeout, 300)))
-    from . import trace
+        dist.init_process_group("nccl" if use_cuda else "gloo",
+                                timeout=timedelta(seconds=max(limits["timeout"], 300)))
+    _STOP[0] = 0
+    if limits["grace"] is not None and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):   # torchrun's agent forwards both to its workers
+            signal.signal(sig, _request_stop)
+    if limits["deadline"] is not None:   # no parent watches us here: dump every stack and exit
+        faulthandler.dump_traceback_later(limits["deadline"], exit=True)
     trace.reset()
-    out = fn(*args, **kwargs)
+    try:
+        out = fn(*args, **kwargs)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
     gathered = [None] * n
     dist.all_gather_object(gathered, out)
     dist.destroy_process_group()  # a later launch in the same program initializes afresh
     return gathered
-
-
-def wall() -> float:
-    """One clock for every rank on a host (CLOCK_MONOTONIC is shared across processes)."""
-    return time.perf_counter()
 
 
 if __name__ == "__main__":  # pragma: no cover - smoke test: python -m minipar.runtime

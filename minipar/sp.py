@@ -15,8 +15,8 @@ nothing of size sbh is stored whole any more.
 One more trick makes the saving complete: the all-gathered input of the column
 GEMMs is needed again in backward (dW = dY^T X). Storing it would keep sbh bytes;
 Megatron stores the s/t shard and all-gathers it again in backward, overlapped
-with the input-gradient GEMM (`regather=True` here, the default: `gather_linear`).
-With `regather=False` the entry is plainly `comm.gather_along` and autograd keeps
+with the input-gradient GEMM (`regather=True` here, the default: `mappings.gather_linear`).
+With `regather=False` the entry is plainly `mappings.gather_along` and autograd keeps
 the gathered tensor. The re-gather costs one all-gather per column region:
 
     per layer, per micro-batch, M = b*s*h*bytes:
@@ -34,59 +34,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import comm
+from . import comm, trace
+from .activations import SavedActivations
+from .mappings import SEQ
+from .model import GPT
+from .runtime import device
+from .tp import ParallelBlock
 
-__all__ = ["SEQ", "gather_linear", "sync_sequence_parallel_grads", "activation_bytes", "korthikanti_bytes",
-           "comm_per_layer", "comm_per_step", "measure_layer"]
-
-SEQ = 1  # our activations are [b, s, h]; Megatron's are [s, b, h], hence its dim 0
-
-
-class _GatherLinear(torch.autograd.Function):
-    """All-gather x [b, s/t, h] along the sequence and apply column-parallel linears to it,
-    keeping only the shard for backward (b*s*h/t elements instead of b*s*h).
-
-    Backward all-gathers the shard again while the input gradient is computed, then
-    reduce-scatters that gradient while the weight gradients are computed: Megatron's
-    LinearWithGradAccumulationAndAsyncCommunication. Cost: one more all-gather of b*s*h."""
-
-    @staticmethod
-    def forward(ctx, x, group, *wb):
-        full = comm.all_gather(x, dim=SEQ, group=group).contiguous()  # one copy, not one per linear
-        ctx.group = group
-        ctx.save_for_backward(x, *wb)
-        return tuple(F.linear(full, w, b) for w, b in zip(wb[::2], wb[1::2]))
-
-    @staticmethod
-    def backward(ctx, *dys):
-        shard, *wb = ctx.saved_tensors
-        weights, biases = wb[::2], wb[1::2]
-        gather = comm.all_gather(shard, dim=SEQ, group=ctx.group, async_op=True)
-        dfull = sum(dy @ w for dy, w in zip(dys, weights))              # overlaps the all-gather
-        scatter = comm.reduce_scatter(dfull, dim=SEQ, group=ctx.group, async_op=True)
-        full = gather.wait().reshape(-1, shard.shape[-1])
-        grads = []
-        for dy, b in zip(dys, biases):                                  # overlaps the reduce-scatter
-            dy = dy.reshape(-1, dy.shape[-1])
-            grads += [dy.t() @ full, dy.sum(0) if b is not None else None]
-        return (scatter.wait(), None, *grads)
-
-
-def gather_linear(x, layers, group="tp") -> list:
-    """SP's entry operator fused with the column-parallel `layers` that read its output.
-    x: [b, s/t, h] -> one [b, s, out/t] per layer."""
-    wb = [t for layer in layers for t in (layer.weight, layer.bias)]
-    return list(_GatherLinear.apply(x, group, *wb))
-
-
-def sync_sequence_parallel_grads(model, group="tp") -> None:
-    """Sum the gradients of replicated parameters that saw only this rank's s/t tokens
-    (LayerNorms, row-parallel biases, position embeddings): one coalesced all-reduce
-    per step, as Megatron's finalize_model_grads does for `sequence_parallel` params.
-    `model` is a module or an iterable of parameters."""
-    params = model.parameters() if isinstance(model, torch.nn.Module) else model
-    comm.all_reduce_grads([p for p in params if getattr(p, "sequence_parallel", False)], group)
-
+__all__ = ["activation_bytes", "korthikanti_bytes", "comm_per_layer", "comm_per_step", "measure_layer"]
 
 def korthikanti_bytes(s, b, h, a, t, sp=False) -> float:
     """The paper's per-layer activation bytes (Sec. 4.2, eqs. 2-4: 2-byte activations, dropout, unfused attention)."""
@@ -137,12 +92,6 @@ def measure_layer(cfg, batch_size: int, group="tp", sequence_parallel=False, reg
     holding `group`) and measure it: {"activation_bytes": saved for backward, "comm" and
     "comm_forward": {op: (count, payload bytes)} from the trace, for the whole step and for
     the forward alone, "events": the traced events, "saved": what was saved}."""
-    from . import trace
-    from .activations import SavedActivations
-    from .model import GPT
-    from .runtime import device
-    from .tp import ParallelBlock
-
     block = ParallelBlock(GPT(cfg, seed).blocks[0], group, sequence_parallel, regather).to(device())
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, cfg.seq, cfg.hidden, generator=gen).to(device())

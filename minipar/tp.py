@@ -22,7 +22,7 @@ The shards are slices of the reference `GPT`'s full weights, so the TP model *is
 reference model: same names, same values (tested to 1e-5 after 5 AdamW steps).
 Each parameter carries `tp_dim` (the dimension it is split along, or None) so
 shards can be put back together, and `sequence_parallel` when SP leaves its gradient
-partial on each rank (see `sp.sync_sequence_parallel_grads`).
+partial on each rank (see `mappings.sync_sequence_parallel_grads`).
 """
 from __future__ import annotations
 
@@ -32,11 +32,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import comm
+from . import comm, mappings
 from .model import GPT, GPTConfig, make_optimizer, sdpa_causal, SyntheticData
 from .mesh import Mesh
 from .runtime import device, launch
-from .sp import SEQ, gather_linear, sync_sequence_parallel_grads
+from .mappings import SEQ, gather_linear, sync_sequence_parallel_grads
 
 __all__ = ["check_tp", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
            "vocab_parallel_cross_entropy", "column_parallel", "ParallelAttention", "ParallelMLP",
@@ -99,7 +99,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x):
         y = F.linear(x, self.weight)
-        y = comm.reduce_scatter_along(y, SEQ, self.group) if self.sp else comm.g(y, self.group)
+        y = mappings.reduce_scatter_along(y, SEQ, self.group) if self.sp else mappings.g(y, self.group)
         return y + self.bias
 
 
@@ -108,9 +108,9 @@ def column_parallel(x, layers, group="tp", sequence_parallel=False, regather=Tru
     if sequence_parallel and regather:
         return gather_linear(x, layers, group)  # keeps only x's s/t shard for backward
     if sequence_parallel:  # gathered along s, the view is laid out [s, b, h]: copy once, not per layer
-        x = comm.gather_along(x, SEQ, group).contiguous()
+        x = mappings.gather_along(x, SEQ, group).contiguous()
     else:
-        x = comm.f(x, group)
+        x = mappings.f(x, group)
     return [layer(x) for layer in layers]
 
 
@@ -129,7 +129,7 @@ class VocabParallelEmbedding(nn.Module):
         local = idx - self.lo
         mine = (local >= 0) & (local < self.weight.shape[0])
         y = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight).masked_fill(~mine[..., None], 0.0)
-        return comm.reduce_scatter_along(y, SEQ, self.group) if self.sp else comm.g(y, self.group)
+        return mappings.reduce_scatter_along(y, SEQ, self.group) if self.sp else mappings.g(y, self.group)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

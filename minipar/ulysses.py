@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from . import comm, trace
+from . import comm, mappings, trace
 
 __all__ = ["ulysses_attention", "ulysses_bytes"]
 
@@ -24,14 +24,14 @@ __all__ = ["ulysses_attention", "ulysses_bytes"]
 def _seq_to_heads(x, group):
     """[b, h, N/cp, d] -> [b, h/cp, N, d]: send head group j to rank j, receive every rank's tokens."""
     n = comm.size(group)
-    x = comm.all_to_all_autograd(rearrange(x, "b (n hh) s d -> n b hh s d", n=n).contiguous(), group=group)
+    x = mappings.all_to_all_autograd(rearrange(x, "b (n hh) s d -> n b hh s d", n=n).contiguous(), group=group)
     return rearrange(x, "n b hh s d -> b hh (n s) d")
 
 
 def _heads_to_seq(y, group):
     """[b, h/cp, N, d] -> [b, h, N/cp, d]: the inverse all-to-all."""
     n = comm.size(group)
-    y = comm.all_to_all_autograd(rearrange(y, "b hh (n s) d -> n b hh s d", n=n).contiguous(), group=group)
+    y = mappings.all_to_all_autograd(rearrange(y, "b hh (n s) d -> n b hh s d", n=n).contiguous(), group=group)
     return rearrange(y, "n b hh s d -> b (n hh) s d")
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minipar import comm, plan, runtime
+from minipar import comm, mappings, plan, runtime
 from minipar.collectives import ring_neighbours
 from minipar.exercises import EXERCISES, NotYet, check, load_all
 from minipar.pp import build_schedule
@@ -119,13 +119,13 @@ WRONG = {
     "zero_shard": [(lambda flat: comm.reduce_scatter(flat, op="avg"), "raised"),
                    (lambda flat: comm.reduce_scatter(torch.cat([flat, flat.new_zeros(-(-flat.numel() // comm.size())
                                                                 * comm.size() - flat.numel())])), "off by")],
-    "tp_mlp": [(lambda x, fw, fb, pw, pb, g: comm.g(F.linear(F.gelu(F.linear(x, fw, fb)), pw), g) + pb,
+    "tp_mlp": [(lambda x, fw, fb, pw, pb, g: mappings.g(F.linear(F.gelu(F.linear(x, fw, fb)), pw), g) + pb,
                 "input gradient"),
-               (lambda x, fw, fb, pw, pb, g: comm.g(F.linear(F.gelu(F.linear(comm.f(x, g), fw, fb)), pw, pb), g),
+               (lambda x, fw, fb, pw, pb, g: mappings.g(F.linear(F.gelu(F.linear(mappings.f(x, g), fw, fb)), pw, pb), g),
                 "output")],
-    "sp_mlp": [(lambda x, fw, fb, pw, pb, g: comm.split_along(comm.g(F.linear(F.gelu(F.linear(
-                comm.gather_along(x, 1, g), fw, fb)), pw), g), 1, g) + pb, "communication"),
-               (lambda x, fw, fb, pw, pb, g: comm.g(F.linear(F.gelu(F.linear(comm.f(x, g), fw, fb)), pw), g) + pb,
+    "sp_mlp": [(lambda x, fw, fb, pw, pb, g: mappings.split_along(mappings.g(F.linear(F.gelu(F.linear(
+                mappings.gather_along(x, 1, g), fw, fb)), pw), g), 1, g) + pb, "communication"),
+               (lambda x, fw, fb, pw, pb, g: mappings.g(F.linear(F.gelu(F.linear(mappings.f(x, g), fw, fb)), pw), g) + pb,
                 "")],
     "pp_1f1b": [(lambda p, m: {r: [f"{r}F{i}" for i in range(m)] + [f"{r}B{i}" for i in range(m)] for r in range(p)},
                  "holds"),                                                      # GPipe

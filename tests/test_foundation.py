@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import minipar
-from minipar import comm, runtime, trace
+from minipar import comm, mappings, runtime, trace
 from minipar.mesh import Mesh, MeshError, check_sizes, enumerate_groups
 from minipar.model import GPT, GPTConfig, SyntheticData, train_reference
 
@@ -164,15 +164,15 @@ def _fg_ops():
     Mesh(tp=2)
     r = runtime.rank()
     x = torch.full((2, 4), float(r + 1), requires_grad=True)
-    comm.f(x).mul(r + 1).sum().backward()          # backward all-reduces: 1 + 2 = 3
+    mappings.f(x).mul(r + 1).sum().backward()          # backward all-reduces: 1 + 2 = 3
     y = torch.full((2, 4), float(r + 1), requires_grad=True)
-    out_g = comm.g(y)                               # forward all-reduces: 3
+    out_g = mappings.g(y)                               # forward all-reduces: 3
     out_g.sum().backward()                          # backward identity: 1
     z = torch.full((2, 4), float(r + 1), requires_grad=True)
-    gathered = comm.gather_along(z, dim=0)          # [4, 4]
+    gathered = mappings.gather_along(z, dim=0)          # [4, 4]
     (gathered * (r + 1)).sum().backward()           # reduce-scatter of (r+1): 3
     w = torch.ones(4, 4, requires_grad=True)
-    rs = comm.reduce_scatter_along(w, dim=0)        # [2, 4] of 2s
+    rs = mappings.reduce_scatter_along(w, dim=0)        # [2, 4] of 2s
     rs.sum().backward()                             # all-gather of ones
     return x.grad, out_g.detach(), y.grad, gathered.shape, z.grad, rs.detach(), w.grad
 
@@ -262,3 +262,54 @@ def test_every_module_reads_in_one_sitting():
     long = {str(p.relative_to(root)): n for p in root.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 340}
     assert not long, f"split these modules (lines): {long}"
+
+
+# ----------------------------------------------------------------------------- never hang
+def _ring_that_deadlocks():
+    r, n = runtime.rank(), runtime.world_size()
+    x = torch.zeros(3)
+    comm.recv(x, (r - 1) % n)       # every rank receives first, so nobody ever sends
+    comm.send(x, (r + 1) % n)
+
+
+def test_a_deadlock_is_named_with_what_each_rank_waits_for_and_where():
+    t = time.time()
+    with pytest.raises(runtime.Deadlock) as info:
+        minipar.launch(_ring_that_deadlocks, 3, deadlock_after=2)
+    assert time.time() - t < 20
+    msg = str(info.value)
+    assert msg.startswith("deadlock:")
+    for r in range(3):
+        assert f"rank {r}: waiting in recv from rank {(r - 1) % 3}" in msg, msg
+        assert "test_foundation.py" in info.value.where[r] and "_ring_that_deadlocks" in info.value.where[r]
+
+
+def _spin():
+    while True:
+        pass
+
+
+def test_a_deadline_bounds_the_whole_launch_and_shows_every_rank_s_line():
+    t = time.time()
+    with pytest.raises(runtime.DeadlineExceeded) as info:
+        minipar.launch(_spin, 2, deadline=2)
+    assert time.time() - t < 15
+    assert "did not finish within 2 s" in str(info.value)
+    assert all("in _spin" in info.value.where[r] for r in (0, 1)), info.value.where
+    assert "most recent call first" in info.value.stacks[0]
+
+
+def _steps_then_stall():
+    for _ in range(3):
+        runtime.heartbeat()
+        time.sleep(0.1)
+    if runtime.rank() == 1:
+        time.sleep(60)     # alive, not communicating, no progress
+    comm.barrier()
+
+
+def test_a_rank_without_progress_is_caught_by_the_progress_timeout():
+    t = time.time()
+    with pytest.raises(runtime.DeadlineExceeded, match="made no progress for 2 s"):
+        minipar.launch(_steps_then_stall, 2, progress_timeout=2)
+    assert time.time() - t < 20

@@ -14,15 +14,16 @@ SMALL = ["--layers", "4", "--hidden", "32", "--heads", "4", "--seq", "16", "--vo
 
 
 def run(flags, steps=20):
-    """Self-launched run; returns (losses, reference losses of the same model and data)."""
+    """Self-launched run; returns (losses, model config, run config). A resumed run's losses
+    include the curve its checkpoint carried."""
     a = parse_args(SMALL + flags + ["--steps", str(steps)])
-    cfg, pc = configs(a)
-    losses = runtime.launch(train_rank, pc.world_size, cfg, pc, a, timeout=120)[0]["losses"]
-    return losses, cfg, a
+    cfg, pc, rc = configs(a)
+    losses = runtime.launch(train_rank, pc.world_size, cfg, pc, rc, 0, rc.resume, timeout=120)[0]["losses"]
+    return losses, cfg, rc
 
 
-def ref_losses(cfg, a):
-    return train_reference(cfg, steps=a.steps, batch_size=a.batch, seed=a.seed).losses
+def ref_losses(cfg, rc):
+    return train_reference(cfg, steps=rc.steps, batch_size=rc.batch, seed=rc.seed).losses
 
 
 def close(xs, ys, tol=1e-4):
@@ -77,9 +78,9 @@ def test_zero_2_and_3_compose_with_tp_sp_cp_and_recompute():
                   ["--dp", "2", "--pp", "2", "--tp", "1", "--ep", "2", "--experts", "4", "--zero", "2",
                    "--microbatches", "2", "--seed", "1"]):
         a = parse_args(SMALL + flags + ["--steps", "4"])
-        cfg, pc = configs(a)
-        out = runtime.launch(train_rank, pc.world_size, cfg, pc, a, timeout=120)
-        assert close(out[0]["losses"], ref_losses(cfg, a), 2e-5), flags
+        cfg, pc, rc = configs(a)
+        out = runtime.launch(train_rank, pc.world_size, cfg, pc, rc, timeout=120)
+        assert close(out[0]["losses"], ref_losses(cfg, rc), 2e-5), flags
         sb, dp = out[0]["state_bytes"], pc.dp
         assert sb["padded"] % dp == 0 and sb["padded"] - sb["numel"] < 8 * dp      # < one element per rank per unit
         shard = sb["padded"] // dp
@@ -106,7 +107,7 @@ def test_zero3_checkpoint_resumes_under_other_layouts(tmp_path):
     for layout in (["--dp", "1", "--pp", "1", "--tp", "1", "--zero", "0", "--microbatches", "2"],
                    ["--dp", "4", "--pp", "1", "--tp", "1", "--zero", "2", "--microbatches", "2"]):
         resumed, _, _ = run(layout + ["--resume", ck, "--resume-step", "2"], steps=4)
-        assert close(resumed, full[2:], 1e-5), (layout, resumed, full[2:])
+        assert resumed[:2] == full[:2] and close(resumed[2:], full[2:], 1e-5), (layout, resumed, full)
 
 
 def test_resharding_resume_continues_exactly(tmp_path):
@@ -116,24 +117,23 @@ def test_resharding_resume_continues_exactly(tmp_path):
     for layout in (["--dp", "2", "--pp", "1", "--tp", "4", "--zero", "1"],      # tp4 x dp2
                    ["--dp", "1", "--pp", "1", "--tp", "1", "--zero", "0"]):     # one device
         resumed, _, _ = run(layout + ["--resume", ck, "--resume-step", "10"])
-        assert len(resumed) == 10
-        assert close(resumed, full[10:], 1e-5), (layout, resumed, full[10:])
+        assert len(resumed) == 20 and resumed[:10] == full[:10]   # the first 10 come from the checkpoint
+        assert close(resumed[10:], full[10:], 1e-5), (layout, resumed, full)
 
 
 BAD = [
-    (["--dp", "3", "--pp", "1", "--tp", "1"], "batch=16 must split into"),
-    (["--tp", "3"], "divisible by tp=3"),
-    (["--dp", "1", "--pp", "1", "--tp", "1", "--sp"], "needs tp > 1"),
+    (["--dp", "3", "--pp", "1", "--tp", "1"], "--batch 16 must split into dp*ep=3"),
+    (["--tp", "3"], "must be divisible by --tp=3"),
     (["--dp", "1", "--pp", "1", "--tp", "1", "--ep", "2"], "needs an MoE model"),
-    (["--dp", "1", "--pp", "1", "--tp", "1", "--cp", "3"], "2*cp=6"),
-    (["--dp", "1", "--pp", "1", "--tp", "2", "--cp", "4", "--cp-method", "ulysses"], "Ulysses needs"),
-    (["--dp", "1", "--pp", "8", "--tp", "1", "--layers", "4"], "layers=4 must be divisible by pp*chunks=8"),
-    (["--dp", "1", "--pp", "2", "--tp", "1", "--schedule", "dualpipe", "--microbatches", "2"], "schedule 'dualpipe'"),
+    (["--dp", "1", "--pp", "1", "--tp", "1", "--cp", "3"], "--seq 16 must be divisible by --cp=6"),
+    (["--dp", "1", "--pp", "1", "--tp", "2", "--cp", "4", "--cp-method", "ulysses"], "Ulysses"),
+    (["--dp", "1", "--pp", "8", "--tp", "1", "--layers", "4"], "layers=4 cannot fill 8 model parts"),
+    (["--dp", "1", "--pp", "2", "--tp", "1", "--schedule", "dualpipe", "--microbatches", "2"], "--schedule 'dualpipe'"),
     (["--dp", "1", "--pp", "2", "--tp", "1", "--microbatches", "3"], "micro-batches"),
-    (["--dp", "1", "--pp", "1", "--tp", "1", "--experts", "3", "--ep", "2"], "experts=3 must be divisible by ep=2"),
+    (["--dp", "1", "--pp", "1", "--tp", "1", "--experts", "3", "--ep", "2"], "experts=3 cannot be split evenly"),
     (["--dp", "1", "--pp", "1", "--tp", "1", "--cp", "2", "--experts", "4"], "not with cp"),
-    (["--dp", "1", "--pp", "2", "--tp", "1", "--schedule", "nonsense"], "schedule 'nonsense'"),
-    (["--dp", "2", "--pp", "1", "--tp", "1", "--zero", "4"], "invalid choice"),
+    (["--dp", "1", "--pp", "2", "--tp", "1", "--schedule", "nonsense"], "--schedule 'nonsense' is not one of"),
+    (["--dp", "2", "--pp", "1", "--tp", "1", "--zero", "4"], "--zero 4 is not one of"),
     (["--dp", "2", "--pp", "2", "--tp", "1", "--zero", "3", "--microbatches", "2", "--schedule", "zb_h1"],
      "I/W split"),
 ]
@@ -144,12 +144,10 @@ def test_bad_configurations_fail_clearly_before_any_process_starts(flags, messag
     def no_launch(*a, **k):
         raise AssertionError("a process was started for a bad configuration")
     monkeypatch.setattr(runtime, "launch", no_launch)
-    try:
-        rc = main(SMALL + flags)
-    except SystemExit as e:  # argparse's own errors (invalid choice)
-        rc = e.code
-    assert rc == 2
-    assert message in capsys.readouterr().err
+    assert main(SMALL + flags) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert all(line.startswith("error: ") for line in err.splitlines()), err   # one line per problem
 
 
 def test_every_problem_is_listed_at_once():

@@ -14,9 +14,10 @@ import resource
 import statistics
 
 from .. import launch, runtime
-from ..model import GPTConfig, SyntheticData, make_optimizer
+from ..model import GPT, GPTConfig, SyntheticData, make_optimizer
 from ..pp import build_schedule
-from ..pp.runtime import build_stages, loss_fn, train_pipeline
+from ..pp.runtime import loss_fn, train_pipeline
+from ..pp.stage import build_stages
 
 # ours -> torch.distributed.pipelining class (zb_h1 is torch's interleaved ZB with one stage per rank)
 PEERS = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B",
@@ -28,7 +29,7 @@ def torch_pipeline(name: str, cfg: GPTConfig, steps: int, batch_size: int, m: in
     from torch.distributed import pipelining as tp
     sch = build_schedule(name, runtime.world_size(), m, 2 if name == "interleaved_1f1b" else 1)
     rank = runtime.rank()
-    stages = build_stages(sch, cfg, seed, rank)
+    stages = {s: st.to(runtime.device()) for s, st in build_stages(GPT(cfg, seed), sch, rank).items()}
     pstages = [tp.PipelineStage(st, s, sch.num_stages, runtime.device()) for s, st in sorted(stages.items())]
     cls = getattr(tp, PEERS[name])
     pipe = cls(pstages if len(pstages) > 1 or cls.__name__ not in ("ScheduleGPipe", "Schedule1F1B") else pstages[0],

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .. import Mesh, launch
 from ..model import GPT, GPTConfig, SyntheticData, make_optimizer
 from ..runtime import device
-from ..sp import sync_sequence_parallel_grads
+from ..mappings import sync_sequence_parallel_grads
 from ..tp import TPGPT, check_tp
 
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from .. import Mesh, trace
 from ..model import GPT, GPTConfig
-from ..sp import gather_linear
+from ..mappings import gather_linear
 from ..tp import ColumnParallelLinear, ParallelMLP, RowParallelLinear, column_parallel
 from . import Case, Exercise, compare, exercise, student
 

@@ -26,7 +26,8 @@ from torch.func import functional_call
 
 from .. import runtime
 from ..model import GPT, GPTConfig, SyntheticData, make_optimizer
-from .runtime import Stage, StepRunner, build_stages, check_config, loss_fn
+from .runtime import StepRunner, check_config, loss_fn
+from .stage import Stage, build_stages, part_ranges
 from .schedules import Schedule
 from .validate import validate
 
@@ -91,7 +92,8 @@ def train_pipedream(schedule: Schedule, cfg: GPTConfig, mb_size: int = 2, seed: 
     if schedule.update_every is None:
         raise ValueError(f"{schedule.name} is synchronous; build 'pipedream' or 'pipedream_2bw' for this runner")
     rank, m = runtime.rank(), schedule.num_microbatches
-    stages = build_stages(schedule, cfg, seed, rank)
+    check_config(schedule, cfg)
+    stages = build_stages(GPT(cfg, seed), schedule, rank)
     runner = StashingRunner(schedule, validate(schedule)[rank], stages, lambda mb: (mb_size, cfg.seq, cfg.hidden))
     x, y = SyntheticData(cfg.vocab, cfg.seq, seed).batch(0, m * mb_size)
     runner.run(x.chunk(m), y.chunk(m))
@@ -104,8 +106,8 @@ def pipedream_reference(schedule: Schedule, cfg: GPTConfig, mb_size: int = 2, se
     would use, then each stage's update. Returns ({mb: loss}, {name: final weight})."""
     check_config(schedule, cfg)
     m, n, ue = schedule.num_microbatches, schedule.num_parts, schedule.update_every
-    gpt, per = GPT(cfg, seed), cfg.layers // schedule.num_parts
-    stages = [Stage(gpt, range(k * per, (k + 1) * per), k == 0, k == n - 1) for k in range(n)]
+    gpt = GPT(cfg, seed)
+    stages = [Stage(gpt, r, k == 0, k == n - 1) for k, r in enumerate(part_ranges(cfg, n))]
     names = [[nm for nm, _ in st.named_parameters()] for st in stages]
     opts = [make_optimizer(st.parameters()) for st in stages]
     history = [[[p.detach().clone() for p in st.parameters()]] for st in stages]
@@ -129,4 +131,5 @@ def pipedream_reference(schedule: Schedule, cfg: GPTConfig, mb_size: int = 2, se
                 opts[s].step()
                 opts[s].zero_grad(set_to_none=True)
                 history[s].append([p.detach().clone() for p in st.parameters()])
-    return losses, {nm: p.detach().clone() for nm, p in gpt.named_parameters()}
+    return losses, {nm: p.detach().clone() for st in stages for nm, p in st.named_parameters()}
+

@@ -1,8 +1,9 @@
 """The executor: one runtime runs any lowered schedule on real ranks.
 
 Each rank holds the stages `schedule.stage_to_rank` gives it, cut from the reference
-`GPT(cfg, seed)` (stage 0 the embeddings, the last stage ln_f + head + loss), and walks
-its lowered action list:
+`GPT(cfg, seed)` by `stage.build_stages` (stage 0 the embeddings, the last stage ln_f + head
++ loss; MoE stages add their load-balancing loss), and walks its lowered action list, one
+method per kind (`_forward`, `_backward`, `_weight`):
 
   F   forward; keep the stage input and output (the stashed activations). With
       recompute=True keep only the input and re-run the forward at backward time
@@ -27,65 +28,32 @@ import contextlib
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import comm, runtime, trace
 from ..model import GPT, GPTConfig, SyntheticData, make_optimizer
+from ..moe import moe_layers
+from ..validation import Problems
 from .schedules import Schedule
+from .stage import build_stages, stage_layer_counts
 from .validate import validate
 from .wgrad import WeightGradStore, install
 
-__all__ = ["Stage", "check_config", "build_stages", "StepRunner", "train_pipeline"]
+__all__ = ["check_config", "StepRunner", "train_pipeline", "loss_fn"]
 
 
-class Stage(nn.Module):
-    """A contiguous slice of the GPT. Parameter names equal the reference's ("blocks.3.mlp.fc.weight")."""
-
-    def __init__(self, gpt: GPT, layers: range, first: bool, last: bool):
-        super().__init__()
-        self.first, self.last = first, last
-        if first:
-            self.wte, self.wpe = gpt.wte, gpt.wpe
-        self.blocks = nn.ModuleDict({str(i): gpt.blocks[i] for i in layers})
-        if last:
-            self.ln_f, self.head = gpt.ln_f, gpt.head
-
-    def forward(self, x):
-        if self.first:
-            x = self.wte(x) + self.wpe(torch.arange(x.shape[1], device=x.device))
-        for blk in self.blocks.values():
-            x = blk(x)
-        return self.head(self.ln_f(x)) if self.last else x
-
-
-def check_config(schedule: Schedule, cfg: GPTConfig, batch_size: int | None = None) -> None:
-    """Raise a ValueError that says how to fix a configuration the executor cannot run.
+def check_config(schedule: Schedule, cfg: GPTConfig, batch_size: int | None = None, stage_layers=None) -> None:
+    """Raise a ConfigError that says how to fix a configuration the executor cannot run.
     Call it before `launch` (train_pipeline calls it again on every rank)."""
-    n = schedule.num_parts
-    if cfg.layers % n:
-        raise ValueError(f"{cfg.layers} layers cannot be split evenly into {n} pipeline stages; "
-                         f"use a multiple of {n} layers")
-    if cfg.experts:
-        raise ValueError("the pipeline stages do not carry the MoE load-balancing loss; use experts=0 "
-                         "(see minipar.moe for expert parallelism)")
+    p = Problems()
+    p.merge(stage_layer_counts, cfg, schedule.num_parts, stage_layers)
     m = schedule.num_microbatches
-    if batch_size is not None and batch_size % m:
-        raise ValueError(f"batch_size={batch_size} must split into num_microbatches={m} equal micro-batches; "
-                         f"use a multiple of {m}")
-
-
-def build_stages(schedule: Schedule, cfg: GPTConfig, seed: int, rank: int) -> dict[int, Stage]:
-    """{stage: Stage} for the stages on `rank`; layers split evenly over the model parts."""
-    check_config(schedule, cfg)
-    n = schedule.num_parts
-    per = cfg.layers // n
-    out = {}
-    for s in schedule.stages_of(rank):
-        k = schedule.part[s]
-        gpt = GPT(cfg, seed)   # a fresh copy per stage: DualPipe's mirrored copies must not share tensors
-        out[s] = Stage(gpt, range(k * per, (k + 1) * per), first=k == 0, last=k == n - 1).to(runtime.device())
-    return out
+    if batch_size is not None:
+        p.integer("batch_size", batch_size, low=1)
+        p.divides("num_microbatches", m, "batch_size", batch_size, "each micro-batch gets the same sequences")
+    if cfg.experts:   # capacity and the aux loss are per group: each micro-batch holds whole groups
+        p.divides("num_microbatches", m, "moe_groups", cfg.moe_groups, "each micro-batch must hold whole groups")
+    p.raise_if_any("the pipeline cannot run")
 
 
 def loss_fn(logits, y):
@@ -186,41 +154,48 @@ class StepRunner:
         return (h.wait(), src) if h is not None else (self.local.pop((need, a.stage, a.mb), None), None)
 
     def compute(self, a, got):
-        sch, dev, key = self.sch, runtime.device(), (a.stage, a.mb)
-        path = sch.paths[a.mb]
+        """One compute action, by kind (DualPipe names the same phases _forward_chunk and
+        _backward_chunk; the W store is its WeightGradStore)."""
+        {"F": self._forward, "B": self._backward, "I": self._backward, "W": self._weight}[a.kind](a, got)
+
+    def _forward(self, a, got):
+        """F: run the stage on the received activation (or the micro-batch's tokens on the first
+        stage), keep input and output for backward, hand the output on. The last stage's output
+        is its loss / m; an MoE stage's aux loss is kept for its backward."""
+        key, path = (a.stage, a.mb), self.sch.paths[a.mb]
         first, last = path[0] == a.stage, path[-1] == a.stage
-        if a.kind == "F":
-            x = self.xs[a.mb].to(dev) if first else got.detach().requires_grad_()
-            with torch.no_grad() if self.recompute else contextlib.nullcontext():
-                y, aux = self._forward(a, x, last)
+        x = self.xs[a.mb].to(runtime.device()) if first else got.detach().requires_grad_()
+        with torch.no_grad() if self.recompute else contextlib.nullcontext():
+            y, aux = self._run_stage(a, x, last)
+            if last:
+                self.mb_losses[a.mb] = y.item() / self.loss_scale
+                self.loss_sum += y.item()
+            if aux is not None:
+                self.aux_sum += aux.item()
                 if last:
-                    self.mb_losses[a.mb] = y.item() / self.loss_scale
-                    self.loss_sum += y.item()
-                if aux is not None:
-                    self.aux_sum += aux.item()
-                    if last:
-                        y = y + aux
-                    else:
-                        self.aux_out[key] = aux
-            self.inp[key], self.out[key] = x, y
-            nxt = sch.next_stage(a.stage, a.mb)
-            if nxt is not None and sch.stage_to_rank[nxt] == self.rank:
-                self.local["F", nxt, a.mb] = y.detach()
-            if self.recompute and (nxt is None or sch.stage_to_rank[nxt] == self.rank):
-                del self.out[key]                 # else kept only until its SEND
-            return
-        if a.kind == "W":   # the deferred weight GEMMs
-            self.store.flush(key)
-            self.done_with(a.stage, a.mb)
-            return
-        g, x, y = got, self.inp.pop(key), self.out.pop(key, None)
-        aux = self.aux_out.pop(key, None)
+                    y = y + aux
+                else:
+                    self.aux_out[key] = aux
+        self.inp[key], self.out[key] = x, y
+        nxt = self.sch.next_stage(a.stage, a.mb)
+        if nxt is not None and self.sch.stage_to_rank[nxt] == self.rank:
+            self.local["F", nxt, a.mb] = y.detach()
+        if self.recompute and (nxt is None or self.sch.stage_to_rank[nxt] == self.rank):
+            del self.out[key]                 # else kept only until its SEND
+
+    def _backward(self, a, dy):
+        """B (input and weight gradients in one pass) or I (input gradient now, the linear
+        layers' weight GEMMs queued in the W store); the input gradient goes to the previous stage."""
+        key, path = (a.stage, a.mb), self.sch.paths[a.mb]
+        first, last = path[0] == a.stage, path[-1] == a.stage
+        x, y, aux = self.inp.pop(key), self.out.pop(key, None), self.aux_out.pop(key, None)
         if self.recompute:   # re-materialize the stage's activations from its input
-            y, aux = self._forward(a, x, last)
+            y, aux = self._run_stage(a, x, last)
             if aux is not None and last:
                 y, aux = y + aux, None
+        g = dy
         if aux is not None:  # an MoE stage's load-balancing loss starts its own backward here
-            y, g = [y, aux], [g, torch.ones_like(aux)]
+            y, g = [y, aux], [dy, torch.ones_like(aux)]
         if a.kind == "B":
             # backward() accumulates into .grad (in C++, and firing ZeRO-2/3's gradient hooks);
             # `inputs` keeps it to this stage, so x.grad is what the previous stage waits for
@@ -232,20 +207,25 @@ class StepRunner:
                 for w in ws:
                     w.grad = None
             self.done_with(a.stage, a.mb)
-        else:   # I: input gradient now, the linear weights' gradients queued in the store
+        else:
             with self.store.defer(key):
                 grads = torch.autograd.grad(y, ([] if first else [x]) + self.eager[a.stage], g)
             dx = None if first else grads[0]
             for p, gp in zip(self.eager[a.stage], grads[0 if first else 1:]):
                 p.grad = gp if p.grad is None else p.grad + gp
         if dx is not None:
-            prev = sch.prev_stage(a.stage, a.mb)
-            if sch.stage_to_rank[prev] == self.rank:
+            prev = self.sch.prev_stage(a.stage, a.mb)
+            if self.sch.stage_to_rank[prev] == self.rank:
                 self.local["B", prev, a.mb] = dx
             else:
                 self.dx[key] = dx
 
-    def _forward(self, a, x, last):
+    def _weight(self, a, _):
+        """W: run the micro-batch's queued weight GEMMs, dW = dyᵀ x for every linear layer."""
+        self.store.flush((a.stage, a.mb))
+        self.done_with(a.stage, a.mb)
+
+    def _run_stage(self, a, x, last):
         """The stage's output (the scaled loss on the last stage) and its scaled auxiliary loss
         (MoE load balancing: a stage module with `aux_loss()`), or None."""
         self.store.record = (a.stage, a.mb) in self.split    # only an I needs the store's linear layers
@@ -273,7 +253,7 @@ def _mirror_groups(schedule):
 
 
 def train_pipeline(schedule: Schedule, cfg: GPTConfig, steps: int = 2, batch_size: int = 8, seed: int = 0,
-                   recompute: bool = False) -> dict:
+                   recompute: bool = False, stage_layers=None) -> dict:
     """Run under `minipar.launch(train_pipeline, p, ...)`: `steps` AdamW steps on the reference data.
 
     Returns per rank {"losses": this rank's share of each step's loss (sum over ranks = the
@@ -282,10 +262,13 @@ def train_pipeline(schedule: Schedule, cfg: GPTConfig, steps: int = 2, batch_siz
     rank, n_events = runtime.rank(), len(trace.events())
     if runtime.world_size() != schedule.num_ranks:
         raise ValueError(f"schedule is for {schedule.num_ranks} ranks, launched on {runtime.world_size()}")
-    check_config(schedule, cfg, batch_size)
+    check_config(schedule, cfg, batch_size, stage_layers)
     m = schedule.num_microbatches
     lowered = validate(schedule)[rank]
-    stages = build_stages(schedule, cfg, seed, rank)
+    gpt = GPT(cfg, seed)
+    for layer in moe_layers(gpt):   # each micro-batch's forward holds moe_groups/m whole groups
+        layer.groups = cfg.moe_groups // m
+    stages = {s: st.to(runtime.device()) for s, st in build_stages(gpt, schedule, rank, stage_layers).items()}
     mirror = _mirror_groups(schedule) if schedule.name == "dualpipe" else None
     opt = make_optimizer([p for st in stages.values() for p in st.parameters()])
     data = SyntheticData(cfg.vocab, cfg.seq, seed)
@@ -295,7 +278,7 @@ def train_pipeline(schedule: Schedule, cfg: GPTConfig, steps: int = 2, batch_siz
         t0 = runtime.wall()
         x, y = data.batch(step, batch_size)
         opt.zero_grad(set_to_none=True)
-        losses.append(runner.run(x.chunk(m), y.chunk(m)))
+        losses.append(runner.run(x.chunk(m), y.chunk(m)) + runner.aux_sum)
         if mirror is not None:   # sum the two copies' gradients, ordered by layer slice on both ranks
             ps = [p for s in sorted(stages, key=lambda s: schedule.part[s]) for p in stages[s].parameters()]
             comm.all_reduce_grads(ps, group=mirror[rank])

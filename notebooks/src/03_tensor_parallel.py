@@ -75,7 +75,7 @@ plt.show()
 
 # %% [markdown]
 # ## The code
-# f and g are autograd functions in `minipar/mappings.py`, used as `comm.f` and `comm.g` (every byte
+# f and g are autograd functions in `minipar/mappings.py`, used as `mappings.f` and `mappings.g` (every byte
 # they move goes through `comm`'s traced collectives):
 
 # %%
@@ -227,7 +227,7 @@ assert tp_generate.modeled_token_latency(6.7e9, 32, 4096, 4) < tp_generate.model
 # ## Exercise: Megatron's parallel MLP from its shards
 # Write `parallel_mlp(x, fc_w, fc_b, proj_w, proj_b, group)`: `x` is the same [b, s, h] on every rank,
 # `fc_w, fc_b` this rank's rows of `fc` (column parallel), `proj_w` this rank's columns of `proj`
-# (row parallel), `proj_b` the whole bias. Use `comm.f`, `comm.g`, `F.linear` and `F.gelu`. The
+# (row parallel), `proj_b` the whole bias. Use `mappings.f`, `mappings.g`, `F.linear` and `F.gelu`. The
 # checker runs it on 2 and 4 ranks against the single-device MLP: output, input gradient, and the gradient
 # of every shard. (Two classic bugs it catches: forgetting f, and adding the bias before g, which
 # adds it t times.)

@@ -35,7 +35,7 @@ import matplotlib.pyplot as plt
 import torch
 
 import minipar
-from minipar import Mesh, comm, sp, tp
+from minipar import Mesh, comm, mappings, sp, tp
 from minipar.model import GPTConfig, train_reference
 from minipar.timeline import COLORS, plot_timeline
 
@@ -68,7 +68,7 @@ plt.show()
 
 # %% [markdown]
 # ## The code
-# Entering a region is the paper's all-gather, `comm.gather_along` (backward: reduce-scatter), in
+# Entering a region is the paper's all-gather, `mappings.gather_along` (backward: reduce-scatter), in
 # front of the column-parallel GEMMs. Megatron fuses the two into one autograd function for one more
 # trick from the paper: backward needs the gathered input again for
 # the weight gradient. Storing it would keep a full sbh tensor; Megatron stores the s/t shard and
@@ -77,15 +77,15 @@ plt.show()
 
 # %%
 print(inspect.getsource(tp.column_parallel))
-print(inspect.getsource(sp._GatherLinear))
+print(inspect.getsource(mappings._GatherLinear))
 
 # %% [markdown]
-# Leaving a region is `RowParallelLinear` with `comm.reduce_scatter_along` in place of g (see
+# Leaving a region is `RowParallelLinear` with `mappings.reduce_scatter_along` in place of g (see
 # notebook 03). One consequence: LayerNorm weights, row biases and position embeddings now see only
 # s/t tokens on each rank, so their gradients are partial sums, added up once per step:
 
 # %%
-print(inspect.getsource(sp.sync_sequence_parallel_grads))
+print(inspect.getsource(mappings.sync_sequence_parallel_grads))
 
 # %% [markdown]
 # ## Activation memory against t, measured
@@ -180,8 +180,8 @@ for t in (2, 4):
 # ## Exercise: the MLP under sequence parallelism
 # Write `sp_mlp(x_shard, fc_w, fc_b, proj_w, proj_b, group)`: `x_shard` is this rank's [b, s/t, h]
 # chunk of the sequence, `fc_w, fc_b` its rows of `fc`, `proj_w` its columns of `proj`, `proj_b` the
-# whole bias; return this rank's [b, s/t, h] chunk of the output. Use `comm.gather_along` and
-# `comm.reduce_scatter_along` (dimension 1 is the sequence). The checker compares output and
+# whole bias; return this rank's [b, s/t, h] chunk of the output. Use `mappings.gather_along` and
+# `mappings.reduce_scatter_along` (dimension 1 is the sequence). The checker compares output and
 # gradients with the single-device MLP on 2 ranks, and checks that the communication is one
 # all-gather and one reduce-scatter each way (an all-reduce followed by keeping your chunk gives the
 # right numbers with twice the wire bytes).

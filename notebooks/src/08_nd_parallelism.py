@@ -81,8 +81,8 @@ FLAGS = ["--dp", "2", "--pp", "2", "--tp", "2", "--zero", "1", "--schedule", "1f
          "--layers", "4", "--hidden", "64", "--heads", "4", "--seq", "32", "--vocab", "64", "--batch", "16",
          "--steps", "10"]
 args = parse_args(FLAGS)
-cfg, pc = configs(args)
-results = minipar.launch(train_rank, pc.world_size, cfg, pc, args)
+cfg, pc, run = configs(args)
+results = minipar.launch(train_rank, pc.world_size, cfg, pc, run)
 ref = train_reference(cfg, steps=args.steps, batch_size=args.batch)
 losses = results[0]["losses"]
 err = max(abs(a - b) for a, b in zip(losses, ref.losses))
@@ -189,9 +189,9 @@ table = [f"{'ZeRO':>4}{'max |loss - ref|':>18}{'params B':>11}{'grads B':>11}{'o
 for stage in range(4):
     a = parse_args(["--dp", "2", "--pp", "1", "--tp", "2", "--sp", "--zero", str(stage), "--steps", "3",
                     "--layers", "4", "--hidden", "64", "--heads", "4", "--seq", "32", "--vocab", "64", "--batch", "16"])
-    c, p_ = configs(a)
+    c, p_, r_ = configs(a)
     with contextlib.redirect_stdout(io.StringIO()):   # the ranks' progress bars
-        out = minipar.launch(train_rank, p_.world_size, c, p_, a)[0]
+        out = minipar.launch(train_rank, p_.world_size, c, p_, r_)[0]
     r = train_reference(c, steps=3, batch_size=16).losses
     sb, n, P_, d = out["state_bytes"], out["state_bytes"]["numel"], out["state_bytes"]["padded"], 2
     want = {0: (4 * n, 4 * n, 8 * n), 1: (4 * n, 4 * n, 12 * P_ // d), 2: (4 * P_, 4 * P_ // d, 8 * P_ // d),
