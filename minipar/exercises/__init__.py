@@ -243,11 +243,12 @@ def _run_case(ex: Exercise, solution, case: Case, deadline: float, share: float)
         outputs = launch(_child, case.world_size, ex.name, solution, case, deadline=deadline,
                          timeout=max(deadline, 5.0))
     except Deadlock as e:
-        return fail(f"deadlock: {_waits(e)}", "every rank is waiting for a message that no rank sends: post each "
+        head = str(e).splitlines()[0].rstrip(":").strip() if str(e) else "deadlock"
+        return fail(f"{head}:{_waits(e)}", "every rank is waiting for a message that no rank sends: post each "
                     "step's send and receive together (comm.batch_p2p), or order them so that one side "
                     "receives first", "deadlock")
     except DeadlineExceeded as e:
-        return fail(f"did not finish within {deadline:g} s; {_waits(e)}",
+        return fail(f"did not finish within {deadline:g} s:{_waits(e)}",
                     "look at the line named above: a loop that never ends, or a wait for something that "
                     "never comes", "deadline")
     except RankError as e:
@@ -403,28 +404,22 @@ _FRAME = re.compile(r'File "(?P<file>.*)", line (?P<line>\d+) in (?P<func>\S+)')
 
 
 def _waits(e) -> str:
-    """Per rank: where it waited, and the student's own line that led there."""
+    """Per rank: what it was waiting for (runtime's `where`) and the student's own line there."""
     parts = []
     stacks = getattr(e, "stacks", {}) or {}
     where = getattr(e, "where", {}) or {}
     for r in sorted(set(stacks) | set(where)):
-        frames = [m.groupdict() for m in _FRAME.finditer(stacks.get(r, ""))]   # innermost first
+        m = re.match(r"(?:waiting in (?P<what>.*?))?(?:, )?(?:at (?P<at>.*))?$", where.get(r, ""))
+        frames = [f.groupdict() for f in _FRAME.finditer(stacks.get(r, ""))]   # innermost first
         mine = next((f for f in frames if is_student_file(f["file"])), None)
-        inner = where.get(r) or (f"{frames[0]['file']}:{frames[0]['line']} in {frames[0]['func']}" if frames else "?")
+        text = f"rank {r} was" + (f" waiting in {m['what']}" if m and m["what"] else "")
         if mine:
-            yours = (f"{place(mine['file'], mine['line'])}, in {mine['func']}: "
+            text += (f" at {place(mine['file'], mine['line'])}, in {mine['func']}: "
                      f"{_source_line(mine['file'], int(mine['line']))}")
-            if frames and frames[0] is mine:
-                parts.append(f"rank {r} was at {yours}")
-            else:
-                parts.append(f"rank {r} was waiting in {_short(inner)}, called from {yours}")
-        else:
-            parts.append(f"rank {r} was waiting at {_short(inner)}")
-    head = str(e).splitlines()[0] if str(e) else ""
-    if head.startswith("deadlock:"):
-        head = head[len("deadlock:"):].strip()
-        return head + ("; " if head and parts else "") + "; ".join(parts)
-    return "; ".join(parts) or head
+        elif m and m["at"]:
+            text += f" at {_short(m['at'])}"
+        parts.append(text)
+    return "".join(f"\n  {p}" for p in parts)
 
 
 def _short(where: str) -> str:
