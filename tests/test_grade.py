@@ -12,7 +12,8 @@ import time
 import nbformat
 import pytest
 
-from minipar.grade import _load, extract, main
+from minipar.grade import extract, load
+from minipar.grade.__main__ import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -131,7 +132,7 @@ def test_feedback_says_why_with_the_students_own_lines(graded):
 def test_only_imports_definitions_and_constants_are_run():
     sub = extract(os.path.join(ROOT, "notebooks", "05_pipeline_parallel.ipynb"))
     assert sub.answers == {"pp_1f1b": "my_1f1b"} and not sub.error
-    ns = _load(sub)
+    ns = load(sub)
     assert callable(ns["my_1f1b"]) and callable(ns["draw"]) and ns["P"] == 4     # defs and constants
     assert "runs" not in ns and "first" not in ns and "verdict" not in ns        # launches, widgets, checks: not run
 

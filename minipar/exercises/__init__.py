@@ -22,16 +22,9 @@ imports them all and finds an exercise by name.
 """
 from __future__ import annotations
 
-import builtins
-import json
-import linecache
 import os
 import pkgutil
 import random
-import re
-import sysconfig
-import traceback
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import import_module
 from typing import Callable
@@ -39,24 +32,12 @@ from typing import Callable
 import torch
 
 from ..runtime import Deadlock, DeadlineExceeded, RankError, launch
+from ._sandbox import NotYet, UsedReference, child, last_line, outcome, student, waits
 
 __all__ = ["Verdict", "CaseResult", "Case", "Exercise", "NotYet", "UsedReference", "check", "exercise",
            "EXERCISES", "CHECKERS", "compare", "student", "load_all", "seed_from_env"]
 
 DEFAULT_SEED = 0
-
-
-class NotYet(Exception):
-    """Raise from an unfinished solution (the student copy's placeholder does)."""
-
-
-class UsedReference(BaseException):
-    """Raised by a package function the exercise forbids. A BaseException, so that a student's
-    `except Exception` cannot swallow it (and `_forbid` notices even if one does)."""
-
-    def __init__(self, name: str):
-        self.name = name
-        super().__init__(f"{name} is disabled while your solution is checked")
 
 
 # ----------------------------------------------------------------------------- data
@@ -151,7 +132,7 @@ class Exercise:
     crash_hint: str = "read the lines above: they are where your code failed"
 
     def forbidden_names(self) -> list[str]:
-        return [_qualname(f) for f in self.forbidden]
+        return [f"{f.__module__}.{f.__qualname__}" for f in self.forbidden]
 
 
 EXERCISES: dict[str, Exercise] = {}
@@ -240,21 +221,21 @@ def _run_case(ex: Exercise, solution, case: Case, deadline: float, share: float)
         return CaseResult(case.name, False, share, 0.0, message, hint, status)
 
     try:
-        outputs = launch(_child, case.world_size, ex.name, solution, case, deadline=deadline,
+        outputs = launch(child, case.world_size, ex, solution, case, deadline=deadline,
                          timeout=max(deadline, 5.0))
     except Deadlock as e:
         head = str(e).splitlines()[0].rstrip(":").strip() if str(e) else "deadlock"
-        return fail(f"{head}:{_waits(e)}", "every rank is waiting for a message that no rank sends: post each "
+        return fail(f"{head}:{waits(e)}", "every rank is waiting for a message that no rank sends: post each "
                     "step's send and receive together (comm.batch_p2p), or order them so that one side "
                     "receives first", "deadlock")
     except DeadlineExceeded as e:
-        return fail(f"did not finish within {deadline:g} s:{_waits(e)}",
+        return fail(f"did not finish within {deadline:g} s:{waits(e)}",
                     "look at the line named above: a loop that never ends, or a wait for something that "
                     "never comes", "deadline")
     except RankError as e:
-        out = _outcome(e.remote_traceback)
+        out = outcome(e.remote_traceback)
         if out is None:
-            return fail(f"rank {e.rank} failed: {_last_line(e.remote_traceback)}", ex.crash_hint, "crashed")
+            return fail(f"rank {e.rank} failed: {last_line(e.remote_traceback)}", ex.crash_hint, "crashed")
         if out["kind"] == "notyet":
             return CaseResult(case.name, False, share, 0.0, "not yet", status="not yet")
         if out["kind"] == "forbidden":
@@ -274,177 +255,6 @@ def _run_case(ex: Exercise, solution, case: Case, deadline: float, share: float)
         return CaseResult(case.name, True, share, share)
     message, hint = verdict if isinstance(verdict, tuple) else (verdict, "")
     return fail(message, hint)
-
-
-# ----------------------------------------------------------------------------- the child side
-class _Outcome(Exception):
-    """Carries a classified failure of student code out of a rank as one JSON line."""
-
-
-_called: list = []   # forbidden functions called in this process (even if the student swallowed the raise)
-_active: list = []   # the exercise this (child) process checks
-
-
-def _child(name: str, solution, case: Case):
-    """One rank of a case: the exercise's run function, failures classified."""
-    ex = EXERCISES[name]
-    _active[:] = [ex]
-    return (ex.run or _call)(solution, case)
-
-
-def _call(solution, case: Case):
-    """The default run: the student's function on the case's arguments."""
-    return student(solution, *case.args)
-
-
-def student(solution, *args, **kwargs):
-    """Call the student's `solution` with the exercise's forbidden functions disabled; a failure
-    leaves this rank as an `_Outcome` (not yet, forbidden, or raised with the student's lines)."""
-    ex = _active[0] if _active else None
-    _called.clear()
-    try:
-        with _forbid(ex.forbidden if ex else ()):
-            out = solution(*args, **kwargs)
-    except NotYet:
-        raise _Outcome(json.dumps({"kind": "notyet"})) from None
-    except UsedReference as e:
-        raise _Outcome(json.dumps({"kind": "forbidden", "name": e.name})) from None
-    except _Outcome:
-        raise
-    except BaseException as e:  # noqa: BLE001 - everything the student's code raises is reported
-        raise _Outcome(json.dumps({"kind": "raised", "error": _last_line("".join(
-            traceback.format_exception_only(type(e), e))), "frames": student_frames(e.__traceback__)})) from None
-    if _called:
-        raise _Outcome(json.dumps({"kind": "forbidden", "name": _called[0]}))
-    return out
-
-
-def _qualname(fn) -> str:
-    return f"{fn.__module__}.{fn.__qualname__}"
-
-
-def _used(name: str):
-    _called.append(name)
-    raise UsedReference(name)
-
-
-def _raiser(fn):
-    """A code object that raises UsedReference(fn's name), with as many free variables as fn's
-    (a function's code can only be swapped for one with the same number). It runs with fn's
-    globals, so it reaches `_used` through the `__import__` builtin."""
-    label, nfree = _qualname(fn), len(fn.__code__.co_freevars)
-    names = [f"_v{i}" for i in range(nfree)]
-    src = "def _outer():\n" + "".join(f"    {v} = None\n" for v in names)
-    src += "    def forbidden(*args, **kwargs):\n"
-    if names:
-        src += f"        ({', '.join(names)},)\n"
-    src += f"        __import__({__name__!r}, fromlist=['_used'])._used({label!r})\n    return forbidden\n"
-    ns: dict = {}
-    exec(compile(src, f"<disabled {label}>", "exec"), ns)  # noqa: S102 - our own generated source
-    return ns["_outer"]().__code__
-
-
-@contextmanager
-def _forbid(functions):
-    """Swap the code of each function for a raise. Every reference to the function object (a
-    module attribute, a name imported before, a lambda around it) reaches the raise."""
-    saved = []
-    try:
-        for fn in functions:
-            saved.append((fn, fn.__code__))
-            fn.__code__ = _raiser(fn)
-        yield
-    finally:
-        for fn, code in saved:
-            fn.__code__ = code
-
-
-# ----------------------------------------------------------------------------- messages
-_LIBS = tuple(os.path.realpath(p) for p in {os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                            sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
-                                            sysconfig.get_paths()["platlib"], os.path.dirname(torch.__file__)})
-
-
-def is_student_file(filename: str) -> bool:
-    """Code that is neither minipar's, nor torch's, nor the standard library's: a notebook cell,
-    a submission, a test's own wrong answer."""
-    if not filename or filename.startswith("<frozen") or filename.startswith("<disabled"):
-        return False
-    real = os.path.realpath(filename) if os.path.exists(filename) else filename
-    return not real.startswith(_LIBS)
-
-
-def place(filename: str, lineno) -> str:
-    """'cell In [12], line 7' for a notebook cell, else 'file.py, line 7'."""
-    ip = getattr(builtins, "get_ipython", None)
-    if ip is not None:
-        try:
-            kind, name = ip().compile.format_code_name(filename) or (None, None)
-        except Exception:  # noqa: BLE001 - an older IPython: fall back to the file name
-            kind = None
-        if kind:
-            return f"cell {name}, line {lineno}"
-    return f"{filename}, line {lineno}"
-
-
-def student_frames(tb) -> str:
-    """The student's own lines of a traceback (and the package line they called into, if the
-    error was raised there), innermost last."""
-    frames = traceback.extract_tb(tb)
-    mine = [f for f in frames if is_student_file(f.filename)]
-    mine = [f for i, f in enumerate(mine) if i == 0 or (f.filename, f.lineno) != (mine[i - 1].filename, mine[i - 1].lineno)]
-    lines = [f"  {place(f.filename, f.lineno)}, in {f.name}: {(f.line or '').strip()}" for f in mine]
-    if frames and not is_student_file(frames[-1].filename) and mine:
-        f = frames[-1]
-        lines.append(f"  (raised inside {os.path.basename(f.filename)}, line {f.lineno}, in {f.name})")
-    return "\n".join(lines)
-
-
-_FRAME = re.compile(r'File "(?P<file>.*)", line (?P<line>\d+) in (?P<func>\S+)')
-
-
-def _waits(e) -> str:
-    """Per rank: what it was waiting for (runtime's `where`) and the student's own line there."""
-    parts = []
-    stacks = getattr(e, "stacks", {}) or {}
-    where = getattr(e, "where", {}) or {}
-    for r in sorted(set(stacks) | set(where)):
-        m = re.match(r"(?:waiting in (?P<what>.*?))?(?:, )?(?:at (?P<at>.*))?$", where.get(r, ""))
-        frames = [f.groupdict() for f in _FRAME.finditer(stacks.get(r, ""))]   # innermost first
-        mine = next((f for f in frames if is_student_file(f["file"])), None)
-        text = f"rank {r} was" + (f" waiting in {m['what']}" if m and m["what"] else "")
-        if mine:
-            text += (f" at {place(mine['file'], mine['line'])}, in {mine['func']}: "
-                     f"{_source_line(mine['file'], int(mine['line']))}")
-        elif m and m["at"]:
-            text += f" at {_short(m['at'])}"
-        parts.append(text)
-    return "".join(f"\n  {p}" for p in parts)
-
-
-def _short(where: str) -> str:
-    m = re.match(r"(?P<file>.*):(?P<line>\d+) in (?P<func>.*)", where)
-    if not m:
-        return where
-    if is_student_file(m["file"]):
-        return f"{place(m['file'], m['line'])} in {m['func']}"
-    return f"{os.path.basename(m['file'])}:{m['line']} in {m['func']}"
-
-
-def _source_line(filename: str, lineno: int) -> str:
-    return linecache.getline(filename, lineno).strip()
-
-
-def _outcome(tb: str) -> dict | None:
-    for line in reversed(tb.strip().splitlines()):
-        if "_Outcome: " in line:
-            return json.loads(line.split("_Outcome: ", 1)[1])
-    return None
-
-
-def _last_line(text: str) -> str:
-    lines = [l for l in text.strip().splitlines() if l.strip()]
-    return lines[-1].strip() if lines else text
 
 
 # ----------------------------------------------------------------------------- helpers for judges
