@@ -65,10 +65,12 @@ def explorer(draw, controls: dict, per_row: int = 4, placeholder: str | None = N
     display(bundle, raw=True)
 
     def render():
+        values = {k: w.value for k, w in controls.items()}
         try:
-            text, fig, result = _split(draw(**{k: w.value for k, w in controls.items()}))
-        except ValueError as err:                # a combination the strategy refuses: say why
-            return f"cannot draw this combination: {err}", None, None
+            text, fig, result = _split(draw(**values))
+        except ValueError as err:                # a combination the strategy refuses: say which, and why
+            shown = ", ".join(f"{k}={v}" for k, v in values.items())
+            return f"cannot draw this combination ({shown}): {err}", None, None
         return text, (png(fig) if fig is not None else None), result
 
     text, image, first = render()
