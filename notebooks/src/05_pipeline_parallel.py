@@ -232,8 +232,9 @@ def draw(schedule, p, m, v, t_f, t_b, t_w, hidden):
     r = simulate(build_schedule(schedule, p, m, v), t_f, t_b, min(t_w, t_b), t_fb=t_f + t_b - hidden * min(t_f, t_b))
     fig, ax = plt.subplots(figsize=(11, 0.45 * p + 1.4))
     plot_timeline(r.events(), ax=ax, unit="units", label=p * m <= 64, clock="modeled", title=schedule)
-    return (f"{schedule}, p={p}, m={m}, v={v}: makespan {r.makespan:.2f}, bubble {r.bubble_fraction:.1%}, "
-            f"peak activations per rank {r.peak_activations}"), fig, r
+    return (f"{schedule}, p={p}, m={m}, v={v}, t_f={t_f:g}, t_b={t_b:g}, t_w={t_w:g}, F&B hidden={hidden:g}: "
+            f"makespan {r.makespan:.2f}, bubble {r.bubble_fraction:.1%}, peak activations per rank "
+            f"{r.peak_activations}"), fig, r
 
 
 first = explorer(draw, {

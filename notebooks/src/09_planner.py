@@ -251,7 +251,7 @@ def show(model, gpus, gpu):
     bars(m2, top, "time", TIME_COLORS, 1, "seconds per step")
     m1.set_title(f"{model} on {gpus} x {gpu}: memory of the top 3"); m2.set_title("time per step")
     fig.tight_layout()
-    return res.table(3), fig, res
+    return f"{model} on {gpus} x {gpu}:\n{res.table(3)}", fig, res
 
 
 first = explorer(show, {
