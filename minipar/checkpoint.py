@@ -32,6 +32,7 @@ import shutil
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 
 __all__ = ["Piece", "save", "load", "read_metadata", "has_checkpoint", "Checkpoint", "CheckpointError", "box_piece",
            "flat_piece"]
@@ -62,14 +63,12 @@ def flat_piece(full_shape, start: int, stop: int) -> Piece:
 
 
 def _rank_world():
-    import torch.distributed as dist
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def _barrier():
-    import torch.distributed as dist
     if dist.is_initialized():
         dist.barrier()
 

@@ -35,7 +35,6 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 
 from .cp import attention_fn, sequence_positions
@@ -235,7 +234,7 @@ def build_stages(cfg: GPTConfig, pc: ParallelConfig, mesh: Mesh, seed: int = 0, 
         ref.load_state_dict({k: v for k, v in state.items() if k in ref.state_dict()}, strict=False)
     if cfg.experts:
         if pc.ep > 1:
-            expert_parallel(ref, mesh)
+            expert_parallel(ref, mesh, groups=cfg.moe_groups // (pc.dp * pc.ep * pc.microbatches))
         # capacity and the aux loss are per group of tokens: each forward call (one micro-batch
         # of one data shard) holds whole groups of the reference's global batch, whose tokens
         # are spread over cp (and tp under SP)

@@ -36,6 +36,8 @@ import torch
 
 from . import comm, mappings, trace
 from .collectives import ring_neighbours
+from .model import GPT, SyntheticData, make_optimizer
+from .runtime import device
 from .ulysses import ulysses_attention, ulysses_bytes
 
 __all__ = ["LAYOUTS", "chunk_ids", "shard_sequence", "unshard_sequence", "sequence_positions",
@@ -297,8 +299,6 @@ def train_rank(cfg, steps: int = 3, batch_size: int = 4, seed: int = 0, method: 
     Every rank holds the same tokens count, so the full-sequence mean loss is the mean of the
     ranks' local means: each rank backpropagates local/cp, and parameter gradients (partial sums,
     as in data parallelism) are all-reduced. Returns {"losses", "grads" of the last step}."""
-    from .model import GPT, SyntheticData, make_optimizer
-    from .runtime import device
     n, r = comm.size(group), comm.local_rank(group)
     check_config(cfg, n, method, layout)
     torch.manual_seed(seed)

@@ -19,7 +19,9 @@ Two ideas make it fast (Li et al. Sec. 3.2):
   `bucket_mb` MiB, and each bucket is reduced as one flat tensor.
 * Overlap. A hook fires when a parameter's gradient has been accumulated; when a bucket's
   last gradient lands, its all-reduce is launched asynchronously while backward continues
-  on earlier layers. Buckets launch strictly in order, so every rank issues the same
+  on earlier layers (on gloo in gloo's own thread; on a GPU on the communication stream, which
+  waits for the compute stream to have produced the bucket and is waited for, on the device,
+  before the optimizer reads it: see `minipar.streams`). Buckets launch strictly in order, so every rank issues the same
   collectives in the same order (gloo and NCCL both require it).
 Gradients live inside the bucket buffers (torch's gradient_as_bucket_view): `p.grad` is a
 view, so there is no copy in or out and no second Ψ of memory.
@@ -38,6 +40,7 @@ import torch.nn as nn
 from . import comm, trace
 from .mesh import get_mesh
 from .model import GPT, GPTConfig, SyntheticData, make_optimizer
+from .recompute import apply_recompute
 from .runtime import device
 
 __all__ = ["DDP", "default_group", "held_bytes", "local_batch", "check_batch", "train_steps", "train_ddp"]
@@ -222,6 +225,7 @@ def train_steps(engine, step_fn, cfg: GPTConfig, steps: int, batch_size: int, se
             step_fn()
         with trace.enabled(False):  # the logged loss is not part of the algorithm's traffic
             losses.append(comm.all_reduce(total, op="avg", group=group).item())
+        trace.resolve()  # .item() waited for the step anyway: read its device timestamps now (GPU)
     return losses
 
 
@@ -229,7 +233,6 @@ def train_ddp(cfg: GPTConfig, steps: int = 5, batch_size: int = 8, seed: int = 0
               recompute=None, group=None, bucket_mb: float = 25.0, reduce_dtype=None) -> dict:
     """Run on every rank: DDP training of the reference GPT. Returns losses, the final
     parameters and the model-state bytes of this rank (measured before the last step)."""
-    from .recompute import apply_recompute
     torch.manual_seed(seed)
     model = GPT(cfg, seed).to(device())
     if recompute:

@@ -37,6 +37,7 @@ from .mesh import Mesh
 from .model import GPT, GPTConfig, SyntheticData, make_optimizer
 from .moe import check_config, combine, moe_layers, permute, skew_router, update_bias
 from .runtime import device, launch
+from .validation import ConfigError
 
 __all__ = ["dispatch_combine", "AllToAllDispatcher", "a2a_formula", "expert_parallel", "sync_grads", "train_moe",
            "MoERun", "check_ep", "run_ep"]
@@ -98,19 +99,24 @@ def check_ep(cfg: GPTConfig, ep: int, dp: int = 1, batch_size: int = 8) -> None:
                          "of the same config")
 
 
-def expert_parallel(model: GPT, mesh: Mesh) -> GPT:
+def expert_parallel(model: GPT, mesh: Mesh, groups: int | None = None) -> GPT:
     """Keep only this rank's experts in every MoE layer and install the all-to-all dispatcher
     over the ep axis. The other axes need nothing here: experts are replicated over dp, cp and
-    tp, and each rank dispatches its own tokens (for cp and SP, see `moe.split_tokens`)."""
+    tp, and each rank dispatches its own tokens (for cp and SP, see `moe.split_tokens`).
+    `groups`: token groups per forward call; by default this rank's share of cfg.moe_groups,
+    which must then split evenly over the dp*ep data shards (`check_ep`)."""
     ep, shards = mesh.size("ep"), mesh.size("dp") * mesh.size("ep")
     for m in moe_layers(model):
+        if groups is None and m.cfg.moe_groups % shards:
+            raise ConfigError([f"moe_groups={m.cfg.moe_groups} must be a multiple of the dp*ep={shards} data "
+                               "shards (each rank's tokens are whole groups), or pass groups="])
         check_config(m.cfg, ep)
         n_local, me = m.num_experts // ep, mesh.index("ep")
         for name in list(m.experts):
             if int(name) // n_local != me:
                 del m.experts[name]
         m.dispatcher = AllToAllDispatcher("ep", ep, me)
-        m.groups = m.cfg.moe_groups // shards
+        m.groups = m.cfg.moe_groups // shards if groups is None else groups
     return model
 
 

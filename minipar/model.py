@@ -101,9 +101,15 @@ class SyntheticData:
 OPTIM = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 
-def make_optimizer(params, **overrides) -> torch.optim.Optimizer:
-    """AdamW with minipar's defaults; weight decay on every parameter, so a flat shard
-    of parameters (ZeRO) decays exactly like the unsharded model."""
+def make_optimizer(params, kind: str = "adamw", **overrides) -> torch.optim.Optimizer:
+    """AdamW with minipar's defaults; weight decay on every parameter, so a flat shard of
+    parameters (ZeRO) decays exactly like the unsharded model. kind="sgd" (same lr and weight
+    decay, no momentum) is for parity tests of parameters: AdamW divides by √v, so a gradient
+    element near zero whose rounding differs between kernel sets moves its parameter by up to
+    lr per step; SGD moves it by lr times the gradient's own (tiny) difference."""
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=overrides.get("lr", OPTIM["lr"]),
+                               weight_decay=overrides.get("weight_decay", OPTIM["weight_decay"]), foreach=False)
     return torch.optim.AdamW(params, **{**OPTIM, **overrides}, foreach=False)
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import ctypes
 import faulthandler
-import math
 import os
 import pickle
 import shutil
@@ -46,11 +45,10 @@ from multiprocessing.connection import wait
 import torch
 import torch.distributed as dist
 
-from . import trace
 from .validation import Problems
 
 __all__ = ["launch", "RankError", "DeadlineExceeded", "Deadlock", "device", "rank", "world_size", "is_torchrun",
-           "backend", "waiting", "heartbeat", "stop_requested", "wall"]
+           "backend", "waiting", "heartbeat", "stop_requested", "wall", "at_rank_start"]
 
 DEFAULT_TIMEOUT = 60.0   # seconds a collective may wait before gloo gives up
 DEADLOCK_AFTER = 5.0     # seconds every rank may sit blocked in communication at once
@@ -131,6 +129,12 @@ class _Board:
 
 
 _BOARD: list = [None, 0]     # (board, this rank) inside a forked rank
+_AT_START: list = []         # called in every rank before fn (modules below register, see at_rank_start)
+
+
+def at_rank_start(fn) -> None:
+    """Call `fn()` in every rank before the launched function (the trace resets itself so)."""
+    _AT_START.append(fn)
 _STOP = [0]                  # the signal that asked this rank to stop, or 0
 
 
@@ -243,7 +247,8 @@ def _child(fn, args, kwargs, r, n, limits, conn, board, dump_path) -> None:
         os._exit(0)
     heartbeat()
     try:
-        trace.reset()   # a forked rank starts with an empty trace, not the parent's
+        for start in _AT_START:   # e.g. the trace: a forked rank starts empty, not with the parent's events
+            start()
         out = fn(*args, **kwargs)
         payload = ("ok", pickle.dumps(out))
     except BaseException:  # noqa: BLE001 - everything must reach the parent
@@ -438,7 +443,8 @@ def _launch_torchrun(fn, n, args, kwargs, limits):
             signal.signal(sig, _request_stop)
     if limits["deadline"] is not None:   # no parent watches us here: dump every stack and exit
         faulthandler.dump_traceback_later(limits["deadline"], exit=True)
-    trace.reset()
+    for start in _AT_START:
+        start()
     try:
         out = fn(*args, **kwargs)
     finally:

@@ -20,6 +20,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Hashable
 
+from .trace import Event
+
 __all__ = ["Op", "Deadlock", "run", "retime"]
 
 
@@ -114,7 +116,6 @@ def retime(events: list, costs, p2p=0.0) -> list:
         completed before it started.
     Collectives are kept on their rank's compute lane at their `costs` price.
     Returns new Events (same names and metadata) on the modeled clock."""
-    from .trace import Event
     xfer = p2p if callable(p2p) else (lambda nbytes, c=float(p2p): c)
     by_rank = defaultdict(list)
     for e in events:

@@ -32,7 +32,6 @@ Adapted to this model (fp32 = 4 bytes, no dropout, fused SDPA): see `activation_
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import comm, trace
 from .activations import SavedActivations

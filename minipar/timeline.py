@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import re
 
+import matplotlib.pyplot as plt
+from matplotlib.patches import Patch
+
 __all__ = ["COLORS", "AXIS_COLORS", "COMM_LANES", "color_of", "lanes_of", "plot_timeline"]
 
 COLORS = {
@@ -79,9 +82,6 @@ def plot_timeline(events, ax=None, title: str | None = None, unit: str = "ms", l
     simulator's re-timing. `color_by="axis"` colours communication by its mesh axis
     (tp, cp, ep, dp, pp) rather than by op; the lanes stay one per op. Returns the
     matplotlib Axes."""
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
     scale = {"s": 1.0, "ms": 1e3, "us": 1e6, "units": 1.0}[unit]
     ranks = sorted({e.rank for e in events}) if ranks is None else list(ranks)
     lanes = lanes_of([e for e in events if e.rank in set(ranks)])

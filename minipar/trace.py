@@ -10,6 +10,12 @@ Every communication call (see `comm`) and every compute span lands here as an
 * `wire_bytes`: what this rank puts on the wire under the ring algorithm, e.g.
   2(N-1)/N of the tensor for all_reduce, (N-1)/N for all_gather/reduce_scatter,
   the tensor for a send and 0 for a recv.
+
+Times are host seconds (`time.perf_counter`, one clock for every rank of a host). On the CPU a
+span or a collective is stamped when it happens. On a GPU the host only queues work, so spans and
+collectives are stamped with CUDA events on the stream that runs them (`now()`), kept pending, and
+turned into host seconds after the step by `resolve()` (`events()` and `gather()` call it): one
+wait for the device per step, none per call (see `minipar.streams`).
 """
 from __future__ import annotations
 
@@ -19,8 +25,12 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["Event", "span", "record", "events", "reset", "enabled", "gather", "merge",
-           "summary", "format_summary", "to_chrome_trace"]
+import torch.distributed as dist
+
+from . import runtime, streams
+
+__all__ = ["Event", "span", "now", "record", "record_span", "record_timed", "resolve", "events", "reset",
+           "enabled", "gather", "merge", "summary", "format_summary", "to_chrome_trace"]
 
 
 @dataclass
@@ -42,15 +52,18 @@ class Event:
 
 
 _events: list[Event] = []
+_pending: list = []          # (Event, start event, end event, streams): device times not yet read
 _enabled = [True]
 
 
 def reset() -> None:
     _events.clear()
+    _pending.clear()
     _enabled[0] = True
 
 
 def events() -> list[Event]:
+    resolve()
     return list(_events)
 
 
@@ -65,7 +78,6 @@ def enabled(on: bool = True):
 
 
 def _rank() -> int:
-    import torch.distributed as dist
     return dist.get_rank() if dist.is_initialized() else 0
 
 
@@ -74,14 +86,62 @@ def record(ev: Event) -> None:
         _events.append(ev)
 
 
+def now():
+    """A timestamp of this point of the rank's compute: host seconds on the CPU; on a GPU a CUDA
+    event recorded on the current stream (it fires when the GPU gets there), read by `resolve`."""
+    dev = streams.active()
+    if dev is None:
+        return time.perf_counter()
+    mark = dev.event()
+    mark.record(dev.current())
+    return mark
+
+
+def record_timed(ev: Event, start, end, dev=None) -> None:
+    """Record `ev` between two timestamps of `now()` (or events recorded on any stream of `dev`)."""
+    if not _enabled[0]:
+        return
+    if isinstance(start, float):
+        ev.start, ev.end = start, end
+        _events.append(ev)
+    else:
+        _pending.append((ev, start, end, dev or streams.active()))
+
+
+def record_span(name: str, start, end=None, flops: float = 0.0, **meta) -> None:
+    """A compute span from `start` (a `now()`) to `end` (default: now)."""
+    record_timed(Event(_rank(), name, "compute", 0.0, 0.0, flops=flops, meta=meta), start,
+                 now() if end is None else end)
+
+
 @contextmanager
 def span(name: str, flops: float = 0.0, **meta):
     """Record a compute span: `with span("0F1", flops=...): ...`."""
-    start = time.perf_counter()
+    start = now()
     try:
         yield
     finally:
-        record(Event(_rank(), name, "compute", start, time.perf_counter(), flops=flops, meta=meta))
+        record_span(name, start, flops=flops, **meta)
+
+
+def resolve() -> None:
+    """Turn pending device timestamps into host seconds. Waits for the device to reach the last
+    of them (call it after a step, not inside one), then reads one anchor event recorded after
+    them all: t(e) = t_host(anchor) - elapsed(e -> anchor)."""
+    if not _pending:
+        return
+    dev = _pending[-1][3]
+    for _, _, end, _ in _pending:
+        end.synchronize()
+    anchor = dev.event()
+    anchor.record(dev.current())
+    anchor.synchronize()
+    t = time.perf_counter()
+    for ev, start, end, _ in _pending:
+        ev.start = t - start.elapsed_time(anchor) / 1e3     # elapsed_time is in milliseconds
+        ev.end = t - end.elapsed_time(anchor) / 1e3
+        _events.append(ev)
+    _pending.clear()
 
 
 def merge(per_rank: list[list[Event]]) -> list[Event]:
@@ -96,7 +156,6 @@ def merge(per_rank: list[list[Event]]) -> list[Event]:
 
 def gather(group=None) -> list[Event]:
     """Collective: every rank gets the merged events of all ranks (untraced itself)."""
-    import torch.distributed as dist
     if not dist.is_initialized():
         return merge([events()])
     out = [None] * dist.get_world_size(group)
@@ -144,3 +203,6 @@ def to_chrome_trace(evs: list[Event], path: str | None = None) -> dict:
         with open(path, "w") as f:
             json.dump(trace, f)
     return trace
+
+
+runtime.at_rank_start(reset)   # every launched rank starts with an empty trace

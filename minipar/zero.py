@@ -24,8 +24,8 @@ padding (zero weight, zero gradient) stays zero.
 Stage 3 frees a unit's flat buffer (its storage resized to 0, the parameter views stay
 valid) and gathers it back right before the unit's forward and again right before its
 backward; it prefetches the next unit (forward: i+1, backward: i-1) asynchronously, so the
-gather overlaps the current unit's compute. FSDP2 skips freeing the root after forward;
-we free every unit, as the paper counts.
+gather overlaps the current unit's compute (on a GPU, on the communication stream: `streams`).
+FSDP2 skips freeing the root after forward; we free every unit, as the paper counts.
 
 Gradient accumulation: stage 1 accumulates full gradients and reduce-scatters once at the
 step; stages 2 and 3 reduce-scatter every micro-batch into the gradient shard (as DeepSpeed
@@ -44,11 +44,12 @@ import torch.nn as nn
 from . import comm, trace
 from .dp import default_group, held_bytes, train_steps
 from .model import GPT, GPTConfig
-from .offload import ShardOptimizer
+from .offload import check_offload, nvme_bytes, shard_optimizer
 from .precision import MixedPrecision
-from .runtime import device, rank
+from .recompute import apply_recompute
+from .runtime import device
 
-__all__ = ["ZeRO", "Unit", "FSDP_NAMES", "stage_of", "gpt_units", "train_zero"]
+__all__ = ["ZeRO", "Unit", "FSDP_NAMES", "stage_of", "gpt_units", "nvme_bytes", "check_offload", "train_zero"]
 
 FSDP_NAMES = {"FULL_SHARD": 3, "SHARD_GRAD_OP": 2, "NO_SHARD": 0}
 
@@ -87,15 +88,9 @@ class Unit:
                 off += p.numel()
         mine = self.flat[r * self.shard_numel:(r + 1) * self.shard_numel]
         self.shard = mine.clone() if stage == 3 else mine  # stage 3 owns its shard apart from the buffer
-        self.flat_grad = self.grad_shard = None
-        if stage == 1:  # full gradients, accumulated in place in one flat buffer
-            self.flat_grad = torch.zeros_like(self.flat)
-            off = 0
-            for p in self.params:
-                p.grad = self.flat_grad[off:off + p.numel()].view_as(p)
-                off += p.numel()
-        else:
-            self.grad_shard = torch.zeros(self.shard_numel, dtype=mp.reduce_dtype, device=device())
+        # stage 1 keeps full gradients where autograd (or a pipeline's W step) puts them, p.grad,
+        # and flattens them at the step; stages 2 and 3 keep only their reduce-scattered shard
+        self.grad_shard = None if stage == 1 else torch.zeros(self.shard_numel, dtype=mp.reduce_dtype, device=device())
         self.gather_handle, self.rs_handles = None, []
         self.gathered, self.in_backward, self.grads_ready, self.fwd_calls, self.t0 = True, False, 0, 0, None
 
@@ -106,13 +101,14 @@ class Unit:
 
 class ZeRO(nn.Module):
     """Shard `model` over `group` at ZeRO `stage` (1, 2, 3 or an FSDP name; for NO_SHARD use
-    `minipar.dp.DDP`). offload: optimizer state and step on the host. precision: a
-    `MixedPrecision`. spans: trace each unit's F and B (off where the caller traces its own).
+    `minipar.dp.DDP`). offload: "cpu" (or True) or "nvme" (files in `nvme_dir`), see offload.py.
+    precision: a `MixedPrecision`. spans: trace each unit's F and B (off where the caller traces its own).
     late: names of units that reduce at the end of backward (see above). Call zero_grad(), the
     model, backward(loss), step()."""
 
-    def __init__(self, model: nn.Module, stage=3, group=None, units=None, offload: bool = False,
-                 precision: MixedPrecision | None = None, prefetch: bool = True, spans: bool = True, late=()):
+    def __init__(self, model: nn.Module, stage=3, group=None, units=None, offload=False, precision=None,
+                 prefetch: bool = True, spans: bool = True, late=(), nvme_dir: str | None = None,
+                 optim: dict | None = None):
         super().__init__()
         self.stage = stage_of(stage)
         if self.stage == 0:
@@ -121,13 +117,14 @@ class ZeRO(nn.Module):
         self.mp = precision or MixedPrecision()
         n, r = comm.size(self.group), comm.local_rank(self.group)
         specs = units or (gpt_units(model) if isinstance(model, GPT) else [("model", [model])])
-        self.units = [Unit(i, name, mods, n, r, self.stage, self.mp, name in late) for i, (name, mods) in enumerate(specs)]
+        self.units = [Unit(i, name, mods, n, r, self.stage, self.mp, self.stage >= 2 and name in late)
+                      for i, (name, mods) in enumerate(specs)]
         covered = {id(p) for u in self.units for p in u.params}
         missing = [name for name, p in model.named_parameters() if id(p) not in covered]
         if missing:
             raise ValueError(f"parameters {missing} are in no unit: list their modules in `units`")
         self.names = {id(p): name for name, p in model.named_parameters()}
-        self.optim = ShardOptimizer([u.shard for u in self.units], offload=offload)
+        self.optim = shard_optimizer([u.shard for u in self.units], offload, nvme_dir, **(optim or {}))
         self.scaler = self.mp.make_scaler(self.group)
         self._queued, self.gathered_log = False, []
         for u in self.units:
@@ -172,7 +169,7 @@ class ZeRO(nn.Module):
         def hook(module, args):
             self._wait(u)
             if u.fwd_calls == 0:
-                u.t0 = time.perf_counter()
+                u.t0 = trace.now()
             if self.prefetch and u.index + 1 < len(self.units):  # overlaps this unit's compute
                 self._gather(self.units[u.index + 1])
         return hook
@@ -199,7 +196,7 @@ class ZeRO(nn.Module):
                 return grad
             self._wait(u)
             if not u.in_backward:
-                u.in_backward, u.t0 = True, time.perf_counter()
+                u.in_backward, u.t0 = True, trace.now()
             if self.prefetch and u.index > 0:  # backward runs the units in reverse
                 self._gather(self.units[u.index - 1])
             return grad
@@ -216,8 +213,7 @@ class ZeRO(nn.Module):
         return hook
 
     def _reduce_scatter(self, u: Unit):
-        full = torch.cat([(q.grad if q.grad is not None else torch.zeros_like(q)).flatten() for q in u.params]
-                         + [u.flat.new_zeros(u.padded - u.numel)]).to(self.mp.reduce_dtype)
+        full = _flat_grad(u).to(self.mp.reduce_dtype)
         for q in u.params:
             q.grad = None  # the full gradient lives only until its reduce-scatter
         u.rs_handles.append(comm.reduce_scatter(full, op="avg", group=self.group, async_op=True))
@@ -253,24 +249,39 @@ class ZeRO(nn.Module):
 
     def zero_grad(self):
         for u in self.units:
-            (u.flat_grad if self.stage == 1 else u.grad_shard).zero_()
+            if self.stage >= 2:
+                u.grad_shard.zero_()
+            for p in u.params:
+                p.grad = None
 
     def backward(self, loss: torch.Tensor):
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def local_grads(self) -> list[torch.Tensor]:
-        """The gradients this rank holds now: full flat ones at stage 1, shards after."""
-        return [u.flat_grad if self.stage == 1 else u.grad_shard for u in self.units]
+        """The gradients this rank holds now: every parameter's full one at stage 1, shards after."""
+        if self.stage == 1:
+            return [p.grad for u in self.units for p in u.params if p.grad is not None]
+        return [u.grad_shard for u in self.units]
 
     @torch.no_grad()
     def step(self) -> bool:
-        """Reduce (stage 1), step the shards, gather the parameters (stages 1, 2).
-        Returns False if the loss scaler skipped the step."""
-        if self.stage == 1:
-            grads = [comm.reduce_scatter(u.flat_grad.to(self.mp.reduce_dtype), op="avg", group=self.group)
-                     for u in self.units]
-        else:
-            grads = [u.grad_shard for u in self.units]
+        """Reduce, step the shards, gather the parameters. False if the loss scaler skipped it."""
+        return self.apply(self.reduce_gradients())
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> list[torch.Tensor]:
+        """Each unit's gradient shard, averaged over the group: stage 1 reduce-scatters its full
+        gradients now; stages 2 and 3 did so during backward. (A caller that must also sum over
+        other axes, such as `minipar.optim`, does it on these shards before `apply`.)"""
+        if self.stage >= 2:
+            return [u.grad_shard for u in self.units]
+        return [comm.reduce_scatter(_flat_grad(u).to(self.mp.reduce_dtype), op="avg", group=self.group)
+                for u in self.units]
+
+    @torch.no_grad()
+    def apply(self, grads: list[torch.Tensor]) -> bool:
+        """Step the shards with `grads` (unscaled first under fp16), then gather the parameters
+        (stages 1, 2). Returns False if the loss scaler skipped the step."""
         if self.scaler is not None:
             found_inf = self.scaler.unscale_(grads)
             self.scaler.update(found_inf)
@@ -305,24 +316,30 @@ class ZeRO(nn.Module):
         return out
 
 
+def _flat_grad(u: Unit) -> torch.Tensor:
+    """A unit's full gradient as one padded flat tensor (a parameter without one counts zeros)."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in u.params]
+                     + [u.flat.new_zeros(u.padded - u.numel)])
+
+
 def _span(name: str, t0):
     if t0 is not None:
-        trace.record(trace.Event(rank(), name, "compute", t0, time.perf_counter()))
+        trace.record_span(name, t0)
 
 
 def train_zero(cfg: GPTConfig, stage=3, steps: int = 5, batch_size: int = 8, seed: int = 0, grad_accum: int = 1,
-               recompute=None, offload: bool = False, precision: MixedPrecision | None = None, group=None,
-               prefetch: bool = True, inject_overflow_at: int | None = None) -> dict:
+               recompute=None, offload=False, precision: MixedPrecision | None = None, group=None,
+               prefetch: bool = True, inject_overflow_at: int | None = None, nvme_dir: str | None = None) -> dict:
     """Run on every rank: ZeRO training of the reference GPT. Returns losses, the final
     parameters, this rank's model-state bytes (measured before the last step) and the
-    loss scaler's history. `inject_overflow_at=k` puts an inf in rank 0's gradient at step k."""
-    from .recompute import apply_recompute
+    loss scaler's history. `inject_overflow_at=k` puts an inf in rank 0's gradient at step k. With
+    offload="nvme" (before launching: `check_offload("nvme", dir, nvme_bytes(gpt_units(GPT(cfg)), N))`), `io`."""
     torch.manual_seed(seed)
     model = GPT(cfg, seed).to(device())
     if recompute:
         apply_recompute(model, recompute)
     with trace.enabled(False):  # the trace holds the training steps, not the setup
-        z = ZeRO(model, stage, group=group, offload=offload, precision=precision, prefetch=prefetch)
+        z = ZeRO(model, stage, group, offload=offload, precision=precision, prefetch=prefetch, nvme_dir=nvme_dir)
     mem = {}
 
     def step():
@@ -334,6 +351,6 @@ def train_zero(cfg: GPTConfig, stage=3, steps: int = 5, batch_size: int = 8, see
             z.local_grads()[0][0] = float("inf")
 
     losses = train_steps(z, step, cfg, steps, batch_size, seed, grad_accum, spans=z.stage != 3, on_backward=inject)
-    return dict(losses=losses, params=z.full_parameters(), memory=mem,
+    return dict(losses=losses, params=z.full_parameters(), memory=mem, io=getattr(z.optim, "io", None),
                 num_params=sum(u.numel for u in z.units), padded_params=sum(u.padded for u in z.units),
                 scale_history=z.scaler.history if z.scaler else [])

@@ -68,7 +68,8 @@ def _sends_to_every_peer(x, group=None):                   # a direct all-gather
     n, r = runtime.world_size(), runtime.rank()
     bufs = [torch.empty_like(x) for _ in range(n)]
     bufs[r] = x
-    for h in comm.batch_p2p(sends=[(x, j) for j in range(n) if j != r], recvs=[(bufs[j], j) for j in range(n) if j != r]):
+    peers = [j for j in range(n) if j != r]
+    for h in comm.batch_p2p(sends=[(x, j) for j in peers], recvs=[(bufs[j], j) for j in peers]):
         h.wait()
     return torch.cat(bufs)
 
@@ -121,11 +122,13 @@ WRONG = {
                                                                 * comm.size() - flat.numel())])), "off by")],
     "tp_mlp": [(lambda x, fw, fb, pw, pb, g: mappings.g(F.linear(F.gelu(F.linear(x, fw, fb)), pw), g) + pb,
                 "input gradient"),
-               (lambda x, fw, fb, pw, pb, g: mappings.g(F.linear(F.gelu(F.linear(mappings.f(x, g), fw, fb)), pw, pb), g),
+               (lambda x, fw, fb, pw, pb, g: mappings.g(F.linear(F.gelu(F.linear(mappings.f(x, g), fw, fb)), pw, pb),
+                                                        g),
                 "output")],
     "sp_mlp": [(lambda x, fw, fb, pw, pb, g: mappings.split_along(mappings.g(F.linear(F.gelu(F.linear(
                 mappings.gather_along(x, 1, g), fw, fb)), pw), g), 1, g) + pb, "communication"),
-               (lambda x, fw, fb, pw, pb, g: mappings.g(F.linear(F.gelu(F.linear(mappings.f(x, g), fw, fb)), pw), g) + pb,
+               (lambda x, fw, fb, pw, pb, g: mappings.g(F.linear(F.gelu(F.linear(mappings.f(x, g), fw, fb)), pw), g)
+                + pb,
                 "")],
     "pp_1f1b": [(lambda p, m: {r: [f"{r}F{i}" for i in range(m)] + [f"{r}B{i}" for i in range(m)] for r in range(p)},
                  "holds"),                                                      # GPipe
@@ -145,6 +148,13 @@ WRONG = {
                        (_mem("no SP"), "expected")],
     "fp8_fake_quant": [(_fp8("no clamp"), "inf or nan"), (_fp8("current amax"), "off by"),
                        (_fp8("never unscales"), "power of two")],
+    "serve_admission": [(lambda r, now, b, mb, av, bs: r.arrival <= now and b < mb, "expected False"),   # no cache
+                        (lambda r, now, b, mb, av, bs: r.arrival <= now and b < mb          # the prompt only
+                         and -(-len(r.prompt) // bs) <= av, "expected False"),
+                        (lambda r, now, b, mb, av, bs: r.arrival <= now and b < mb          # counts the last token
+                         and -(-(len(r.prompt) + r.max_new_tokens) // bs) <= av, "expected True"),
+                        (lambda r, now, b, mb, av, bs: b < mb                               # before it arrives
+                         and -(-(len(r.prompt) + r.max_new_tokens - 1) // bs) <= av, "has not arrived")],
 }
 
 

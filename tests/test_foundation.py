@@ -254,16 +254,6 @@ def test_gradient_accumulation_matches_the_full_batch():
         assert torch.allclose(full.grads[n], accum.grads[n], atol=1e-6)
 
 
-def test_every_module_reads_in_one_sitting():
-    """Principle 3: one file per strategy, roughly 300 lines or fewer (a little slack, no more)."""
-    import pathlib
-    import minipar
-    root = pathlib.Path(minipar.__file__).parent
-    long = {str(p.relative_to(root)): n for p in root.rglob("*.py")
-            if (n := len(p.read_text().splitlines())) > 340}
-    assert not long, f"split these modules (lines): {long}"
-
-
 # ----------------------------------------------------------------------------- never hang
 def _ring_that_deadlocks():
     r, n = runtime.rank(), runtime.world_size()

@@ -47,7 +47,8 @@ MOE = {  # .py files answering notebook 07's exercise
     "moe_right": (MOE_RIGHT, "passed", 10),
     "moe_no_capacity": (MOE_RIGHT.replace("slot < capacity", "slot >= 0"), "not right", None),
     "moe_bincount_2d": ("import torch\n\ndef my_topk_route(probs, k, capacity):\n    w, i = probs.topk(k, dim=-1)\n"
-                        "    per_expert = torch.bincount(i)\n    return i, w, per_expert[i] < capacity\n", "crashed", 0),
+                        "    per_expert = torch.bincount(i)\n    return i, w, per_expert[i] < capacity\n",
+                        "crashed", 0),
     "moe_assign_slots": ("from minipar.moe import assign_slots\n\ndef my_topk_route(probs, k, capacity):\n"
                          "    w, i = probs.topk(k, dim=-1)\n    w = w / w.sum(-1, keepdim=True) if k > 1 else w\n"
                          "    return i, w, assign_slots(i, probs.shape[-1]) < capacity\n", "refused", 0),
@@ -105,7 +106,8 @@ def test_a_class_of_submissions_is_graded_as_it_deserves(graded):
     for student, (_, status, points) in MOE.items():
         r = rows[student]
         assert r["moe_topk_capacity status"].startswith(status), (student, r)
-        assert (float(r["moe_topk_capacity"]) == points) if points is not None else 0 < float(r["moe_topk_capacity"]) < 10
+        earned = float(r["moe_topk_capacity"])
+        assert earned == points if points is not None else 0 < earned < 10, (student, r)
     assert 0 < float(rows["no_min_for_few_microbatches"]["pp_1f1b"]) < 10   # right where m >= p only
     assert rows["both_right"]["total"] == "20"
     assert rows["broken"]["total"] == "0" and rows["broken"]["pp_1f1b status"] == "missing"

@@ -1,8 +1,8 @@
 """The 1F1B exercise (notebook 05): actions as strings or Actions, and the classic wrong schedules."""
+from test_exercises import solution
+
 from minipar.exercises import check
 from minipar.pp import Action
-
-from test_exercises import solution
 
 
 def gpipe(p, m):       # right makespan, but holds all m micro-batches

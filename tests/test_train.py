@@ -131,7 +131,6 @@ BAD = [
     (["--dp", "1", "--pp", "2", "--tp", "1", "--schedule", "dualpipe", "--microbatches", "2"], "--schedule 'dualpipe'"),
     (["--dp", "1", "--pp", "2", "--tp", "1", "--microbatches", "3"], "micro-batches"),
     (["--dp", "1", "--pp", "1", "--tp", "1", "--experts", "3", "--ep", "2"], "experts=3 cannot be split evenly"),
-    (["--dp", "1", "--pp", "1", "--tp", "1", "--cp", "2", "--experts", "4"], "not with cp"),
     (["--dp", "1", "--pp", "2", "--tp", "1", "--schedule", "nonsense"], "--schedule 'nonsense' is not one of"),
     (["--dp", "2", "--pp", "1", "--tp", "1", "--zero", "4"], "--zero 4 is not one of"),
     (["--dp", "2", "--pp", "2", "--tp", "1", "--zero", "3", "--microbatches", "2", "--schedule", "zb_h1"],

@@ -18,6 +18,9 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 from .. import comm, runtime
 from ..dp import DDP, local_batch
@@ -44,13 +47,10 @@ def _build(kind: str, model: GPT):
         z = ZeRO(model, 3, offload=kind.endswith("offload"))
         return z, z.zero_grad, z.backward, z.step
     if kind == "torch_ddp":
-        from torch.nn.parallel import DistributedDataParallel
         dev = runtime.device()
         ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
         opt = make_optimizer(model.parameters())
         return ddp, lambda: opt.zero_grad(set_to_none=False), lambda l: l.backward(), opt.step
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
     mesh = init_device_mesh(runtime.device().type, (dist.get_world_size(),))
     policy = CPUOffloadPolicy(pin_memory=False) if kind.endswith("offload") else OffloadPolicy()
     for blk in model.blocks:

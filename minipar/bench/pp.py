@@ -13,6 +13,8 @@ import argparse
 import resource
 import statistics
 
+from torch.distributed import pipelining
+
 from .. import launch, runtime
 from ..model import GPT, GPTConfig, SyntheticData, make_optimizer
 from ..pp import build_schedule
@@ -26,12 +28,11 @@ PEERS = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "
 
 def torch_pipeline(name: str, cfg: GPTConfig, steps: int, batch_size: int, m: int, seed: int = 0) -> dict:
     """Run on every rank: torch's schedule `PEERS[name]` over our stages (same weights, same data)."""
-    from torch.distributed import pipelining as tp
     sch = build_schedule(name, runtime.world_size(), m, 2 if name == "interleaved_1f1b" else 1)
     rank = runtime.rank()
     stages = {s: st.to(runtime.device()) for s, st in build_stages(GPT(cfg, seed), sch, rank).items()}
-    pstages = [tp.PipelineStage(st, s, sch.num_stages, runtime.device()) for s, st in sorted(stages.items())]
-    cls = getattr(tp, PEERS[name])
+    pstages = [pipelining.PipelineStage(st, s, sch.num_stages, runtime.device()) for s, st in sorted(stages.items())]
+    cls = getattr(pipelining, PEERS[name])
     pipe = cls(pstages if len(pstages) > 1 or cls.__name__ not in ("ScheduleGPipe", "Schedule1F1B") else pstages[0],
                n_microbatches=m, loss_fn=loss_fn)
     opt = make_optimizer([p for st in stages.values() for p in st.parameters()])

@@ -23,21 +23,24 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel,
+                                               loss_parallel, parallelize_module)
 
 from .. import Mesh, launch
 from ..model import GPT, GPTConfig, SyntheticData, make_optimizer
-from ..runtime import device
+from ..compose import ParallelConfig, build_stages, loss_of
 from ..mappings import sync_sequence_parallel_grads
+from ..optim import Optimizer
+from ..runtime import device
 from ..tp import TPGPT, check_tp
 
 
 def dtensor_tp_model(cfg: GPTConfig, seed: int = 0, sequence_parallel: bool = False, mesh=None) -> GPT:
     """The reference GPT parallelized by DTensor over `mesh` (default: every rank; call inside
     `launch`). Its forward(idx) returns [b, s, V] logits as a DTensor sharded on the vocab."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                                   SequenceParallel, parallelize_module)
 
     mesh = mesh if mesh is not None else init_device_mesh(device().type, (dist.get_world_size(),))
     model = GPT(cfg, seed).to(device())
@@ -61,7 +64,6 @@ def dtensor_tp_model(cfg: GPTConfig, seed: int = 0, sequence_parallel: bool = Fa
 
 def dtensor_loss(logits, targets):
     """torch's vocab-parallel cross-entropy: F.cross_entropy on a vocab-sharded DTensor."""
-    from torch.distributed.tensor.parallel import loss_parallel
     with loss_parallel():
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
@@ -87,7 +89,6 @@ def _run(cfg, steps, batch_size, sp, ours):
             if sp:
                 sync_sequence_parallel_grads(model)
         else:
-            from torch.distributed.tensor.parallel import loss_parallel
             loss = dtensor_loss(model(x), y)
             with loss_parallel():
                 loss.backward()
@@ -102,17 +103,12 @@ def _run_2d(cfg, steps, batch_size, sp, ours, dp, tp):
     """ZeRO-3 over dp beside TP over tp (tp = consecutive ranks on both sides)."""
     torch.manual_seed(0)
     if ours:
-        from ..compose import ParallelConfig, build_stages, loss_of
-        from ..optim import Optimizer
         pc = ParallelConfig(dp=dp, tp=tp, sp=sp, zero=3)
         mesh = Mesh(**pc.axes())
         model = build_stages(cfg, pc, mesh, 0)[0].to(device())
         opt = Optimizer(list(model.named_parameters()), pc, module=model)
         d = mesh.index("dp")
     else:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        from torch.distributed.tensor.parallel import loss_parallel
         m2 = init_device_mesh(device().type, (dp, tp), mesh_dim_names=("dp", "tp"))
         model = dtensor_tp_model(cfg, 0, sp, mesh=m2["tp"])
         for blk in model.blocks:

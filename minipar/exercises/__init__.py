@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from ..runtime import Deadlock, DeadlineExceeded, RankError, launch
+from ..runtime import DeadlineExceeded, Deadlock, RankError, launch
 from ._sandbox import NotYet, UsedReference, child, last_line, outcome, student, waits
 
 __all__ = ["Verdict", "CaseResult", "Case", "Exercise", "NotYet", "UsedReference", "check", "exercise",

@@ -152,7 +152,8 @@ def student_frames(tb) -> str:
     error was raised there), innermost last."""
     frames = traceback.extract_tb(tb)
     mine = [f for f in frames if is_student_file(f.filename)]
-    mine = [f for i, f in enumerate(mine) if i == 0 or (f.filename, f.lineno) != (mine[i - 1].filename, mine[i - 1].lineno)]
+    mine = [f for i, f in enumerate(mine)             # a comprehension's frame repeats its line: once is enough
+            if i == 0 or (f.filename, f.lineno) != (mine[i - 1].filename, mine[i - 1].lineno)]
     lines = [f"  {place(f.filename, f.lineno)}, in {f.name}: {(f.line or '').strip()}" for f in mine]
     if frames and not is_student_file(frames[-1].filename) and mine:
         f = frames[-1]

@@ -16,7 +16,6 @@ import torch
 from .. import comm, runtime, trace
 from . import Case, Exercise, compare, exercise, student
 
-
 FIXED = [(2, (1,)), (3, (6,)), (4, (6,)), (5, (2, 3)), (6, (7,))]   # every N from 2 to 6, several sizes
 
 

@@ -23,7 +23,8 @@ def _cases(rng):
     for _ in range(2):
         cuts = tuple(sorted(rng.sample(range(1, 12), rng.randint(1, 4))))
         scale = rng.choice([1.0, 30.0, 300.0])
-        drawn.append(Case(f"random case: scale {scale:g}, {len(cuts) + 1} key blocks", (rng.randint(2, 10_000), scale, cuts),
+        drawn.append(Case(f"random case: scale {scale:g}, {len(cuts) + 1} key blocks",
+                          (rng.randint(2, 10_000), scale, cuts),
                           random=True, expect=1e-5 if scale < 100 else 1e-3))
     return fixed + drawn
 

@@ -22,7 +22,8 @@ def _expected(probs: torch.Tensor, k: int, capacity: int):
 
 
 def _cases(rng):
-    fixed = [("T=12, E=4, k=1, capacity=2", (12, 4, 1, 2, 0.0, 1)), ("T=12, E=4, k=2, capacity=4", (12, 4, 2, 4, 0.0, 2)),
+    fixed = [("T=12, E=4, k=1, capacity=2", (12, 4, 1, 2, 0.0, 1)),
+             ("T=12, E=4, k=2, capacity=4", (12, 4, 2, 4, 0.0, 2)),
              ("T=16, E=8, k=2, capacity=16 (nothing drops)", (16, 8, 2, 16, 0.0, 3)),
              ("T=10, E=4, k=1, capacity=3, skewed", (10, 4, 1, 3, 2.0, 4))]
     cases = [Case(name, args) for name, args in fixed]
@@ -65,7 +66,8 @@ def _judge(case, outputs):
                 "1 (GShard, Mixtral); with k = 1 keep the raw probability")
     keep = keep.bool()
     if keep.shape != want_keep.shape:
-        return (f"keep has shape {tuple(keep.shape)}, expected {tuple(want_keep.shape)}", "one flag per (token, choice)")
+        return (f"keep has shape {tuple(keep.shape)}, expected {tuple(want_keep.shape)}",
+                "one flag per (token, choice)")
     if not torch.equal(keep, want_keep):
         per_expert = torch.bincount(index[keep].long(), minlength=E)
         if keep.all() and not want_keep.all():

@@ -44,7 +44,7 @@ def _judge(case, outputs):
     M = plan.get_model(MODEL)
     try:
         e = plan.estimate(M.layers, M.hidden, M.heads, M.vocab, M.seq, M.global_batch, 1, GPUS, GPU,
-                          tp=tp, pp=pp, dp=dp, zero_stage=z)
+                          tp=tp, pp=pp, dp=dp, zero_stage=z, **M.arch_kwargs())
     except ValueError as err:
         return (f"the planner rejects this layout: {err}", "")
     gb = e.memory_per_gpu / 1e9

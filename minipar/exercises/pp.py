@@ -7,8 +7,7 @@ activations on rank r. The package's own generators are disabled while it runs.
 """
 from __future__ import annotations
 
-from ..pp import Action, Schedule, ScheduleError, build_schedule, parse_action, simulate, validate
-from ..pp import schedules
+from ..pp import Action, Schedule, ScheduleError, build_schedule, parse_action, schedules, simulate, validate
 from . import Case, Exercise, exercise, student
 
 FIXED = [(2, 4), (4, 4), (4, 8), (3, 7), (8, 16), (4, 2)]

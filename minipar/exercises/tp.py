@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from .. import Mesh, trace
-from ..model import GPT, GPTConfig
 from ..mappings import gather_linear
+from ..model import GPT, GPTConfig
 from ..tp import ColumnParallelLinear, ParallelMLP, RowParallelLinear, column_parallel
 from . import Case, Exercise, compare, exercise, student
 

@@ -8,7 +8,8 @@ import time
 
 from ..exercises import EXERCISES, load_all
 from ..validation import ArgumentParser, Float, Int, Problems, exit_on_error
-from . import SUFFIXES, __doc__ as DOC, extract, grade, write_csv, write_feedback
+from . import SUFFIXES, extract, grade, write_csv, write_feedback
+from . import __doc__ as DOC
 
 
 def _students(paths, p: Problems) -> dict:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 
-from .estimate import ASSUMPTIONS, estimate
+from .arch import ARCH_FIELDS, MODELS, ModelShape
+from .estimate import estimate as _estimate
 from .formulas import activation_bytes_per_layer, num_params
 from .memory import model_state_bytes
 
-__all__ = ["ZERO_TABLE1", "MEGATRON_2021_TABLE1", "KORTHIKANTI_2022_MFU", "zero_table", "megatron_table",
+__all__ = ["NEMOTRON4_TABLE2", "NEMOTRON4", "nemotron4_table2", "MEGATRON_BRIDGE_MOE", "MOE_MODELS", "megatron_bridge_moe", "MEGATRON_2021_TABLE2", "KORTHIKANTI_2022_TABLE5", "BLOOM", "LLAMA3_TABLE4", "megatron_table2",
+           "korthikanti_table5", "bloom_row", "llama3_table4", "public_tables", "summary", "ZERO_TABLE1", "MEGATRON_2021_TABLE1", "KORTHIKANTI_2022_MFU", "zero_table", "megatron_table",
            "korthikanti_mfu_table", "selective_recompute_savings", "paper_rounding_matches"]
 
 # Rajbhandari et al. 2020 (ZeRO), Table 1: per-device model-state memory (GB, 1e9 bytes) of
@@ -70,6 +72,181 @@ def zero_table() -> list[dict]:
     return rows
 
 
+# Narayanan et al. 2021, Table 2: PTD-P against ZeRO-3 without model parallelism (A100, Selene),
+# (scheme, params B, tp, pp, gpus, global batch, micro-batch, TFLOP/s per GPU).
+MEGATRON_2021_TABLE2 = [
+    ("ZeRO-3", 174.6, 1, 1, 384, 1536, 4, 144), ("ZeRO-3", 174.6, 1, 1, 768, 1536, 2, 88),
+    ("ZeRO-3", 174.6, 1, 1, 1536, 1536, 1, 44), ("ZeRO-3", 529.6, 1, 1, 640, 2560, 4, 138),
+    ("ZeRO-3", 529.6, 1, 1, 1120, 2240, 2, 98), ("ZeRO-3", 529.6, 1, 1, 2240, 2240, 1, 48),
+    ("PTD-P", 174.6, 8, 12, 384, 1536, 1, 153), ("PTD-P", 174.6, 8, 12, 768, 1536, 1, 149),
+    ("PTD-P", 174.6, 8, 12, 1536, 1536, 1, 141), ("PTD-P", 529.6, 8, 35, 560, 2240, 1, 171),
+    ("PTD-P", 529.6, 8, 35, 1120, 2240, 1, 167), ("PTD-P", 529.6, 8, 35, 2240, 2240, 1, 159),
+]
+_SHAPES = {174.6: (96, 12288, 96), 529.6: (105, 20480, 128)}
+
+# Korthikanti et al. 2022, Table 5: seconds per iteration (Table 3's configurations, micro-batch 1,
+# s = 2048, dp = 1): (name, heads, hidden, layers, tp, pp, gpus, batch, selective + SP, full without SP).
+KORTHIKANTI_2022_TABLE5 = [
+    ("22B", 64, 6144, 48, 8, 1, 8, 4, 1.10, 1.42), ("175B", 96, 12288, 96, 8, 8, 64, 64, 13.75, 18.13),
+    ("530B", 128, 20480, 105, 8, 35, 280, 280, 37.83, 49.05), ("1T", 160, 25600, 128, 8, 64, 512, 512, 71.49, 94.42),
+]
+
+# BLOOM-176B (BigScience 2022, model card and training logs): 384 A100 80GB on Jean Zay, tp4 pp12 dp8,
+# micro-batch 2, global batch 2048, s 2048, full recompute, ZeRO-1, no SP, no dropout, ALiBi, tied
+# embeddings, V 250,880; 70 layers, h 14336, 112 heads. 149.8 TFLOP/s per GPU (hardware FLOPs, the
+# logs' Narayanan Eq. 3).
+BLOOM = dict(layers=70, hidden=14336, heads=112, vocab=250880, seq=2048, global_batch=2048, micro_batch=2,
+             gpus=384, gpu="a100", tp=4, pp=12, zero_stage=1, recompute="full", sequence_parallel=False,
+             position_embeddings=False, dropout=False, topology="jean-zay-a100", flash_attention=False)
+BLOOM_TFLOPS = 149.8
+
+# Dubey et al. 2024 (The Llama 3 Herd of Models), Table 4: Llama 3 405B on H100 (RoCE, 400 Gb/s per GPU),
+# 16M-token batches, BF16, no activation recompute: (gpus, tp, cp, pp, dp, seq, TFLOP/s per GPU, MFU).
+LLAMA3_TABLE4 = [
+    (8192, 8, 1, 16, 64, 8192, 430, 0.43), (16384, 8, 1, 16, 128, 8192, 400, 0.41),
+    (16384, 8, 16, 16, 8, 131072, 380, 0.38),
+]
+
+
+# NVIDIA 2024, Nemotron-4 340B Technical Report, Table 2: H100 (DGX H100, InfiniBand), tp8 pp12, ramping the
+# batch with data parallelism: (gpus, dp, global batch, seconds per iteration, MFU). 96 layers, h 18432,
+# 96 heads, GQA 8, squared-ReLU MLP of 73728, V 256000, s 4096, untied, no dropout, no recompute.
+NEMOTRON4_TABLE2 = [(1536, 16, 768, 10.3, 0.424), (3072, 32, 1536, 10.3, 0.423), (6144, 64, 2304, 8.0, 0.410)]
+NEMOTRON4 = ModelShape(96, 18432, 96, 256000, 4096, 768, "Nemotron-4 340B (NVIDIA 2024)", kv_heads=8,
+                       ffn_hidden=73728, tied_embeddings=False, position_embeddings=False, dropout=False)
+
+# Megatron-Bridge performance summary (NVIDIA-NeMo/Megatron-Bridge, docs/performance-summary*.md), BF16 MoE
+# pre-training rows, token-dropless with forced expert balance: (model, system, gpus, global batch, micro-batch,
+# tp, pp, vp, ep, model TFLOP/s per GPU, release). Their model FLOPs count the causal half of attention
+# (Megatron-LM's num_floating_point_operations).
+_L = dict(gated_mlp=True, tied_embeddings=False, position_embeddings=False, dropout=False)
+MOE_MODELS = {
+    "gpt-oss-120b": ModelShape(36, 2880, 64, 201088, 4096, 1280, "gpt-oss-120b (OpenAI 2025 model card): 36 layers, "
+                               "h 2880, 64 heads of 64, GQA 8, 128 experts top-4 of f 2880, V 201088",
+                               kv_heads=8, head_dim=64, ffn_hidden=2880, experts=128, top_k=4, expert_ffn_hidden=2880,
+                               **_L),
+    "qwen3-235b-a22b": ModelShape(94, 4096, 64, 151936, 4096, 8192, "Qwen3-235B-A22B (Qwen 2025): 94 layers, h 4096, "
+                                  "64 heads of 128, GQA 4, 128 experts top-8 of f 1536, V 151936",
+                                  kv_heads=4, head_dim=128, ffn_hidden=12288, experts=128, top_k=8,
+                                  expert_ffn_hidden=1536, **_L),
+}
+MEGATRON_BRIDGE_MOE = [
+    ("deepseek-v3", "gb200", 256, 4096, 1, 1, 4, 4, 64, 782, "25.11"),
+    ("qwen3-235b-a22b", "gb200", 256, 8192, 1, 1, 8, 3, 32, 728, "25.11"),
+    ("gpt-oss-120b", "h100", 64, 1280, 1, 1, 4, 1, 8, 163, "26.02"),
+    ("gpt-oss-120b", "gb200", 64, 1280, 4, 1, 1, 1, 64, 428, "26.02"),
+]
+
+
+def megatron_bridge_moe(assumptions=None) -> list[dict]:
+    """MoE rows: model TFLOP/s per GPU (causal attention count), BF16, ZeRO-1 (distributed optimizer)."""
+    rows = []
+    for name, gpu, n, B, b, t, p, v, ep, pub, rel in MEGATRON_BRIDGE_MOE:
+        M = MOE_MODELS.get(name) or MODELS[name]
+        e = estimate(M.layers, M.hidden, M.heads, M.vocab, M.seq, B, b, n, gpu, tp=t, pp=p, v=v, ep=ep,
+                     zero_stage=1, recompute=None, assumptions=assumptions, **M.arch_kwargs())
+        got = M.model_flops(B, causal=True) / e.step_time / n / 1e12
+        rows.append(_row(f"Megatron-Bridge {rel} (MoE, BF16)", f"{name} {n} {gpu}", pub, got, "TFLOP/s", e))
+    return rows
+
+
+_CACHE: dict = {}
+
+
+def estimate(*args, **kw):
+    """`plan.estimate`, remembered: several tables share configurations (Korthikanti's Table 5 and its
+    MFU rows are the same runs)."""
+    key = (args, tuple(sorted((k, repr(x)) for k, x in kw.items())))
+    if key not in _CACHE:
+        _CACHE[key] = _estimate(*args, **kw)
+    return _CACHE[key]
+
+
+def _v(layers_per_stage: int) -> int:
+    """The same rule on every Megatron row: the smallest v > 1 dividing the layers per stage."""
+    return next(x for x in (2, 3, 5, 7) if layers_per_stage % x == 0)
+
+
+def _row(source, name, published, predicted, metric, e, **extra) -> dict:
+    return dict(source=source, name=name, metric=metric, published=published, predicted=predicted,
+                error=predicted / published - 1, estimate=e, **extra)
+
+
+def megatron_table2(assumptions=None) -> list[dict]:
+    """Narayanan 2021 Table 2: TFLOP/s per GPU of PTD-P (interleaved, full recompute) and of
+    DeepSpeed ZeRO-3 without model parallelism (full recompute; its prefetch overlaps compute)."""
+    rows = []
+    for scheme, P, t, p, n, B, b, pub in MEGATRON_2021_TABLE2:
+        l, h, a = _SHAPES[P]
+        kw = dict(zero_stage=3, overlap_dp=True) if scheme == "ZeRO-3" else dict(zero_stage=0, v=_v(l // p))
+        e = estimate(l, h, a, 51200, 2048, B, b, n, "a100", tp=t, pp=p, recompute="full", sequence_parallel=False,
+                     flash_attention=False, assumptions=assumptions, **kw)
+        rows.append(_row("Narayanan 2021 Table 2", f"{scheme} {P:g}B {n} GPUs", pub, e.tflops_per_gpu, "TFLOP/s", e))
+    return rows
+
+
+def korthikanti_table5(assumptions=None) -> list[dict]:
+    """Korthikanti 2022 Table 5: seconds per iteration, selective recompute + SP and full recompute."""
+    rows = []
+    for name, a, h, l, t, p, n, B, sel, full in KORTHIKANTI_2022_TABLE5:
+        v = 1 if p == 1 else _v(l // p)
+        for label, rc, sp, pub in (("selective+SP", "selective", True, sel), ("full", "full", False, full)):
+            e = estimate(l, h, a, 51200, 2048, B, 1, n, "a100", tp=t, pp=p, v=v, zero_stage=1, recompute=rc,
+                         sequence_parallel=sp, flash_attention=False, assumptions=assumptions)
+            rows.append(_row("Korthikanti 2022 Table 5", f"{name} {label}", pub, e.step_time, "s/iteration", e))
+    return rows
+
+
+def bloom_row(assumptions=None) -> list[dict]:
+    e = estimate(**BLOOM, assumptions=assumptions)
+    return [_row("BLOOM-176B (BigScience 2022)", "176B tp4 pp12 dp8", BLOOM_TFLOPS, e.tflops_per_gpu, "TFLOP/s", e)]
+
+
+def llama3_table4(assumptions=None) -> list[dict]:
+    """Llama 3 405B, Table 4: MFU. The paper balances 126 layers over 16 stages with one layer fewer
+    on the first and last; it does not state v: we use v = 4 interleaved chunks of ~2 layers.
+
+    Its MFU counts the causal half of attention (our reading, not stated: with the full square
+    its 131k-token row would be 14 points higher than its 8k rows at equal TFLOP/s per GPU), so
+    the predicted MFU is converted to that count."""
+    rows = []
+    for n, t, c, p, d, s, tf, pub in LLAMA3_TABLE4:
+        e = estimate(126, 16384, 128, 128256, s, 16 * 2**20 // s, 1, n, "h100", tp=t, pp=p, cp=c, v=4,
+                     zero_stage=1, recompute=None, kv_heads=8, ffn_hidden=53248, gated_mlp=True,
+                     tied_embeddings=False, position_embeddings=False, dropout=False, topology="h100-roce",
+                     assumptions=assumptions)
+        M = ModelShape(126, 16384, 128, 128256, s, 1, **{k: e.config[k] for k in ARCH_FIELDS})
+        mfu = e.mfu * M.model_flops(1, causal=True) / M.model_flops(1)
+        rows.append(_row("Llama 3 (Dubey 2024) Table 4", f"405B {n} GPUs cp{c} s{s}", pub, mfu, "MFU", e))
+    return rows
+
+
+def nemotron4_table2(assumptions=None) -> list[dict]:
+    """Nemotron-4 340B: seconds per iteration. Megatron-Core with the distributed optimizer and its
+    gradient/parameter overlap; v by the same rule as Megatron's tables (8 layers per stage: v = 2)."""
+    M, rows = NEMOTRON4, []
+    for n, d, B, t, _ in NEMOTRON4_TABLE2:
+        e = estimate(M.layers, M.hidden, M.heads, M.vocab, M.seq, B, 1, n, "h100", tp=8, pp=12, v=_v(8),
+                     zero_stage=1, recompute=None, overlap_dp=True, assumptions=assumptions, **M.arch_kwargs())
+        rows.append(_row("Nemotron-4 340B (NVIDIA 2024) Table 2", f"340B {n} GPUs", t, e.step_time, "s/iteration", e))
+    return rows
+
+
+def public_tables(assumptions=None) -> list[dict]:
+    """Every published throughput the planner is checked against, one row each."""
+    return ([_row("Narayanan 2021 Table 1", f"{r['params_published']:g}B {r['gpus']} GPUs", r["published"],
+                  r["predicted"], "TFLOP/s", r["estimate"]) for r in megatron_table(assumptions)]
+            + megatron_table2(assumptions) + korthikanti_table5(assumptions)
+            + [_row("Korthikanti 2022 / Megatron README", f"{r['model']} MFU", r["published"], r["predicted"], "MFU",
+                    r["estimate"]) for r in korthikanti_mfu_table(assumptions)]
+            + bloom_row(assumptions) + llama3_table4(assumptions) + nemotron4_table2(assumptions))
+
+
+def summary(rows) -> dict:
+    errs = [abs(r["error"]) for r in rows]
+    return dict(rows=len(rows), mean=sum(errs) / len(errs), worst=max(errs))
+
+
 def megatron_table(assumptions=None) -> list[dict]:
     """Megatron 2021 Table 1: parameter counts and TFLOP/s per GPU, predicted vs published.
 
@@ -79,10 +256,9 @@ def megatron_table(assumptions=None) -> list[dict]:
     stage (2, or 3 when l/p is odd), the same rule on every row."""
     rows = []
     for P, a, h, l, t, p, n, B, pub in MEGATRON_2021_TABLE1:
-        per_stage = l // p
-        v = 1 if p == 1 else next(x for x in (2, 3, 5, 7) if per_stage % x == 0)
+        v = 1 if p == 1 else _v(l // p)
         e = estimate(l, h, a, 51200, 2048, B, 1, n, "a100", tp=t, pp=p, v=v, zero_stage=0, recompute="full",
-                     sequence_parallel=False, assumptions=assumptions or ASSUMPTIONS)
+                     sequence_parallel=False, flash_attention=False, assumptions=assumptions)
         rows.append(dict(params_published=P, params=num_params(l, h, 51200, 2048) / 1e9, tp=t, pp=p, v=v, gpus=n,
                          batch=B, predicted=e.tflops_per_gpu, published=pub, error=e.tflops_per_gpu / pub - 1,
                          bubble=e.bubble_fraction, estimate=e))
@@ -94,9 +270,9 @@ def korthikanti_mfu_table(assumptions=None) -> list[dict]:
     with the same v rule as `megatron_table`."""
     rows = []
     for name, a, h, l, t, p, n, B, pub in KORTHIKANTI_2022_MFU:
-        v = 1 if p == 1 else next(x for x in (2, 3, 5, 7) if (l // p) % x == 0)
+        v = 1 if p == 1 else _v(l // p)
         e = estimate(l, h, a, 51200, 2048, B, 1, n, "a100", tp=t, pp=p, v=v, zero_stage=1, recompute="selective",
-                     sequence_parallel=True, assumptions=assumptions or ASSUMPTIONS)
+                     sequence_parallel=True, flash_attention=False, assumptions=assumptions)
         rows.append(dict(model=name, tp=t, pp=p, v=v, gpus=n, predicted=e.mfu, published=pub,
                          error=e.mfu / pub - 1, estimate=e))
     return rows

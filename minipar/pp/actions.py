@@ -1,6 +1,7 @@
 """The data a pipeline schedule is made of: actions like `0F1` and the per-rank lists holding them."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 __all__ = ["Action", "Schedule", "parse_action", "COMPUTE", "COMM"]
@@ -28,7 +29,6 @@ class Action:
 
 def parse_action(s: str) -> Action:
     """'0F1' -> Action(0, 'F', 1); also '2SEND_F3'."""
-    import re
     m = re.fullmatch(r"(\d+)(F|B|I|W|SEND_F|RECV_F|SEND_B|RECV_B)(\d+)", s)
     if not m:
         raise ValueError(f"cannot parse action {s!r}; write it like '0F1' (stage, kind, micro-batch)")

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from .. import sim
 from .schedules import Action, Schedule
+from .simulate import op_graph
 
 __all__ = ["lower", "pair_order", "inputs_of", "messages_in", "message_out"]
 
@@ -57,8 +59,6 @@ def pair_order(schedule: Schedule) -> dict:
     """{(lo, hi) ranks: [(src, dst, key)]}: every message between two ranks, in the order both
     post them. It is the order the simulator (unit costs) sends them in, ties broken by sender:
     a causal order, so neither rank ever has to post an operation whose data needs a later one."""
-    from .. import sim
-    from .simulate import op_graph
     done = {k: op.end for k, op in sim.run(op_graph(schedule, 1.0, 2.0, 1.0)).items()}   # sim.Deadlock if none
     msgs = sorted((done[a], r, *out) for r, acts in schedule.actions.items() for a in acts
                   if (out := message_out(schedule, a)))

@@ -36,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import sim
+from ..trace import Event
 from .schedules import Action, Schedule
 
 __all__ = ["SimResult", "simulate", "op_graph"]
@@ -58,7 +59,6 @@ class SimResult:
 
     def events(self) -> list:
         """trace.Events on the modeled clock, for `plot_timeline(..., clock="modeled")`."""
-        from ..trace import Event
         rank = {a: r for r, acts in self.schedule.actions.items() for a in acts}
         return sorted((Event(rank[a], str(a), "compute", s, e) for a, (s, e) in self.times.items()),
                       key=lambda e: (e.rank, e.start))

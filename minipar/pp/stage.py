@@ -70,7 +70,7 @@ def stage_layer_counts(cfg: GPTConfig, parts: int, stage_layers=None) -> list[in
                            f"needs at least one block; use layers >= {parts} or a smaller pp"])
     if cfg.layers % parts == 0:
         return [cfg.layers // parts] * parts
-    return balance_stages(layer_costs(cfg.layers, cfg.hidden, cfg.seq, cfg.vocab), parts)
+    return balance_stages(layer_costs(cfg.layers, cfg.hidden, cfg.vocab, cfg.seq, heads=cfg.heads), parts)
 
 
 def part_ranges(cfg: GPTConfig, parts: int, stage_layers=None) -> list[range]:

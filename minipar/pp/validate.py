@@ -23,6 +23,7 @@ from collections import Counter, defaultdict
 from .. import sim
 from .lower import inputs_of, lower
 from .schedules import Action, Schedule
+from .simulate import deps_of
 
 __all__ = ["ScheduleError", "validate"]
 
@@ -119,7 +120,6 @@ def check_rendezvous(schedule: Schedule, lowered: dict) -> None:
 
 
 def _check_lowered(schedule: Schedule, lowered: dict) -> None:
-    from .simulate import deps_of
     present = {a for acts in schedule.actions.values() for a in acts}
     # FIFO per pair: the k-th SEND a->b must be the k-th RECV on b from a.
     sends, recvs = defaultdict(list), defaultdict(list)

@@ -19,12 +19,15 @@
 # | gradient accumulation | activations (per micro-batch) | more, smaller steps | — |
 # | ZeRO-1/2/3 | K, G, P: divided by N | communication | Rajbhandari et al. 2020 |
 # | CPU offload | K on the host | host↔device copies | Ren et al. 2021 |
+# | NVMe offload | K (and the fp32 gradient) in files on disk | disk reads and writes every step | Rajbhandari et al. 2021 |
 #
 # We measure each one on a live run, then climb down **the memory ladder** of one model from 16Ψ.
 # Bytes are per rank, counted on the tensors a rank really holds.
 
 # %%
 import inspect
+import os
+import tempfile
 import time
 
 import matplotlib.pyplot as plt
@@ -37,12 +40,12 @@ from minipar import fp8
 from minipar.activations import SavedActivations
 from minipar.dp import DDP, held_bytes, local_batch
 from minipar.model import GPT, GPTConfig, SyntheticData, train_reference
-from minipar.offload import ShardOptimizer
+from minipar.offload import NVMeOptimizer, ShardOptimizer
 from minipar.plan import activation_bytes_per_layer, hardware_flops, model_state_bytes
 from minipar.precision import MixedPrecision
 from minipar.recompute import apply_recompute
 from minipar.timeline import COLORS
-from minipar.zero import train_zero
+from minipar.zero import check_offload, gpt_units, nvme_bytes, train_zero
 
 CFG = GPTConfig(vocab=64, seq=64, layers=2, heads=4, hidden=64)
 B = 4
@@ -307,17 +310,30 @@ assert err < 1e-5 and abs(act_full / act_micro - 4) < 0.05
 # | ZeRO-2 | 2Ψ | 2Ψ/N | 12Ψ/N | 2Ψ + 14Ψ/N |
 # | ZeRO-3 | 2Ψ/N | 2Ψ/N | 12Ψ/N | 16Ψ/N |
 # | ZeRO-3 + offload | 2Ψ/N | 2Ψ/N | on the host | 4Ψ/N on the device |
+# | ZeRO-3 + NVMe | 2Ψ/N | 2Ψ/N | in files on disk | 4Ψ/N on the device |
 #
 # **Offload** (Ren et al. 2021, ZeRO-Offload) keeps the fp32 masters and Adam's moments on the host;
 # per step the gradient shard goes device→host (2Ψ/N bytes) and the updated bf16 shard comes back
 # (2Ψ/N). On this laptop host and device are the same memory, but the code is the one that copies
-# GPU↔host on a GPU machine. The DDP rung is composed from `minipar.dp.DDP` and the same
+# GPU↔host on a GPU machine.
+#
+# **NVMe offload** (Rajbhandari et al. 2021, ZeRO-Infinity) goes one level further down: the host
+# holds only the unit being stepped and the next one, and the optimizer states live in files on the
+# NVMe disk, memory-mapped. Sec. 4.1 of the paper counts what a step must move: every optimizer
+# state is read and written once, the fp32 master, the gradient and Adam's two moments, 16 bytes
+# per parameter each way, **16Ψ/N read and 16Ψ/N written per rank and step**. While one unit steps
+# on the CPU, an I/O thread reads the next (the prefetch), so the disk and the CPU work at once.
+#
+# The DDP rung is composed from `minipar.dp.DDP` and the same
 # `ShardOptimizer` over the whole (unsharded) bf16 model. The ZeRO formulas are evaluated at the
 # padded Ψ' (each unit rounded up to a multiple of N).
 
 # %%
 print(inspect.getsource(ShardOptimizer.__init__))
+print(inspect.getsource(NVMeOptimizer.step))
 N = 4
+NVME_DIR = tempfile.mkdtemp(prefix="minipar-nvme-")   # on a GPU machine: a directory on the NVMe disk
+check_offload("nvme", NVME_DIR, nvme_bytes(gpt_units(GPT(CFG)), N))   # writable, with room for 16Ψ': before launching
 
 
 def ddp_bf16_states(steps=2):
@@ -340,26 +356,70 @@ def ladder():
     bf16 = MixedPrecision("bf16")
     out = {"DDP": dict(memory=ddp_bf16_states(), padded_params=PSI)}
     for name, kw in (("ZeRO-1", dict(stage=1)), ("ZeRO-2", dict(stage=2)), ("ZeRO-3", dict(stage=3)),
-                     ("ZeRO-3 + offload", dict(stage=3, offload=True))):
+                     ("ZeRO-3 + offload", dict(stage=3, offload=True)),
+                     ("ZeRO-3 + NVMe", dict(stage=3, offload="nvme", nvme_dir=NVME_DIR))):
         out[name] = train_zero(CFG, steps=2, batch_size=8, precision=bf16, **kw)
     return out
 
 
 rungs = minipar.launch(ladder, N)[0]
-STAGE = {"DDP": 0, "ZeRO-1": 1, "ZeRO-2": 2, "ZeRO-3": 3, "ZeRO-3 + offload": 3}
+STAGE = {"DDP": 0, "ZeRO-1": 1, "ZeRO-2": 2, "ZeRO-3": 3, "ZeRO-3 + offload": 3, "ZeRO-3 + NVMe": 3}
 device_bytes = {}
 for name, r in rungs.items():
     m, pp = r["memory"], r["padded_params"]
-    offload = m.get("where") == "host"
+    offload = m.get("where") in ("host", "nvme")
     formula = model_state_bytes(pp, N, STAGE[name], k=0 if offload else 12)  # offload: K leaves the device
     device_bytes[name] = m["params"] + m["grads"] + (0 if offload else m["optimizer"])
     print(f"{name:>17}: params {m['params']:>8,} + grads {m['grads']:>8,} + optimizer {m['optimizer']:>9,}"
-          f"{' (host)' if offload else ''} -> device {device_bytes[name]:>9,} B = {device_bytes[name] / pp:5.2f} Ψ'; "
+          f"{' (' + m['where'] + ')' if offload else ''} -> device {device_bytes[name]:>9,} B = {device_bytes[name] / pp:5.2f} Ψ'; "
           f"formula {formula:>11,.0f} B")
     assert device_bytes[name] == formula
     if offload:
-        assert m["optimizer"] == 12 * pp / N  # the masters and moments went to the host, all of them
+        assert m["optimizer"] == 12 * pp / N  # the masters and moments left the device, all of them
 assert device_bytes["DDP"] == 16 * PSI
+nv = rungs["ZeRO-3 + NVMe"]
+shard = nv["padded_params"] // N
+print(f"NVMe rung: files {nv['memory']['nvme']:,} B = 16Ψ'/N; host buffers {nv['memory']['host']:,} B "
+      f"(two units in flight, of {16 * shard:,} B of states); per step read/written {nv['io'][-1]}, "
+      f"formula 16Ψ'/N = {16 * shard:,} B each way")
+assert nv["memory"]["nvme"] == 16 * shard and nv["memory"]["host"] < 16 * shard
+assert all(step == dict(read=16 * shard, written=16 * shard) for step in nv["io"])
+assert nv["losses"] == rungs["ZeRO-3 + offload"]["losses"]   # the same AdamW on the same values: same bits
+assert not os.listdir(NVME_DIR)       # the files were unlinked once mapped: nothing stays behind a run
+
+# %% [markdown]
+# On the device the two offload rungs look the same: what NVMe changes is the *host*. CPU offload keeps
+# all of K·Ψ/N = 12Ψ/N in host memory; NVMe keeps two units' states (the one stepping and the one
+# being read), 2 × 16 bytes per parameter of the largest unit, whatever the depth. With this
+# two-block model that is most of the model; with more blocks it is a shrinking fraction. Measured on
+# the optimizers alone (one step on zero gradients, no ranks needed), for growing depth:
+
+# %%
+def host_and_disk(layers):
+    """(host bytes with CPU offload, host bytes with NVMe, disk bytes with NVMe) of one rank of N."""
+    units = gpt_units(GPT(CFG.replace(layers=layers)))
+    shards = [torch.zeros(-(-sum(p.numel() for m in ms for p in m.parameters()) // N), dtype=torch.bfloat16)
+              for _, ms in units]
+    cpu, nvme = ShardOptimizer([s.clone() for s in shards], offload=True), NVMeOptimizer([s.clone() for s in shards], NVME_DIR)
+    for opt in (cpu, nvme):
+        opt.step([torch.zeros_like(s) for s in shards])
+    out = cpu.state_bytes()["optimizer"], nvme.state_bytes()["host"], nvme.state_bytes()["nvme"]
+    nvme.close()
+    return out
+
+
+DEPTHS = (2, 8, 32)
+hd = {L: host_and_disk(L) for L in DEPTHS}
+fig, ax = plt.subplots(figsize=(6, 2.8))
+ax.plot(DEPTHS, [hd[L][0] / 1024 for L in DEPTHS], "o-", color=COLORS["opt"], label="host, CPU offload (12Ψ/N)")
+ax.plot(DEPTHS, [hd[L][1] / 1024 for L in DEPTHS], "o-", color=COLORS["F"], label="host, NVMe (two units)")
+ax.plot(DEPTHS, [hd[L][2] / 1024 for L in DEPTHS], "o--", color=COLORS["recompute"], label="disk, NVMe (16Ψ/N)")
+ax.set_xscale("log", base=2); ax.set_yscale("log"); ax.set_xlabel("layers"); ax.set_ylabel("KiB per rank")
+ax.set_title(f"where the optimizer lives, N = {N}, h = {CFG.hidden}"); ax.legend(fontsize=8); fig.tight_layout()
+for L in DEPTHS:
+    print(f"{L:>2} layers: host {hd[L][0]:>10,} B with CPU offload, {hd[L][1]:>8,} B with NVMe; disk {hd[L][2]:>10,} B")
+assert hd[8][1] < hd[8][0] and hd[32][1] < hd[32][0] / 10      # NVMe's host memory stops growing with depth
+assert hd[8][1] == hd[32][1]
 
 # %% [markdown]
 # The last rungs are activations: the model states are down to 4Ψ/N, and what remains is what
@@ -379,7 +439,7 @@ for m in MODES:
 assert acts["full"] < acts["selective"] < acts[None]
 
 names = list(rungs) + ["+ selective", "+ full"]
-states = [device_bytes[n] for n in rungs] + [device_bytes["ZeRO-3 + offload"]] * 2
+states = [device_bytes[n] for n in rungs] + [device_bytes["ZeRO-3 + NVMe"]] * 2
 act = [acts[None]] * len(rungs) + [acts["selective"], acts["full"]]
 fig, ax = plt.subplots(figsize=(10, 3.2))
 ax.bar(names, [x / 1024 for x in states], color=COLORS["opt"], label="model states (device)")
@@ -387,7 +447,7 @@ ax.bar(names, [x / 1024 for x in act], bottom=[x / 1024 for x in states], color=
        label="activations (one micro-batch)")
 for i, n in enumerate(rungs):
     ax.plot([i - 0.4, i + 0.4], [model_state_bytes(rungs[n]["padded_params"], N, STAGE[n],
-                                                   k=0 if "offload" in n else 12) / 1024] * 2, color="black", lw=2,
+                                                   k=0 if "+" in n else 12) / 1024] * 2, color="black", lw=2,
             label="plan.model_state_bytes" if i == 0 else None)
 ax.set_ylabel("KiB per rank"); ax.set_xlabel("rung (each includes the ones to its left)")
 ax.set_title(f"the memory ladder: Ψ = {PSI:,}, N = {N}, bf16 + fp32 masters, measured"); ax.legend(fontsize=8)
