@@ -32,6 +32,8 @@ import urllib.request
 
 import pytest
 
+pytestmark = pytest.mark.slow   # a real browser and three notebooks: minutes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
                  if p and os.path.exists(p)), None)

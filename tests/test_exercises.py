@@ -13,7 +13,9 @@ The student copies are tested in tests/test_student_copies.py.
 """
 from __future__ import annotations
 
+import importlib
 import os
+import random
 import runpy
 import time
 
@@ -44,6 +46,7 @@ def line_of(fn, text: str) -> int:
 
 
 # ----------------------------------------------------------------------------- (a) solutions and wrong answers
+@pytest.mark.slow
 def test_every_exercise_has_a_worked_solution_that_passes():
     files = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "instructor", "solutions")) if f.endswith(".py"))
     assert sorted(ex.notebook for ex in EXERCISES.values()) == files
@@ -202,6 +205,17 @@ def _swallows_the_refusal(p, m):
         return solution("pp_1f1b")(p, m)
 
 
+def test_the_checkers_own_expectations_are_disabled_too():
+    """A checker's `_expected` (what it compares with) is as forbidden as the package's function."""
+    for ex in EXERCISES.values():
+        module = importlib.import_module(ex.judge.__module__)
+        if hasattr(module, "_expected"):
+            assert module._expected in ex.forbidden, ex.name
+    serve = importlib.import_module("minipar.exercises.serve")
+    v = check("serve_admission", serve._expected)
+    assert not v and "calls minipar.exercises.serve._expected" in v.message
+
+
 def test_a_direct_send_to_every_peer_is_not_a_ring():
     v = check("ring_all_gather", _sends_to_every_peer)
     assert not v and "sent to rank 2" in v.message and "right neighbour" in v.message, str(v)
@@ -289,7 +303,6 @@ def test_not_yet_means_the_function_raised_not_yet():
 
 def test_randomized_cases_follow_the_instructors_seed(monkeypatch):
     ex = EXERCISES["pp_1f1b"]
-    import random
     names = lambda seed: [c.name for c in ex.cases(random.Random(f"pp_1f1b:{seed}"))]  # noqa: E731
     assert names(0) == names(0) and names(0) != names(1)
     assert [n for n in names(0) if not n.startswith("random")] == [n for n in names(1) if not n.startswith("random")]

@@ -92,6 +92,7 @@ def graded(tmp_path_factory):
     return d, rows, took
 
 
+@pytest.mark.slow
 def test_a_class_of_submissions_is_graded_as_it_deserves(graded):
     d, rows, took = graded
     assert len(rows) == len(PP) + len(MOE) + 2 >= 20
@@ -114,6 +115,7 @@ def test_a_class_of_submissions_is_graded_as_it_deserves(graded):
     print(f"graded {len(rows)} submissions in {took:.1f} s")
 
 
+@pytest.mark.slow
 def test_feedback_says_why_with_the_students_own_lines(graded):
     d, rows, _ = graded
     fb = d / "grades_feedback"

@@ -125,6 +125,7 @@ def _run(cells, metadata):
             for c in nb.cells if c.cell_type == "code"]
 
 
+@pytest.mark.slow
 def test_student_copies_run_and_say_not_yet(copies):
     whole = {n for n, c in copies.items() if any(msc.NOTE in x.source for x in c.cells if x.cell_type == "markdown")}
     assert {"05_pipeline_parallel", "06_context_parallel", "07_moe_expert_parallel"} <= whole
