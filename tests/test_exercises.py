@@ -293,7 +293,7 @@ def test_not_yet_means_the_function_raised_not_yet():
 
     def done_with_the_stub_line_left_below(p, m):
         return solution("pp_1f1b")(p, m)
-        raise NotYet("write this function")  # noqa: unreachable - a student's leftover
+        raise NotYet("write this function")  # unreachable: a student's leftover
 
     v = check("pp_1f1b", stub)
     assert not v and v.status == "not yet" and str(v).startswith("NOT YET") and "raised NotYet" in v.message

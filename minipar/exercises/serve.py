@@ -124,6 +124,7 @@ def _judge(case, outputs):
 
 exercise(Exercise(
     name="serve_admission", notebook="11_parallel_inference", function="can_join", cases=_cases, run=_run,
-    judge=_judge, forbidden=(Scheduler.can_join, BlockManager.can_admit, Request.cache_tokens.fget, _expected), deadline=20.0,
+    judge=_judge, forbidden=(Scheduler.can_join, BlockManager.can_admit, Request.cache_tokens.fget, _expected),
+    deadline=20.0,
     summary="the admission rule answers every situation and serves the traces through a cache too small for "
             "everyone at once"))
