@@ -84,4 +84,5 @@ def _judge(case, outputs):
 exercise(Exercise(
     name="moe_topk_capacity", notebook="07_moe_expert_parallel", function="my_topk_route", cases=_cases, run=_run,
     judge=_judge, forbidden=(assign_slots, route, _expected),
-    reveals=("assign_slots", "topk_route", "inspect.getsource(route)"), deadline=10.0, summary="top-k routing with capacity matches, drops included"))
+    reveals=("assign_slots", "topk_route", "inspect.getsource(route)"), deadline=10.0,
+    summary="top-k routing with capacity matches, drops included"))
