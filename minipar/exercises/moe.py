@@ -15,10 +15,12 @@ from . import Case, Exercise, compare, exercise, student
 
 
 def _expected(probs: torch.Tensor, k: int, capacity: int):
-    weights, index = probs.topk(k, dim=-1)
-    if k > 1:
-        weights = weights / weights.sum(-1, keepdim=True)
-    return index, weights, assign_slots(index, probs.shape[-1]) < capacity
+    """What the checker compares with: the k most probable experts, their renormalized
+    probabilities, and the package's slot assignment."""
+    index = torch.sort(probs, dim=-1, descending=True, stable=True).indices[..., :k]
+    chosen = probs.gather(-1, index)
+    return index, chosen / chosen.sum(-1, keepdim=True) if k > 1 else chosen, \
+        assign_slots(index, probs.shape[-1]) < capacity
 
 
 def _cases(rng):
