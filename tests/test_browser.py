@@ -190,8 +190,15 @@ def test_widget_notebook_in_a_real_browser(lab, browser, name):
     # ---- Run All
     page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
     page.locator("li.lm-Menu-item", has_text="Run All Cells").first.click()
-    _wait(lambda: page.locator(".jp-OutputArea-output", has_text="NOT YET").count(), 600, "Run All to finish")
-    assert "Traceback" not in page.locator(".jp-Notebook").inner_text()
+    def finished():
+        text = page.locator(".jp-Notebook").inner_text()
+        if "Traceback" in text:     # Run All stops at an error: say which instead of waiting
+            errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
+            pytest.fail(f"{name}: a cell raised during Run All:\n" + "\n".join(errors.all_inner_texts())[-3000:])
+        idle = page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count()
+        return idle and page.locator(".jp-OutputArea-output", has_text="NOT YET").count()
+    _wait(lambda: page.locator(".jp-Notebook-ExecutionIndicator[data-status='busy']").count(), 60, "Run All to start")
+    _wait(finished, 600, "Run All to finish")
     cell = page.locator(".jp-CodeCell").filter(has=page.locator(".widget-box"))
     assert cell.count() == 1
     _wait(lambda: len(_state(cell)[1]) == 1 and _state(cell)[0], 30, "the explorer's first picture")
