@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .cp import attention_fn, sequence_positions
+from .cp import attention_fn, check_config as check_cp, sequence_positions
 from .ep import expert_parallel
 from .mesh import Mesh, check_sizes
 from .model import GPT, GPTConfig
@@ -46,8 +46,8 @@ from .optim import Optimizer, stage_units
 from .pp import build_schedule
 from .pp.stage import Stage, build_stages as build_pipeline_stages, stage_layer_counts
 from .recompute import apply_recompute
-from .tp import (ColumnParallelLinear, ParallelAttention, ParallelBlock, VocabParallelEmbedding, column_parallel,
-                 vocab_parallel_cross_entropy)
+from .tp import (ColumnParallelLinear, ParallelAttention, ParallelBlock, VocabParallelEmbedding, check_tp,
+                 column_parallel, vocab_parallel_cross_entropy)
 from .validation import Problems
 
 __all__ = ["ParallelConfig", "AXES", "TRAIN_SCHEDULES", "check", "ComposedStage", "build_stages",
@@ -122,20 +122,9 @@ def check(cfg: GPTConfig, pc: ParallelConfig, batch: int, world_size: int | None
             p.merge(stage_layer_counts, cfg, schedule.num_parts, pc.stage_layers)
     elif pc.stage_layers is not None and tuple(pc.stage_layers) != (cfg.layers,):
         p.add(f"{p.name('stage_layers')} splits layers over pipeline stages: it needs {p.name('pp')} > 1")
-    # Megatron splits attention by heads and the MLP by columns: each tp rank holds whole heads.
-    p.divides("tp", t, "heads", cfg.heads, "each tensor-parallel rank holds whole attention heads")
-    p.divides("tp", t, "vocab", cfg.vocab, "the vocab-parallel embedding and head hold V/tp rows each; "
-              "we do not pad the vocabulary (see minipar.tp.check_tp)")
-    if c > 1:   # ring/zigzag cut the sequence into cp (zigzag: 2cp) equal chunks
-        chunks = 2 * c if pc.seq_layout == "zigzag" else c
-        p.divides("cp", chunks, "seq", cfg.seq, f"the {pc.seq_layout} layout cuts it into {chunks} equal chunks"
-                  + (" (2 per cp rank)" if chunks > c else ""))
-        if pc.cp_method == "ulysses" and cfg.heads % t == 0 and (cfg.heads // t) % c:
-            p.add(f"Ulysses' all-to-all gives each cp rank whole heads: the {cfg.heads // t} heads per tp rank "
-                  f"must be divisible by {p.name('cp')}={c}; lower cp or tp, or use {p.name('cp_method')} ring")
-    if pc.sp and cfg.seq % (c * t):   # SP cuts each rank's seq/cp positions into tp equal slices
-        p.add(f"sequence parallelism splits each rank's sequence over tp: {p.show('seq', cfg.seq)} must be "
-              f"divisible by cp*tp={c * t}")
+    # each strategy states its own rules (and why they hold)
+    check_tp(cfg, t, pc.sp, cfg.seq // c if cfg.seq % c == 0 else cfg.seq, problems=p)
+    check_cp(cfg, c, pc.cp_method, pc.seq_layout, t, problems=p)
     # the global batch is cut into dp*ep equal data shards, each into equal micro-batches
     if batch % shards:
         p.add(f"{p.show('batch', batch)} must split into dp*ep={shards} equal data shards: use a multiple of {shards}")

@@ -82,10 +82,17 @@ def parse_args(argv=None, description: str = ""):
                                                                "checkpoint, at most this many times [0]")
     r.add_argument("--inject-fault", type=_fault, default=None, metavar="RANK:STEP",
                    help="SIGKILL rank RANK when it reaches step STEP, on the first attempt only (for tests)")
+    r.add_argument("--optimizer", default="adamw", help="adamw, or sgd (no normalization: sharp parameter "
+                                                        "parity, see minipar.model.make_optimizer) [adamw]")
+    r.add_argument("--fused-adamw", action="store_true", help="torch's fused AdamW kernel (one kernel per step "
+                                                              "on a GPU; the same math)")
+    r.add_argument("--compile", action="store_true", help="torch.compile every transformer block (GPU speed; on a "
+                                                          "CPU the first step compiles for minutes)")
     r.add_argument("--no-check", action="store_true", help="skip the single-device comparison")
     r.add_argument("--timeout", type=Float, default=120, help="seconds any collective may wait, and a step may "
                                                               "take, before the run counts as hung [120]")
-    return p.parse_args(argv)
+    a, a.unknown = p.parse_known_args(argv)   # unknown flags become one problem among the others
+    return a
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,10 @@ class RunConfig:
     inject_fault: tuple | None = None  # (rank, step)
     check: bool = True
     timeout: float = 120.0
-    capture_grads: bool = False        # return the first step's gradients, full shape (parity tests)
+    optimizer: str = "adamw"           # or "sgd" (parity tests of parameters: see model.make_optimizer)
+    fused: bool = False                # torch's fused AdamW
+    compile: bool = False              # torch.compile each block
+    capture: bool = False              # return the first step's gradients and the final parameters, full shape
 
 
 def validate(a) -> tuple[GPTConfig, ParallelConfig, RunConfig]:
@@ -112,6 +122,8 @@ def validate(a) -> tuple[GPTConfig, ParallelConfig, RunConfig]:
     lines are the problems, each saying how to fix it. The rules of each strategy live in its
     module (`compose.check` calls them all); the ones here are about the run itself."""
     p = Problems(cli=True)
+    if getattr(a, "unknown", None):
+        p.add(f"unrecognized arguments: {' '.join(a.unknown)} (see python -m minipar.train --help)")
     for f in ("dp", "pp", "tp", "cp", "ep", "microbatches", "chunks", "layers", "hidden", "heads", "seq", "vocab",
               "batch", "steps"):
         p.integer(f, getattr(a, f), low=1)
@@ -127,6 +139,9 @@ def validate(a) -> tuple[GPTConfig, ParallelConfig, RunConfig]:
     p.choice("cp_layout", a.cp_layout, ("zigzag", "contiguous"))
     p.choice("recompute", a.recompute, (None, "full", "selective"))
     p.choice("precision", a.precision, ("fp32", "bf16"))
+    p.choice("optimizer", a.optimizer, ("adamw", "sgd"))
+    if a.fused_adamw and a.optimizer != "adamw":
+        p.add("--fused-adamw is torch's fused AdamW kernel: it needs --optimizer adamw")
     for f, kind in (("stage_layers", "comma-separated layer counts such as 3,4,4,3"), ("inject_fault", "RANK:STEP"),
                     ("resume_step", "a step number")):
         v = getattr(a, f)
@@ -151,7 +166,8 @@ def validate(a) -> tuple[GPTConfig, ParallelConfig, RunConfig]:
     check(cfg, pc, a.batch, problems=p)
     run = RunConfig(steps=a.steps, batch=a.batch, seed=a.seed, out=a.out, metrics=a.metrics, save=a.save,
                     save_every=a.save_every, resume=a.resume, resume_step=a.resume_step, max_restarts=a.max_restarts,
-                    inject_fault=a.inject_fault, check=not a.no_check, timeout=float(a.timeout))
+                    inject_fault=a.inject_fault, check=not a.no_check, timeout=float(a.timeout),
+                    optimizer=a.optimizer, fused=a.fused_adamw, compile=a.compile)
     _run_rules(cfg, pc, run, p)
     _memory(cfg, pc, run, p)
     p.raise_if_any()

@@ -38,6 +38,7 @@ from . import comm, mappings, trace
 from .collectives import ring_neighbours
 from .model import GPT, SyntheticData, make_optimizer
 from .runtime import device
+from .validation import Problems
 from .ulysses import ulysses_attention, ulysses_bytes
 
 __all__ = ["LAYOUTS", "chunk_ids", "shard_sequence", "unshard_sequence", "sequence_positions",
@@ -254,21 +255,23 @@ def ring_flops(b, h, seq, d, cp, rank, layout="zigzag", causal=True) -> int:
 
 
 # ----------------------------------------------------------------------------- a GPT with context parallelism
-def check_config(cfg, cp: int, method: str = "ring", layout: str = "zigzag") -> None:
-    """Raise ValueError, saying how to fix it, unless `cfg` runs with this context parallelism."""
-    if method not in ("ring", "ulysses"):
-        raise ValueError(f"method must be 'ring' or 'ulysses', got {method!r}")
-    _check_layout(layout)
-    if not isinstance(cp, int) or cp < 1:
-        raise ValueError(f"cp must be an int >= 1, got {cp!r}")
-    if method == "ulysses" and layout != "contiguous":
-        raise ValueError("Ulysses gathers the whole sequence per head, so it needs layout='contiguous'")
-    if method == "ulysses" and cfg.heads % cp:
-        raise ValueError(f"Ulysses needs heads % cp == 0; heads={cfg.heads}, cp={cp}: pick cp dividing {cfg.heads}")
-    n = len(chunk_ids(0, cp, layout)) * cp
-    if cfg.seq % n:
-        raise ValueError(f"seq={cfg.seq} must be divisible by {n} ({layout} split over cp={cp}); "
-                         f"try seq={(cfg.seq // n + 1) * n}")
+def check_config(cfg, cp: int, method: str = "ring", layout: str = "zigzag", tp: int = 1,
+                 problems: Problems | None = None) -> None:
+    """The rules of context parallelism over cp ranks (tp: the tensor-parallel ranks that already
+    split the heads), each with its reason; raises a ConfigError listing every problem, or adds
+    them to `problems` (as `compose.check` does)."""
+    p = Problems() if problems is None else problems
+    ok = p.choice("cp_method", method, ("ring", "ulysses")) & p.choice("cp_layout", layout, LAYOUTS)
+    if ok and p.integer("cp", cp, low=1) and cp > 1:
+        if method == "ulysses" and layout != "contiguous":
+            p.add("Ulysses gathers the whole sequence per head, so it needs layout='contiguous'")
+        chunks = len(chunk_ids(0, cp, layout)) * cp    # zigzag: 2 chunks per rank
+        p.divides("cp", chunks, "seq", cfg.seq, f"the {layout} layout cuts it into {chunks} equal chunks")
+        if method == "ulysses" and cfg.heads % tp == 0 and (cfg.heads // tp) % cp:
+            p.add(f"Ulysses' all-to-all gives each cp rank whole heads: the {cfg.heads // tp} heads per tp rank "
+                  f"must be divisible by {p.name('cp')}={cp}; lower cp or tp, or use {p.name('cp_method')} ring")
+    if problems is None:
+        p.raise_if_any("context parallelism cannot run this configuration")
 
 
 def attention_fn(method: str = "ring", layout: str = "zigzag", group=None):

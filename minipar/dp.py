@@ -230,22 +230,25 @@ def train_steps(engine, step_fn, cfg: GPTConfig, steps: int, batch_size: int, se
 
 
 def train_ddp(cfg: GPTConfig, steps: int = 5, batch_size: int = 8, seed: int = 0, grad_accum: int = 1,
-              recompute=None, group=None, bucket_mb: float = 25.0, reduce_dtype=None) -> dict:
-    """Run on every rank: DDP training of the reference GPT. Returns losses, the final
-    parameters and the model-state bytes of this rank (measured before the last step)."""
+              recompute=None, group=None, bucket_mb: float = 25.0, reduce_dtype=None, **optim) -> dict:
+    """Run on every rank: DDP training of the reference GPT. Returns losses, the first step's
+    averaged gradients, the final parameters and the model-state bytes of this rank (measured
+    before the last step). `optim`: overrides of `make_optimizer` (kind="sgd" for parity tests)."""
     torch.manual_seed(seed)
     model = GPT(cfg, seed).to(device())
     if recompute:
         apply_recompute(model, recompute)
     with trace.enabled(False):  # the trace holds the training steps, not the setup broadcast
         ddp = DDP(model, group=group, bucket_mb=bucket_mb, reduce_dtype=reduce_dtype)
-    opt = make_optimizer(model.parameters())
-    mem = {}
+    opt = make_optimizer(model.parameters(), **optim)
+    mem, grads = {}, {}
 
     def step():
         mem.update(ddp.model_state_bytes(opt))
+        if not grads:   # the first step's gradients, as the optimizer sees them (averaged)
+            grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters()})
         opt.step()
 
     losses = train_steps(ddp, step, cfg, steps, batch_size, seed, grad_accum)
-    return dict(losses=losses, params={n: p.detach().clone() for n, p in model.named_parameters()},
+    return dict(losses=losses, grads=grads, params={n: p.detach().clone() for n, p in model.named_parameters()},
                 memory=mem, num_params=sum(p.numel() for p in model.parameters()))

@@ -21,6 +21,8 @@ import math
 
 import torch.distributed as dist
 
+from . import runtime
+
 __all__ = ["Mesh", "MeshError", "check_sizes", "enumerate_groups", "get_mesh", "set_mesh"]
 
 KNOWN_AXES = ("pp", "dp", "cp", "ep", "tp")
@@ -149,3 +151,7 @@ def group_name(group) -> str:
     if group is None:
         return "world"
     return _GROUP_NAMES.get(group, "group")
+
+
+# A forked rank starts without the parent's mesh: its groups belong to no process group of the rank.
+runtime.at_rank_start(lambda: set_mesh(None))

@@ -113,8 +113,9 @@ class Optimizer:
         self.zero.apply(grads)
 
     def zero_grad(self) -> None:
-        if self.pc.zero >= 1:
+        if self.pc.zero >= 1:    # ZeRO owns the gradients (ZeRO-1: views into its flat buffers)
             self.zero.zero_grad()
+            return
         for p in self.params:
             p.grad = None
 

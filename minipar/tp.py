@@ -36,6 +36,7 @@ from . import comm, mappings
 from .model import GPT, GPTConfig, make_optimizer, sdpa_causal, SyntheticData
 from .mesh import Mesh
 from .runtime import device, launch
+from .validation import ConfigError, Problems
 from .mappings import SEQ, gather_linear, sync_sequence_parallel_grads
 
 __all__ = ["check_tp", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
@@ -43,23 +44,25 @@ __all__ = ["check_tp", "ColumnParallelLinear", "RowParallelLinear", "VocabParall
            "ParallelBlock", "TPGPT", "train_tp", "run_tp", "unshard", "shards_of"]
 
 
-def check_tp(cfg: GPTConfig, t: int, sequence_parallel: bool = False, batch_seq: int | None = None) -> None:
-    """Raise a ValueError that says what to change unless `cfg` splits evenly over t ranks.
+def check_tp(cfg: GPTConfig, t: int, sequence_parallel: bool = False, batch_seq: int | None = None,
+             problems: Problems | None = None) -> None:
+    """Megatron's rules for splitting `cfg` over t ranks, each with its reason; raises a
+    ConfigError listing every problem (or adds them to `problems`, as `compose.check` does).
 
     We do not pad the vocabulary: Megatron pads V up to a multiple of 128*t
     (--make-vocab-size-divisible-by) with rows that are never a target, but their
     logits still enter the softmax, so the padded model would differ from the reference."""
-    if not isinstance(t, int) or t < 1:
-        raise ValueError(f"tensor-parallel size must be an int >= 1, got {t!r}")
-    if cfg.experts:
-        raise ValueError("tensor parallelism here covers dense blocks: set experts=0 (MoE blocks use minipar.moe)")
-    need = {"heads": cfg.heads, "hidden": cfg.hidden, "vocab": cfg.vocab, "mlp hidden": cfg.mlp_ratio * cfg.hidden}
-    if sequence_parallel:
-        need["seq"] = cfg.seq if batch_seq is None else batch_seq
-    bad = {k: v for k, v in need.items() if v % t}
-    if bad:
-        fixes = ", ".join(f"{k}={v} -> {(v // t + 1) * t}" for k, v in bad.items())
-        raise ValueError(f"tp={t} must divide {', '.join(bad)} ({fixes}), or pick a t that divides them")
+    p = Problems() if problems is None else problems
+    if p.integer("tp", t, low=1):
+        p.divides("tp", t, "heads", cfg.heads, "each tensor-parallel rank holds whole attention heads")
+        p.divides("tp", t, "vocab", cfg.vocab, "the vocab-parallel embedding and head hold V/tp rows each; "
+                  "we do not pad the vocabulary")
+        p.divides("tp", t, "mlp_hidden", cfg.mlp_ratio * cfg.hidden, "the MLP's columns split evenly")
+        if sequence_parallel:   # SP cuts each rank's sequence into tp equal slices
+            p.divides("tp", t, "seq", cfg.seq if batch_seq is None else batch_seq,
+                      "sequence parallelism splits the sequence over tp")
+    if problems is None:
+        p.raise_if_any(f"tensor parallelism over {t} ranks cannot split this model")
 
 
 def _shard(full: torch.Tensor, dim, group) -> nn.Parameter:
@@ -302,6 +305,8 @@ def run_tp(cfg: GPTConfig, t: int, steps: int = 5, batch_size: int = 8, seed: in
     """Check the sizes, then `train_tp` on t simulated ranks; return rank 0's losses and the
     full logits, gradients and parameters put back together from every rank's shards."""
     check_tp(cfg, t, sequence_parallel)  # before any process starts
+    if cfg.experts:
+        raise ConfigError(["TPGPT covers dense blocks: set experts=0 (minipar.train composes MoE with tp)"])
     kw = dict(steps=steps, batch_size=batch_size, seed=seed, sequence_parallel=sequence_parallel, regather=regather)
     out = launch(_train_rank, t, t, cfg, kw)
     return {"losses": out[0]["losses"], "logits": torch.cat([o["logits"] for o in out], -1),

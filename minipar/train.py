@@ -103,9 +103,13 @@ def train_rank(cfg: GPTConfig, pc: ParallelConfig, run: RunConfig, attempt: int 
         state = {k.split("/", 1)[1]: ck.full(k) for k in ck.keys() if k.startswith("param/")}
     stages = {s: st.to(dev) for s, st in build_stages(cfg, pc, mesh, run.seed, state, schedule).items()}
     named = [(n, p) for st in stages.values() for n, p in st.named_parameters()]
-    opt = Optimizer(named, pc, module=stages,
+    if run.compile:   # each block on its own: the pipeline and ZeRO hooks stay outside the graphs
+        for st in stages.values():
+            for blk in st.blocks.values():
+                blk.compile()
+    opt = Optimizer(named, pc, module=stages, kind=run.optimizer, **({"fused": True} if run.fused else {}),
                     mirror=mirror_group(mesh, pc.pp) if pc.schedule == "dualpipe" and schedule else None)
-    if resume_from:
+    if resume_from and run.optimizer == "adamw":
         opt.load_moments({n: tuple(_local_slice(ck.full(f"{k}/{n}"), p, pc) for k in ("exp_avg", "exp_avg_sq"))
                           for n, p in named}, start)
         del ck, state
@@ -151,9 +155,9 @@ def train_rank(cfg: GPTConfig, pc: ParallelConfig, run: RunConfig, attempt: int 
                         aux += aux_mb.item() / m
             with trace.span("opt"):
                 opt.step()
-        if run.capture_grads and step == start:
+        if run.capture and step == start:
             with trace.enabled(False):
-                first_grads = full_gradients(opt, named, mesh)
+                first_grads = full_tensors(opt.gradients(), named, mesh)
         # One copy of each data shard's loss: the cross-entropy of tp rank 0 (every tp rank holds it),
         # and the MoE aux loss of tp rank 0, or of every tp rank under SP (each holds a share).
         tp0 = mesh.index("tp") == 0
@@ -180,21 +184,23 @@ def train_rank(cfg: GPTConfig, pc: ParallelConfig, run: RunConfig, attempt: int 
             break
     if metrics is not None:
         metrics.close()
+    with trace.enabled(False):
+        params = full_tensors(opt.values(), named, mesh) if run.capture else {}
     return {"losses": losses, "times": times, "peaks": peaks, "start": start, "events": trace.gather(),
             "state_bytes": opt.state_bytes(), "coords": mesh.coords(), "stopped": stopped, "saved": saved,
-            "grads": first_grads}
+            "grads": first_grads, "params": params}
 
 
-def full_gradients(opt: Optimizer, named, mesh: Mesh) -> dict:
-    """{name: the averaged gradient the first step applied, gathered to the reference's full shape}
-    on the ranks that hold one copy of it (dp and cp index 0; tp slices gathered)."""
-    grads, out = opt.gradients(), {}
+def full_tensors(local: dict, named, mesh: Mesh) -> dict:
+    """{name: tensor gathered to the reference's full shape} (gradients or parameters, TP slices
+    gathered), on the ranks that hold one copy of it (dp, cp and tp index 0). For parity tests."""
+    out = {}
     for n, p in named:
-        g = grads[n]
+        g = local[n].detach()
         if getattr(p, "tp_dim", None) is not None:
             g = comm.all_gather(g.contiguous(), dim=p.tp_dim, group="tp")
         if mesh.index("dp") == 0 and mesh.index("cp") == 0 and mesh.index("tp") == 0:
-            out[n] = g.cpu()
+            out[n] = g.detach().cpu().clone()
     return out
 
 

@@ -137,7 +137,9 @@ class Problems:
     def divides(self, field: str, divisor, of_field: str, value, why: str = "") -> bool:
         """`value` of `of_field` must be a multiple of `divisor` (both already checked >= 1)."""
         if _is_int(divisor) and _is_int(value) and divisor >= 1 and value % divisor:
-            self.add(f"{self.show(of_field, value)} must be divisible by {self.name(field)}={divisor}"
+            below, above = value // divisor * divisor, (value // divisor + 1) * divisor
+            near = f"{below} or {above}" if below else f"{above}"
+            self.add(f"{self.show(of_field, value)} must be divisible by {self.name(field)}={divisor} (try {near})"
                      + (f": {why}" if why else ""))
             return False
         return True

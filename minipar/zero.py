@@ -88,11 +88,23 @@ class Unit:
                 off += p.numel()
         mine = self.flat[r * self.shard_numel:(r + 1) * self.shard_numel]
         self.shard = mine.clone() if stage == 3 else mine  # stage 3 owns its shard apart from the buffer
-        # stage 1 keeps full gradients where autograd (or a pipeline's W step) puts them, p.grad,
-        # and flattens them at the step; stages 2 and 3 keep only their reduce-scattered shard
-        self.grad_shard = None if stage == 1 else torch.zeros(self.shard_numel, dtype=mp.reduce_dtype, device=device())
+        # stage 1 accumulates full gradients in one flat buffer (p.grad are views into it, so autograd
+        # adds in place); stages 2 and 3 keep only their reduce-scattered shard
+        self.flat_grad = self.grad_shard = None
+        if stage == 1:
+            self.flat_grad = torch.zeros_like(self.flat)
+            self.grad_views = [self.flat_grad[o:o + p.numel()].view_as(p) for o, p in zip(self.offsets(), self.params)]
+        else:
+            self.grad_shard = torch.zeros(self.shard_numel, dtype=mp.reduce_dtype, device=device())
         self.gather_handle, self.rs_handles = None, []
         self.gathered, self.in_backward, self.grads_ready, self.fwd_calls, self.t0 = True, False, 0, 0, None
+
+    def offsets(self) -> list[int]:
+        out, off = [], 0
+        for p in self.params:
+            out.append(off)
+            off += p.numel()
+        return out
 
     def free(self):
         self.flat.untyped_storage().resize_(0)
@@ -249,19 +261,21 @@ class ZeRO(nn.Module):
 
     def zero_grad(self):
         for u in self.units:
-            if self.stage >= 2:
+            if self.stage == 1:
+                u.flat_grad.zero_()
+                for p, view in zip(u.params, u.grad_views):
+                    p.grad = view
+            else:
                 u.grad_shard.zero_()
-            for p in u.params:
-                p.grad = None
+                for p in u.params:
+                    p.grad = None
 
     def backward(self, loss: torch.Tensor):
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def local_grads(self) -> list[torch.Tensor]:
-        """The gradients this rank holds now: every parameter's full one at stage 1, shards after."""
-        if self.stage == 1:
-            return [p.grad for u in self.units for p in u.params if p.grad is not None]
-        return [u.grad_shard for u in self.units]
+        """The gradients this rank holds now: full flat ones at stage 1, shards after."""
+        return [u.flat_grad if self.stage == 1 else u.grad_shard for u in self.units]
 
     @torch.no_grad()
     def step(self) -> bool:
@@ -275,7 +289,13 @@ class ZeRO(nn.Module):
         other axes, such as `minipar.optim`, does it on these shards before `apply`.)"""
         if self.stage >= 2:
             return [u.grad_shard for u in self.units]
-        return [comm.reduce_scatter(_flat_grad(u).to(self.mp.reduce_dtype), op="avg", group=self.group)
+        for u in self.units:   # a gradient someone replaced (a pipeline's W step adds out of place) goes back in
+            for p, view in zip(u.params, u.grad_views):
+                if p.grad is None:
+                    view.zero_()
+                elif p.grad.data_ptr() != view.data_ptr():
+                    view.copy_(p.grad)
+        return [comm.reduce_scatter(u.flat_grad.to(self.mp.reduce_dtype), op="avg", group=self.group)
                 for u in self.units]
 
     @torch.no_grad()

@@ -33,11 +33,11 @@ def test_bad_configurations_raise_clear_errors():
     with pytest.raises(ValueError, match="layout"):
         cp.shard_sequence(torch.zeros(1, 1, 8, 1), 0, 4, layout="striped")
     cfg = GPTConfig(vocab=64, seq=32, layers=2, heads=4, hidden=32)
-    with pytest.raises(ValueError, match="heads % cp"):
+    with pytest.raises(ValueError, match="heads per tp rank must be divisible by cp=8"):
         cp.check_config(cfg, 8, "ulysses", "contiguous")
     with pytest.raises(ValueError, match="contiguous"):
         cp.check_config(cfg, 2, "ulysses", "zigzag")
-    with pytest.raises(ValueError, match="try seq=42"):
+    with pytest.raises(ValueError, match="try 36 or 42"):
         cp.check_config(cfg.replace(seq=40), 3, "ring", "zigzag")
     with pytest.raises(ValueError, match="method"):
         cp.check_config(cfg, 2, "tree")

@@ -491,3 +491,21 @@ def test_command_line_refuses_bad_input_one_line_each(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and all(line.startswith("error: ") for line in err) and "Traceback" not in "".join(err)
     assert main(["--gpus", "x"]) == 2 and "whole number" in capsys.readouterr().err
+
+
+def test_offload_places_the_optimizer_states_on_the_host_or_its_nvme_drives():
+    """ZeRO-Offload / ZeRO-Infinity in the estimate: the states leave the GPU's memory; the step pays
+    PCIe and a CPU Adam, and NVMe adds 16 bytes per parameter each way (the bytes tests/test_nvme.py
+    measures on the real NVMeOptimizer) at the drives' bandwidth."""
+    kw = dict(tp=8, pp=1, zero_stage=3, kv_heads=8, ffn_hidden=28672, gated_mlp=True, tied_embeddings=False,
+              position_embeddings=False, dropout=False)
+    none, cpu, nvme = (plan.estimate(80, 8192, 64, 32000, 4096, 512, 1, 64, "h100", offload=o, **kw)
+                       for o in ("none", "cpu", "nvme"))
+    assert cpu.memory["optimizer"] == nvme.memory["optimizer"] == 0 < none.memory["optimizer"]
+    assert none.step_time < cpu.step_time < nvme.step_time
+    link = plan.get_link("nvme")
+    params = (nvme.time["optimizer"] - cpu.time["optimizer"]) * link.bandwidth * link.efficiency / 32
+    psi_local = none.config["params"] / (8 * 8)    # ZeRO-3 over dp = 8 of each tp = 8 slice
+    assert params == pytest.approx(psi_local, rel=0.02)
+    with pytest.raises(ValueError, match="offload='disk'"):
+        plan.estimate(80, 8192, 64, 32000, 4096, 512, 1, 64, "h100", offload="disk", **kw)

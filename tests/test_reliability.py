@@ -5,6 +5,7 @@ runs that never lose their last step (SIGINT/SIGTERM, --save), and a killed rank
 import json
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -95,11 +96,16 @@ def test_paths_that_cannot_be_written_or_read_are_refused(monkeypatch, capsys, t
 
 
 def test_a_bad_command_line_is_refused_quickly_and_without_a_traceback(tmp_path):
-    t = time.time()
+    """Within 20 s of the refusal's own CPU time (wall time on a shared 2-core machine is not its own),
+    with every problem listed, the unknown flag among them."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run([sys.executable, "-m", "minipar.train", "--heads", "0", "--chunks", "0", "--seq", "0",
                           "--metrics", str(tmp_path / "no" / "such" / "m.jsonl"), "--timeout", "0", "--nope", "1"],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "Traceback" not in out.stderr and time.time() - t < 20
+                         capture_output=True, text=True, timeout=120)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    assert out.returncode == 2 and "Traceback" not in out.stderr and cpu < 20, (cpu, out.stderr)
+    assert "unrecognized arguments: --nope 1" in out.stderr and "--heads 0" in out.stderr
     out = subprocess.run([sys.executable, "-m", "minipar.train", "--heads", "0", "--chunks", "0", "--seq", "0",
                           "--resume", str(tmp_path / "none"), "--timeout", "0"], capture_output=True, text=True)
     lines = out.stderr.splitlines()
@@ -202,8 +208,6 @@ def impossible(f) -> list[str]:
     if f["experts"]:
         if f["experts"] % f["ep"]:
             why.append("E/ep experts per rank")
-        if c > 1 or sp:
-            why.append("MoE with cp or sp is not implemented")
     elif f["ep"] > 1:
         why.append("ep needs experts")
     return why

@@ -1,33 +1,80 @@
-"""N-D composition: parity with the single-device loop, resharding checkpoints, the command, bad configs."""
+"""N-D composition against the single-device reference: every gradient after the first backward
+(gathered to full shape), the loss curve, and the parameters after SGD steps; resharding
+checkpoints; torch's FSDP + DTensor TP; the command; bad configurations."""
+import functools
 import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, replace
 
 import pytest
+import torch
 
 from minipar import runtime
-from minipar.model import train_reference
+from minipar.bench.tp import _run_2d   # torch's side of the FSDP + TP benchmark
+from minipar.model import GPT, train_reference
 from minipar.train import configs, main, parse_args, train_rank
 
 SMALL = ["--layers", "4", "--hidden", "32", "--heads", "4", "--seq", "16", "--vocab", "32", "--batch", "16"]
 
 
-def run(flags, steps=20):
-    """Self-launched run; returns (losses, model config, run config). A resumed run's losses
-    include the curve its checkpoint carried."""
-    a = parse_args(SMALL + flags + ["--steps", str(steps)])
-    cfg, pc, rc = configs(a)
-    losses = runtime.launch(train_rank, pc.world_size, cfg, pc, rc, 0, rc.resume, timeout=120)[0]["losses"]
-    return losses, cfg, rc
+@dataclass
+class Run:
+    losses: list
+    grads: dict      # name -> the first step's gradient, full shape, averaged over every replica
+    params: dict     # name -> final value, full shape
+    cfg: object
+    rc: object
+    out: list        # every rank's result
+
+
+def run(flags, steps=20) -> Run:
+    """Self-launched run. A resumed run's losses include the curve its checkpoint carried; its
+    gradients are those of its first step after the checkpoint."""
+    cfg, pc, rc = configs(parse_args(SMALL + flags + ["--steps", str(steps)]))
+    rc = replace(rc, capture=True)
+    out = runtime.launch(train_rank, pc.world_size, cfg, pc, rc, 0, rc.resume, timeout=180)
+    grads, params = {}, {}
+    for o in out:
+        grads.update(o["grads"])
+        params.update(o["params"])
+    return Run(out[0]["losses"], grads, params, cfg, rc, out)
+
+
+@functools.lru_cache(maxsize=None)
+def reference(cfg, steps, batch, seed, kind="adamw"):
+    return train_reference(cfg, steps=steps, batch_size=batch, seed=seed, kind=kind)
 
 
 def ref_losses(cfg, rc):
-    return train_reference(cfg, steps=rc.steps, batch_size=rc.batch, seed=rc.seed).losses
+    return reference(cfg, rc.steps, rc.batch, rc.seed).losses
 
 
 def close(xs, ys, tol=1e-4):
     return max(abs(x - y) for x, y in zip(xs, ys)) <= tol
+
+
+def assert_gradients_match(r: Run, at_step: int = 1, tol: float = 1e-5):
+    """Every parameter's gradient of step `at_step` against the reference's, relative to the largest
+    entry of that gradient. A scale bug (a sum that should be a mean, a missing replica) fails here
+    even where AdamW would hide it from the loss curve."""
+    ref = reference(r.cfg, at_step, r.rc.batch, r.rc.seed, r.rc.optimizer).grads
+    names = [n for n, _ in GPT(r.cfg).named_parameters()]
+    # A gradient that is zero in exact arithmetic (a key bias: softmax ignores a constant added to
+    # every key) is fp32 rounding of sums whose terms are as large as the model's gradients: allow
+    # 1e-7 of the largest gradient entry anywhere (a few fp32 ulps of it) on top of the relative bound.
+    scale = max(g.abs().max().item() for g in ref.values())
+    for n in names:
+        assert n in r.grads, f"{n}: no rank returned its gradient"
+        want = ref.get(n, torch.zeros_like(r.grads[n]))      # an expert that got no token has none
+        diff = (r.grads[n] - want).abs().max().item()
+        assert diff <= tol * want.abs().max().item() + 1e-7 * scale, (n, diff, want.abs().max().item())
+
+
+def assert_matches(r: Run, loss_tol: float = 2e-5):
+    assert_gradients_match(r)
+    assert close(r.losses, ref_losses(r.cfg, r.rc), loss_tol), (r.losses, ref_losses(r.cfg, r.rc))
 
 
 @pytest.mark.parametrize("flags", [
@@ -35,36 +82,74 @@ def close(xs, ys, tol=1e-4):
     ["--dp", "2", "--pp", "1", "--tp", "2", "--ep", "2", "--experts", "4", "--zero", "1", "--microbatches", "1"],
     ["--dp", "2", "--pp", "1", "--tp", "2", "--cp", "2", "--zero", "1", "--microbatches", "2"],
 ], ids=["tp2-pp2-dp2-zero1-1f1b", "moe-ep2-tp2-dp2", "cp2-tp2-dp2"])
-def test_8_rank_layouts_reproduce_the_single_device_loss_curve(flags):
-    losses, cfg, a = run(flags)
-    ref = ref_losses(cfg, a)
-    assert len(losses) == 20 and ref[-1] < ref[0] - 0.3          # it trains
-    assert close(losses, ref), max(abs(x - y) for x, y in zip(losses, ref))
+def test_8_rank_layouts_reproduce_the_single_device_gradients_and_loss_curve(flags):
+    r = run(flags)
+    ref = ref_losses(r.cfg, r.rc)
+    assert len(r.losses) == 20 and ref[-1] < ref[0] - 0.3          # it trains
+    assert_matches(r, 1e-4)
 
 
-def test_more_layouts_match_over_a_few_steps():
-    for flags in (["--dp", "1", "--pp", "1", "--tp", "4", "--sp", "--zero", "0"],
-                  ["--dp", "1", "--pp", "1", "--tp", "2", "--cp", "2", "--cp-method", "ulysses", "--zero", "0"],
-                  ["--dp", "1", "--pp", "4", "--tp", "1", "--schedule", "interleaved_1f1b", "--chunks", "1",
-                   "--microbatches", "4", "--zero", "0"],
-                  ["--dp", "2", "--pp", "2", "--tp", "1", "--schedule", "zb_h1", "--microbatches", "4"],
-                  ["--dp", "2", "--pp", "1", "--tp", "2", "--sp", "--recompute", "full", "--zero", "1"],
-                  ["--dp", "1", "--pp", "2", "--tp", "2", "--cp", "2", "--sp", "--zero", "0"],   # Llama 3's 4D
-                  # MoE through the pipeline: each stage backpropagates its own load-balancing loss.
-                  # (Routing is discontinuous: another summation order can flip a near-tied top-k
-                  # choice, so MoE parity runs use a seed whose routing has no near ties.)
-                  ["--dp", "2", "--pp", "2", "--tp", "1", "--ep", "2", "--experts", "4", "--microbatches", "2",
-                   "--seed", "1"],
-                  ["--dp", "1", "--pp", "2", "--tp", "2", "--ep", "2", "--experts", "4", "--microbatches", "2",
-                   "--schedule", "zb_h1", "--seed", "1"]):
-        losses, cfg, a = run(flags, steps=4)
-        assert close(losses, ref_losses(cfg, a), 2e-5), flags
+MORE = {
+    "tp4 sp": ["--dp", "1", "--pp", "1", "--tp", "4", "--sp", "--zero", "0"],
+    "tp2 cp2 ulysses": ["--dp", "1", "--pp", "1", "--tp", "2", "--cp", "2", "--cp-method", "ulysses", "--zero", "0"],
+    "pp4 interleaved": ["--dp", "1", "--pp", "4", "--tp", "1", "--schedule", "interleaved_1f1b", "--chunks", "1",
+                        "--microbatches", "4", "--zero", "0"],
+    "dp2 pp2 zb_h1": ["--dp", "2", "--pp", "2", "--tp", "1", "--schedule", "zb_h1", "--microbatches", "4"],
+    "dp2 tp2 sp recompute": ["--dp", "2", "--pp", "1", "--tp", "2", "--sp", "--recompute", "full", "--zero", "1"],
+    "llama3 4D pp2 tp2 cp2 sp": ["--dp", "1", "--pp", "2", "--tp", "2", "--cp", "2", "--sp", "--zero", "0"],
+    "uneven stages 1,3": ["--dp", "2", "--pp", "2", "--tp", "1", "--stage-layers", "1,3", "--microbatches", "2"],
+    "dualpipe pp2 tp2": ["--dp", "1", "--pp", "2", "--tp", "2", "--schedule", "dualpipe", "--microbatches", "4"],
+    "fused adamw dp2 tp2": ["--dp", "2", "--pp", "1", "--tp", "2", "--fused-adamw"],
+    # MoE: routing is discontinuous, so another summation order can flip a near-tied top-k choice;
+    # MoE parity runs use seed 1, whose routing here has no near ties.
+    "moe through a pipeline": ["--dp", "2", "--pp", "2", "--tp", "1", "--ep", "2", "--experts", "4",
+                               "--microbatches", "2", "--seed", "1"],
+    "moe zb_h1": ["--dp", "1", "--pp", "2", "--tp", "2", "--ep", "2", "--experts", "4", "--microbatches", "2",
+                  "--schedule", "zb_h1", "--seed", "1"],
+    "moe tp2 sp": ["--dp", "1", "--pp", "1", "--tp", "2", "--sp", "--experts", "4", "--seed", "1"],
+    "moe cp2 ep2": ["--dp", "1", "--pp", "1", "--tp", "1", "--cp", "2", "--ep", "2", "--experts", "4", "--seed", "1"],
+}
+
+
+@pytest.mark.parametrize("name", list(MORE))
+def test_more_layouts_match_gradient_by_gradient(name):
+    assert_matches(run(MORE[name], steps=4))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [
+    ["--dp", "2", "--pp", "2", "--ep", "2", "--cp", "2", "--tp", "1", "--experts", "4", "--microbatches", "2"],
+    ["--dp", "1", "--pp", "2", "--ep", "2", "--cp", "2", "--tp", "2", "--sp", "--experts", "4", "--microbatches", "2"],
+], ids=["5d dp2 pp2 ep2 cp2", "5d pp2 ep2 cp2 tp2 sp"])
+def test_5d_on_16_ranks_matches_the_reference(flags):
+    """DeepSeek-V3-style 5D on one mesh: experts over ep, attention over cp (and tp + SP), pipeline and
+    data parallelism; each group's expert counts are summed over the ranks holding its tokens."""
+    assert_matches(run(flags + ["--seed", "1"], steps=3))
+
+
+@pytest.mark.parametrize("flags", [
+    ["--dp", "2", "--pp", "2", "--tp", "2", "--zero", "1", "--microbatches", "2"],
+    ["--dp", "2", "--pp", "1", "--tp", "2", "--cp", "2", "--sp", "--zero", "2"],
+    ["--dp", "4", "--pp", "1", "--tp", "1", "--zero", "3"],
+    ["--dp", "2", "--pp", "1", "--tp", "1", "--ep", "2", "--experts", "4", "--zero", "0", "--seed", "1"],
+], ids=["zero1 tp2 pp2 dp2", "zero2 tp2 sp cp2 dp2", "zero3 dp4", "moe ep2 dp2"])
+def test_parameters_after_sgd_steps_match_tightly(flags):
+    """Parameters after 3 SGD steps (no √v normalization, so no amplified rounding) equal the
+    reference's within 1e-6 of each tensor's scale (+ 1e-8, below): a replica sum or scale that is wrong anywhere
+    (dp, cp, ep, the SP sum over tp, ZeRO's shards) moves them."""
+    r = run(flags + ["--optimizer", "sgd"], steps=3)
+    ref = dict(reference(r.cfg, 3, r.rc.batch, r.rc.seed, "sgd").model.named_parameters())
+    for n, want in ref.items():
+        # 1e-8 absolute: lr (3e-3) x 3 steps x a gradient's fp32 rounding (~1e-6 of its O(1) entries);
+        # it matters only for tensors that stay near zero (a key bias has no gradient at all)
+        diff = (r.params[n] - want.detach()).abs().max().item()
+        assert diff <= 1e-6 * want.abs().max().item() + 1e-8, (n, diff)
 
 
 def test_zero_2_and_3_compose_with_tp_sp_cp_and_recompute():
-    """ZeRO-2/3 (FSDP) over dp beside TP+SP, CP, PP and recompute: the single-device curve, and the model
-    states ZeRO's table gives for this rank's Ψ (its TP slices): stage 3 holds (4 + 4 + 8)Ψ/dp in fp32
-    (Rajbhandari et al. 2020, Sec. 5), stage 2 the full parameters plus (4 + 8)Ψ/dp."""
+    """ZeRO-2/3 (FSDP) over dp beside TP+SP, CP, PP and recompute: the single-device gradients and curve,
+    and the model states ZeRO's table gives for this rank's Ψ (its TP slices): stage 3 holds (4 + 4 + 8)Ψ/dp
+    in fp32 (Rajbhandari et al. 2020, Sec. 5), stage 2 the full parameters plus (4 + 8)Ψ/dp."""
     for flags in (["--dp", "2", "--pp", "1", "--tp", "2", "--sp", "--zero", "3", "--microbatches", "2"],
                   ["--dp", "2", "--pp", "1", "--tp", "1", "--cp", "2", "--zero", "2", "--microbatches", "2"],
                   ["--dp", "4", "--pp", "1", "--tp", "1", "--zero", "3", "--recompute", "full"],
@@ -77,48 +162,55 @@ def test_zero_2_and_3_compose_with_tp_sp_cp_and_recompute():
                   ["--dp", "2", "--pp", "1", "--tp", "2", "--ep", "2", "--experts", "4", "--zero", "3", "--seed", "1"],
                   ["--dp", "2", "--pp", "2", "--tp", "1", "--ep", "2", "--experts", "4", "--zero", "2",
                    "--microbatches", "2", "--seed", "1"]):
-        a = parse_args(SMALL + flags + ["--steps", "4"])
-        cfg, pc, rc = configs(a)
-        out = runtime.launch(train_rank, pc.world_size, cfg, pc, rc, timeout=120)
-        assert close(out[0]["losses"], ref_losses(cfg, rc), 2e-5), flags
-        sb, dp = out[0]["state_bytes"], pc.dp
+        r = run(flags, steps=4)
+        assert_matches(r)
+        sb, dp = r.out[0]["state_bytes"], int(flags[flags.index("--dp") + 1])
+        zero = int(flags[flags.index("--zero") + 1])
         assert sb["padded"] % dp == 0 and sb["padded"] - sb["numel"] < 8 * dp      # < one element per rank per unit
         shard = sb["padded"] // dp
         assert sb["grads"] == 4 * shard and sb["optimizer"] == 8 * shard, flags
-        assert sb["params"] == (4 * shard if pc.zero == 3 else 4 * sb["padded"]), flags
+        assert sb["params"] == (4 * shard if zero == 3 else 4 * sb["padded"]), flags
 
 
 @pytest.mark.parametrize("sp", [False, True], ids=["tp", "tp+sp"])
 def test_zero3_with_tp_matches_torch_fsdp2_with_dtensor_tp(sp):
     """Our --zero 3 --tp 2 --dp 2 against torchtitan's 2D with torch's own pieces: DTensor TP
     (parallelize_module) on the tp sub-mesh, FSDP2 fully_shard per block and at the root on the dp
-    sub-mesh, vocab-parallel loss."""
-    ours, cfg, a = run(["--dp", "2", "--pp", "1", "--tp", "2", "--zero", "3"] + (["--sp"] if sp else []), steps=4)
-    from minipar.bench.tp import _run_2d   # torch's side of the FSDP + TP benchmark
-    theirs = runtime.launch(_run_2d, 4, cfg, 4, a.batch, sp, False, 2, 2, timeout=120)[0]["losses"]
-    assert close(ours, theirs, 1e-6), (ours, theirs)
-    assert close(theirs, ref_losses(cfg, a), 2e-5)
+    sub-mesh, vocab-parallel loss: the same first-step gradients, the same losses."""
+    ours = run(["--dp", "2", "--pp", "1", "--tp", "2", "--zero", "3"] + (["--sp"] if sp else []), steps=4)
+    theirs = runtime.launch(_run_2d, 4, ours.cfg, 4, ours.rc.batch, sp, False, 2, 2, timeout=120)[0]
+    assert close(ours.losses, theirs["losses"], 1e-6), (ours.losses, theirs["losses"])
+    scale = max(g.abs().max().item() for g in theirs["grads"].values())
+    for n, g in theirs["grads"].items():     # the same bound as assert_gradients_match
+        assert (ours.grads[n] - g).abs().max().item() <= 1e-5 * g.abs().max().item() + 1e-7 * scale, n
+    assert_matches(ours)
 
 
 def test_zero3_checkpoint_resumes_under_other_layouts(tmp_path):
-    ck = str(tmp_path / "ck")
-    full, _, _ = run(["--dp", "2", "--pp", "2", "--tp", "2", "--zero", "3", "--microbatches", "2", "--save", ck,
-                      "--save-every", "2"], steps=4)
-    for layout in (["--dp", "1", "--pp", "1", "--tp", "1", "--zero", "0", "--microbatches", "2"],
-                   ["--dp", "4", "--pp", "1", "--tp", "1", "--zero", "2", "--microbatches", "2"]):
-        resumed, _, _ = run(layout + ["--resume", ck, "--resume-step", "2"], steps=4)
-        assert resumed[:2] == full[:2] and close(resumed[2:], full[2:], 1e-5), (layout, resumed, full)
+    """AdamW: the resumed curve continues the uninterrupted one. SGD: the first gradients after the
+    checkpoint equal the reference's at that step (after AdamW steps, the parameters would already
+    carry Adam's amplified rounding, see test_parameters_after_sgd_steps_match_tightly)."""
+    for kind in ("adamw", "sgd"):
+        ck = str(tmp_path / kind)
+        full = run(["--dp", "2", "--pp", "2", "--tp", "2", "--zero", "3", "--microbatches", "2", "--save", ck,
+                    "--save-every", "2", "--optimizer", kind], steps=4)
+        for layout in (["--dp", "1", "--pp", "1", "--tp", "1", "--zero", "0", "--microbatches", "2"],
+                       ["--dp", "4", "--pp", "1", "--tp", "1", "--zero", "2", "--microbatches", "2"]):
+            resumed = run(layout + ["--resume", ck, "--resume-step", "2", "--optimizer", kind], steps=4)
+            assert resumed.losses[:2] == full.losses[:2] and close(resumed.losses[2:], full.losses[2:], 1e-5), layout
+            if kind == "sgd":
+                assert_gradients_match(resumed, at_step=3)    # the first step after the checkpoint
 
 
 def test_resharding_resume_continues_exactly(tmp_path):
     ck = str(tmp_path / "ck")
-    full, cfg, a = run(["--dp", "2", "--pp", "2", "--tp", "2", "--zero", "1", "--save", ck, "--save-every", "10"])
+    full = run(["--dp", "2", "--pp", "2", "--tp", "2", "--zero", "1", "--save", ck, "--save-every", "10"])
     assert os.path.isdir(os.path.join(ck, "step_000010"))
     for layout in (["--dp", "2", "--pp", "1", "--tp", "4", "--zero", "1"],      # tp4 x dp2
                    ["--dp", "1", "--pp", "1", "--tp", "1", "--zero", "0"]):     # one device
-        resumed, _, _ = run(layout + ["--resume", ck, "--resume-step", "10"])
-        assert len(resumed) == 20 and resumed[:10] == full[:10]   # the first 10 come from the checkpoint
-        assert close(resumed[10:], full[10:], 1e-5), (layout, resumed, full)
+        resumed = run(layout + ["--resume", ck, "--resume-step", "10"])
+        assert len(resumed.losses) == 20 and resumed.losses[:10] == full.losses[:10]   # from the checkpoint
+        assert close(resumed.losses[10:], full.losses[10:], 1e-5), (layout, resumed.losses, full.losses)
 
 
 BAD = [

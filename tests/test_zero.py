@@ -85,10 +85,7 @@ def test_model_state_bytes_and_traffic_match_the_zero_formulas(world):
         # parameter is its own master). Offload keeps a separate fp32 master on the host: K = 12.
         k = 12 if e == "3+offload" else 8
         measured = m["params"] + m["grads"] + m["optimizer"]
-        # ZeRO-1 keeps every parameter's own full gradient (p.grad, flattened only at the step), so
-        # its gradients are the unpadded Ψ; every sharded state is padded to N equal shards
-        unpadded = 4 * (padded - psi) if stage == 1 else 0
-        assert measured + unpadded == model_state_bytes(padded, world, stage, k=k, param_bytes=4, grad_bytes=4), e
+        assert measured == model_state_bytes(padded, world, stage, k=k, param_bytes=4, grad_bytes=4), e
         assert padded - psi == (0 if e == "ddp" else m["padding"])
         assert 0 < padded - psi < world * 4 or e == "ddp"  # at most N-1 elements per unit
     off = res["3+offload"]["memory"]
@@ -96,8 +93,7 @@ def test_model_state_bytes_and_traffic_match_the_zero_formulas(world):
     for stage in (1, 2, 3):  # bf16 compute, fp32 masters: the paper's own 2 + 2 + 12
         m = res["bf16", stage]
         padded = res[stage]["padded"]
-        unpadded = 2 * (padded - psi) if stage == 1 else 0     # ZeRO-1's own gradients, as above
-        assert m["params"] + m["grads"] + m["optimizer"] + unpadded == model_state_bytes(padded, world, stage)
+        assert m["params"] + m["grads"] + m["optimizer"] == model_state_bytes(padded, world, stage)
     ddp = res["ddp"]["wire"]
     assert res["ddp"]["ops"] == ["all_reduce"]
     assert res[3]["ops"] == ["all_gather", "reduce_scatter"]

@@ -116,7 +116,7 @@ def _run_2d(cfg, steps, batch_size, sp, ours, dp, tp):
         fully_shard(model, mesh=m2["dp"])
         opt, d = make_optimizer(model.parameters()), m2["dp"].get_local_rank()
     data = SyntheticData(cfg.vocab, cfg.seq, 0)
-    losses, times = [], []
+    losses, times, grads = [], [], {}
     for step in range(steps):
         x, y = (t.chunk(dp)[d].to(device()) for t in data.batch(step, batch_size))
         dist.barrier()
@@ -130,13 +130,15 @@ def _run_2d(cfg, steps, batch_size, sp, ours, dp, tp):
             with loss_parallel():
                 loss.backward()
             loss = loss.full_tensor()
+            if step == 0:   # the first step's gradients, gathered to full shape (parity tests)
+                grads = {n: p.grad.full_tensor().detach().cpu() for n, p in model.named_parameters()}
         opt.step()
         times.append(time.perf_counter() - t0)
         total = loss.detach().reshape(1).clone()
         dist.all_reduce(total)
         losses.append(total.item() / (dp * tp))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"losses": losses, "median": statistics.median(times[2:]), "peak": peak}
+    return {"losses": losses, "median": statistics.median(times[2:]), "peak": peak, "grads": grads}
 
 
 def main(argv=None):

@@ -46,7 +46,8 @@ from dataclasses import dataclass, field
 from .arch import ModelShape
 from .checks import check_layout
 from .formulas import comm_bytes
-from .hardware import GPU
+from ..validation import ConfigError
+from .hardware import GPU, get_link
 from .memory import stage_memory, stage_params
 from .pipeline import SCHEDULE_ALIASES, _rank_work, pipeline_makespan
 from .topology import Topology, collective_time, placement
@@ -126,6 +127,20 @@ def _wave(M: float, N: float, tile, sms: int) -> float:
 
 
 # ----------------------------------------------------------------------------- the estimate
+def offload_step_time(where: str, params: float, A: Assumptions) -> float:
+    """The optimizer step with its states off the GPU (ZeRO-Offload, Ren et al. 2021; ZeRO-Infinity,
+    Rajbhandari et al. 2021, Sec. 4.1), for the `params` this GPU updates: the 16-bit gradients
+    go to the host and the new 16-bit parameters come back over PCIe (2 + 2 bytes each), a CPU Adam
+    streams the fp32 states through host memory (`optimizer_bytes` each), and with "nvme" every
+    state is also read from and written back to the drives: fp32 master, gradient and two moments,
+    16 bytes each way (`minipar.offload.NVME_BYTES_PER_PARAM`, measured by tests/test_nvme.py)."""
+    pcie, dram, nvme = (get_link(k) for k in ("pcie5", "host-dram", "nvme"))
+    t = 4 * params / (pcie.bandwidth * pcie.efficiency) + A.optimizer_bytes * params / dram.bandwidth
+    if where == "nvme":
+        t += 2 * 16 * params / (nvme.bandwidth * nvme.efficiency)
+    return t
+
+
 def estimate(layers, hidden, heads, vocab, seq, global_batch, micro_batch, gpus, gpu="a100", tp=1, pp=1,
              dp=None, cp=1, v=1, zero_stage=1, recompute="selective", sequence_parallel=True, *,
              schedule=None, overlap_dp=False, cp_kind="ring", inter_node=None,
@@ -133,7 +148,7 @@ def estimate(layers, hidden, heads, vocab, seq, global_batch, micro_batch, gpus,
              stage_layers=None, ep=1, overlap_tp=False, overlap_pp=True, topology=None,
              kv_heads=None, ffn_hidden=None, gated_mlp=False, tied_embeddings=True, position_embeddings=True,
              dropout=True, head_dim=None, attention_params=None, experts=0, top_k=1, shared_experts=0,
-             expert_ffn_hidden=None, first_dense_layers=0, flash_attention=None) -> Estimate:
+             expert_ffn_hidden=None, first_dense_layers=0, flash_attention=None, offload="none") -> Estimate:
     """Predict step time, TFLOP/s per GPU, MFU and memory per GPU of one layout (module docstring).
 
     The first arguments describe a GPT (Narayanan 2021); the keywords after `stage_layers` make it a
@@ -142,6 +157,8 @@ def estimate(layers, hidden, heads, vocab, seq, global_batch, micro_batch, gpus,
     first_dense_layers, with ep-way expert parallelism carved out of dp x cp, as Megatron-Core does)."""
     A = assumptions or ASSUMPTIONS
     dp, schedule, m, g, topo = check_layout(**{k: x for k, x in locals().items() if k != "A"})
+    if offload not in ("none", "cpu", "nvme"):
+        raise ConfigError([f"offload={offload!r} is not one of: none, cpu, nvme"])
     if inter_node is not None:      # the older way to name the NIC: replace the topology's
         topo = Topology(topo.name + "+" + str(inter_node), topo.gpus_per_node, topo.domain, topo.nvlink,
                         str(inter_node), topo.nics_per_node, topo.sharp, topo.source)
@@ -274,6 +291,9 @@ def estimate(layers, hidden, heads, vocab, seq, global_batch, micro_batch, gpus,
     dp_how = coll("all_reduce", dense, kd, tp)[1]
     opt_params = x0["dense"] / (kd if zero_stage >= 1 else 1) + x0["expert"] / (ke if zero_stage >= 1 else 1)
     t_opt = A.optimizer_bytes * opt_params / g.memory_bandwidth
+    if offload != "none":
+        t_opt = offload_step_time(offload, opt_params, A)
+        mem = {**mem, "optimizer": 0.0}          # the states live on the host or its NVMe drives
     step_time = makespan + exposed_dp + t_opt
 
     total, usable = sum(mem.values()), g.memory * (1 - A.memory_reserve)
@@ -300,6 +320,7 @@ def estimate(layers, hidden, heads, vocab, seq, global_batch, micro_batch, gpus,
                     micro_batch=micro_batch, gpus=gpus, tp=tp, pp=pp, dp=dp, cp=cp, v=v, ep=ep, zero_stage=zero_stage,
                     recompute=recompute, sequence_parallel=sp, schedule=schedule, stage_layers=counts,
                     topology=topo.name, overlap_tp=overlap_tp, overlap_dp=overlap_dp, overlap_pp=overlap_pp,
+                    offload=offload,
                     params=M.params, active_params=M.active_params, **M.arch_kwargs()),
         gpu=g, num_microbatches=m, step_time=step_time, tflops_per_gpu=hw / step_time / gpus / 1e12,
         mfu=M.model_flops(global_batch) / (step_time * gpus * peak),

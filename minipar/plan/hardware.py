@@ -109,6 +109,12 @@ for _l in [
     Link("ib-xdr", 100 * GB, 5 * US, "InfiniBand XDR 800 Gb/s per GPU (NVIDIA Quantum-X800, ConnectX-8)", 0.9),
     Link("roce-400", 50 * GB, 8 * US, "RoCEv2 400 GbE per GPU (e.g. Meta's Llama 3 cluster, Dubey et al. 2024)", 0.75),
     Link("omnipath-100", 12.5 * GB, 5 * US, "Intel Omni-Path 100 Gb/s (Jean Zay, BLOOM: 4 links per 8-GPU node)", 0.9),
+    # Where ZeRO-Offload and ZeRO-Infinity put the optimizer states, per GPU of an 8-GPU node:
+    Link("host-dram", 40 * GB, 1 * US, "DGX H100: 2 Xeon 8480C, 8 DDR5-4800 channels each = 614 GB/s per node, "
+         "about half reached by a CPU Adam (ZeRO-Offload, Ren et al. 2021, Sec. 5.1), / 8 GPUs", 1.0),
+    Link("nvme", 6 * GB, 100 * US, "DGX H100 datasheet: 8x 3.84 TB NVMe U.2 (PCIe 4: ~6.8 GB/s read, ~4 GB/s "
+         "write each), one per GPU; ZeRO-Infinity (Rajbhandari et al. 2021, Sec. 6) had DGX-2's ~25 GB/s per "
+         "16 GPUs", 0.9),
 ]:
     add_link(_l)
 

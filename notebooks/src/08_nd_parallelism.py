@@ -27,8 +27,10 @@
 
 # %%
 import contextlib
+import dataclasses
 import inspect
 import io
+import os
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -112,11 +114,11 @@ assert per_axis["tp"] > per_axis["dp"] > 0 and per_axis["tp"] > per_axis["pp"] >
 
 # %% [markdown]
 # ## The timeline, on two clocks
-# On this machine 8 ranks share its CPU cores (their number is in the first plot's title), so the
-# wall clock mostly shows time-slicing. The modeled
-# clock re-times the same events (their order and dependencies as recorded) as if each rank were an
-# H100 with NVLink (`minipar.plan.retime`, the one simulator of `minipar.sim`): compute at 60% of
-# peak for the FLOPs of each action, each transfer at its link's latency and bandwidth.
+# On this machine 8 ranks share the CPU cores printed below, so the wall clock mostly shows
+# time-slicing. The modeled clock re-times the same events (their order and dependencies as
+# recorded) as if each rank were an H100 with NVLink (`minipar.plan.retime`, the one simulator of
+# `minipar.sim`): compute at the planner's matmul efficiency for the FLOPs of each action, each
+# transfer at its link's latency and bandwidth.
 #
 # Our 64-wide model would finish each action in microseconds, all latency. To see the shape of a
 # real step we re-time the recorded schedule **as if the model were 128× wider** (h = 8192) and
@@ -124,9 +126,6 @@ assert per_axis["tp"] > per_axis["dp"] > 0 and per_axis["tp"] > per_axis["pp"] >
 # dp reduces 128², the activations that tp and pp move 128·64. Communication is coloured by mesh axis.
 
 # %%
-import dataclasses
-import os
-
 WIDER, LONGER = 128, 64
 b_micro = args.batch // (pc.dp * pc.microbatches)
 fwd = plan.model_flops(cfg.layers, cfg.hidden * WIDER, cfg.vocab, cfg.seq * LONGER, b_micro) / 3 / (pc.pp * pc.tp)
@@ -135,7 +134,9 @@ wider = [dataclasses.replace(e, wire_bytes=e.wire_bytes * grow.get(e.axis, 1), b
          for e in events]
 modeled = plan.retime(wider, gpu="h100", flops={"F": fwd, "B": 2 * fwd, "opt": 0.0})
 fig, axs = plt.subplots(2, 1, figsize=(11, 8))
-plot_timeline(events, ax=axs[0], title=f"wall clock: 8 ranks on {os.cpu_count()} CPU cores", color_by="axis")
+print(f"this machine: {os.cpu_count()} CPU cores for {pc.world_size} ranks")
+plot_timeline(events, ax=axs[0], title=f"wall clock: {pc.world_size} ranks on {os.cpu_count()} CPU cores",
+              color_by="axis")
 plot_timeline(modeled, ax=axs[1], unit="ms", clock="modeled", color_by="axis",
               title=f"modeled clock: the same schedule, {WIDER}x wider and {LONGER}x longer, on 8 H100s")
 plt.tight_layout()
@@ -144,19 +145,19 @@ assert len({e.rank for e in modeled}) == 8
 # %% [markdown]
 # ## Memory per rank against the calculator
 # Each rank holds Ψ_local = Ψ/(t·p) parameters (a stage's share of a TP shard). ZeRO-1 over d = 2
-# data-parallel ranks gives, in fp32 (4-byte parameters and gradients; optimizer state = the fp32
-# shard AdamW steps plus two moments, K = 12 bytes per parameter):
+# data-parallel ranks gives, in fp32 (4-byte parameters and gradients; AdamW's two moments,
+# K = 8 bytes per parameter: in fp32 the parameter is its own master):
 #
-# $$ M = 4Ψ_{local} + 4Ψ_{local} + 12Ψ'_{local}/d $$
+# $$ M = 4Ψ'_{local} + 4Ψ'_{local} + 8Ψ'_{local}/d $$
 #
-# (Rajbhandari et al. 2020, P_os; Ψ' is Ψ_local padded to a multiple of d).
+# (Rajbhandari et al. 2020, P_os; Ψ' is Ψ_local padded to a multiple of d: the flat parameter and
+# gradient buffers of each unit are padded so that they split into d equal shards).
 
 # %%
 rows = []
 for r, res in enumerate(results):
     sb = res["state_bytes"]
-    want = plan.model_state_bytes(sb["padded"], pc.dp, 1, k=12, param_bytes=4, grad_bytes=4) \
-        + 8 * (sb["numel"] - sb["padded"])  # params and grads are not padded
+    want = plan.model_state_bytes(sb["padded"], pc.dp, 1, k=8, param_bytes=4, grad_bytes=4)
     got = sb["params"] + sb["grads"] + sb["optimizer"]
     rows.append((r, sb["numel"], got, want))
     assert got == want, (r, got, want)
@@ -167,15 +168,16 @@ for r, n, got, want in rows:
 # %% [markdown]
 # ## FSDP + TP: ZeRO stages 0–3 beside tensor parallelism
 # torchtitan's 2D layout shards parameters, gradients and optimizer state over dp (FSDP = ZeRO-3) and
-# splits each layer over tp. `--zero 3` does the same here (`minipar/optim.py`, which reuses notebook
-# 02's `ZeRO` with one unit per embedding, block and head). The same 4 ranks (dp2 · tp2, SP) at each
+# splits each layer over tp. `--zero 3` does the same here (`minipar/optim.py`, which hands stages 1-3 to
+# notebook 02's `ZeRO`, one unit per embedding, block and head, and adds only the sums over the
+# other axes). The same 4 ranks (dp2 · tp2, SP) at each
 # stage: the loss curve stays the reference's, and the model states per rank follow ZeRO's table
 # (Rajbhandari et al. 2020, Sec. 5) in fp32, with Ψ' this rank's padded TP-local parameters and d = 2:
 #
-# | stage | parameters | gradients | optimizer (two moments; ZeRO-1 adds its fp32 shard) |
+# | stage | parameters | gradients | optimizer (two moments) |
 # |---|---|---|---|
 # | 0 | 4Ψ | 4Ψ | 8Ψ |
-# | 1 | 4Ψ | 4Ψ | 12Ψ'/d |
+# | 1 | 4Ψ' | 4Ψ' | 8Ψ'/d |
 # | 2 | 4Ψ' | 4Ψ'/d | 8Ψ'/d |
 # | 3 | 4Ψ'/d | 4Ψ'/d | 8Ψ'/d |
 #
@@ -194,13 +196,65 @@ for stage in range(4):
         out = minipar.launch(train_rank, p_.world_size, c, p_, r_)[0]
     r = train_reference(c, steps=3, batch_size=16).losses
     sb, n, P_, d = out["state_bytes"], out["state_bytes"]["numel"], out["state_bytes"]["padded"], 2
-    want = {0: (4 * n, 4 * n, 8 * n), 1: (4 * n, 4 * n, 12 * P_ // d), 2: (4 * P_, 4 * P_ // d, 8 * P_ // d),
+    want = {0: (4 * n, 4 * n, 8 * n), 1: (4 * P_, 4 * P_, 8 * P_ // d), 2: (4 * P_, 4 * P_ // d, 8 * P_ // d),
             3: (4 * P_ // d, 4 * P_ // d, 8 * P_ // d)}[stage]
     got = (sb["params"], sb["grads"], sb["optimizer"])
     err = max(abs(x - y) for x, y in zip(out["losses"], r))
     table.append(f"{stage:>4}{err:>18.1e}{got[0]:>11,}{got[1]:>11,}{got[2]:>11,}{sum(got):>11,}")
     assert got == want and err < 2e-5, (stage, got, want)
 print("\n".join(table))
+
+# %% [markdown]
+# ## 5D: experts over ep, the sequence over cp, on one mesh
+# DeepSeek-V3 trains an MoE model with its experts spread over 64 ranks (EP64) inside a 16-stage
+# pipeline; Llama 3 adds context parallelism for long sequences. minipar composes all five axes. On
+# 16 ranks as dp2 · pp2 · ep2 · cp2 (tp 1), each rank holds one pipeline stage, half the experts
+# of every MoE block, and two of the four zigzag chunks of each sequence of its data shard:
+
+# %%
+axes5 = dict(pp=2, dp=2, ep=2, cp=2, tp=1)
+mesh5 = Mesh(16, **axes5)
+E, L5, chunks = 4, 4, 2 * axes5["cp"]
+fig, ax = plt.subplots(figsize=(11, 3.2))
+for r in range(16):
+    c = mesh5.coords(r)
+    x, y = (c["dp"] * 2 + c["ep"]) * 2 + c["cp"], c["pp"]
+    experts = [e for e in range(E) if e // (E // axes5["ep"]) == c["ep"]]
+    zig = [c["cp"], chunks - 1 - c["cp"]]            # zigzag: chunk i and its mirror
+    ax.add_patch(plt.Rectangle((x + 0.04, -y - 0.46), 0.92, 0.92, color=["#4C72B0", "#55A868"][c["pp"]],
+                               alpha=0.55 + 0.4 * c["ep"]))
+    ax.text(x + 0.5, -y, f"r{r}\nlayers {2 * c['pp']}-{2 * c['pp'] + 1}\nexperts {experts}\nchunks {zig}\n"
+            f"shard {c['dp'] * 2 + c['ep']}", ha="center", va="center", fontsize=6.5, color="white")
+ax.set_xlim(0, 8); ax.set_ylim(-1.5, 0.5); ax.axis("off")
+ax.set_title("pp × dp × ep × cp = 2 × 2 × 2 × 2: ep pairs split the experts, cp pairs the sequence, pp the layers")
+plt.tight_layout()
+for r in (0, 1, 2, 5):
+    print(f"rank {r}: {mesh5.coords(r)}")
+
+# %% [markdown]
+# Every rank routes its own tokens (under SP, its s/t slice; under CP, its chunks) and the ep
+# all-to-all carries them to their experts. Capacity and the load-balancing loss are per group of
+# tokens, and cp and SP spread a group's tokens over ranks, so each MoE block sums its expert counts
+# over those ranks before the aux loss (`minipar.moe.split_tokens`; Megatron-Core reduces
+# tokens_per_expert over tp and cp the same way), and such a run is dropless. Eight of the sixteen
+# ranks, pp2 · ep2 · cp2 with 4 experts, against the single-device model, gradient by gradient:
+
+# %%
+a5 = parse_args(["--dp", "1", "--pp", "2", "--ep", "2", "--cp", "2", "--tp", "1", "--experts", "4",
+                 "--microbatches", "2", "--steps", "2", "--seed", "1", "--layers", "4", "--hidden", "32",
+                 "--heads", "4", "--seq", "16", "--vocab", "32", "--batch", "8"])
+c5, p5, r5 = configs(a5)
+with contextlib.redirect_stdout(io.StringIO()):
+    out5 = minipar.launch(train_rank, p5.world_size, c5, p5, dataclasses.replace(r5, capture=True))
+grads5 = {n: g for o in out5 for n, g in o["grads"].items()}
+ref5 = train_reference(c5, steps=1, batch_size=a5.batch, seed=1).grads
+scale = max(g.abs().max().item() for g in ref5.values())   # a key bias's zero gradient is rounding at this scale
+worst = max((grads5[n] - g).abs().max().item() / (g.abs().max().item() + 1e-2 * scale) for n, g in ref5.items())
+err5 = max(abs(x - y) for x, y in zip(out5[0]["losses"], train_reference(c5, 2, a5.batch, 1).losses))
+print(f"{len(ref5)} gradients, worst relative difference {worst:.1e}; loss difference {err5:.1e}")
+assert worst < 1e-5 and err5 < 2e-5
+# The full 16-rank layouts (dp2 · pp2 · ep2 · cp2, and pp2 · ep2 · cp2 · tp2 with SP) are
+# tests/test_train.py::test_5d_on_16_ranks_matches_the_reference.
 
 # %% [markdown]
 # ## At scale: 70B on 64 H100s
