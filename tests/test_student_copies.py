@@ -35,11 +35,6 @@ import make_student_copies as msc  # noqa: E402 - a script beside the tests' pac
 # instructor/solutions/: their owners migrate them; the test below fails once one is migrated,
 # so that this list only shrinks.
 INLINE_SOLUTIONS = {"00_collectives", "09_planner", "10_memory_techniques", "11_parallel_inference"}
-# Migrated sources whose committed notebook could not be rebuilt yet, because a cell outside the exercise
-# fails on main: 01's DDP parity (parameters differ by 1.48e-5 after 5 AdamW steps; the cell asks for 1e-5)
-# and 08's ZeRO-1 memory per rank (653,568 B measured, 762,496 B by the formula). Their committed notebooks
-# are the ones built before, with the worked solution inside. Rebuild them, then empty this set.
-REBUILD_PENDING = {"01_data_parallel", "08_nd_parallelism"}
 
 
 def _names():
@@ -109,11 +104,10 @@ def test_only_the_listed_sources_still_carry_inline_solutions():
     inline = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "notebooks", "src", "*.py"))
               if 'tags=["solution"]' in open(p).read()}
     assert inline == INLINE_SOLUTIONS & set(_names()), "update INLINE_SOLUTIONS (it may only shrink)"
-    for name in set(_names()) - INLINE_SOLUTIONS:     # committed notebooks of migrated sources: no solution
+    for name in _names():     # no committed notebook holds a worked solution (the build stubs inline ones)
         nb = nbformat.read(os.path.join(ROOT, "notebooks", name + ".ipynb"), as_version=4)
         code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
-        leaked = [line for line in msc.solution_lines(name) if line in code]
-        assert bool(leaked) == (name in REBUILD_PENDING), (name, "rebuild it, or update REBUILD_PENDING")
+        assert not [line for line in msc.solution_lines(name) if line in code], (name, "rebuild it")
 
 
 def _exercise_section(nb):
