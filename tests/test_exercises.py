@@ -253,7 +253,8 @@ def test_a_hang_ends_within_the_deadline_with_the_line():
     v = check("pp_1f1b", _spins, deadline_scale=0.3)        # 3 s per case
     took = time.time() - t
     assert not v and "did not finish within 3 s" in v.message, str(v)
-    assert f"line {line_of(_spins, 'while True')}" in v.message and "rank 0" in v.message
+    loop = line_of(_spins, "while True")                        # the sample lands on either line of the loop
+    assert (f"line {loop}," in v.message or f"line {loop + 1}," in v.message) and "rank 0" in v.message
     assert took < 12 and all(c.status == "skipped" for c in v.cases[1:])   # the other cases are not waited for
 
 
