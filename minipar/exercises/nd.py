@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from .. import plan
-from . import Case, Exercise, exercise, student
+from . import Case, Exercise, exercise
 
 MODEL, GPUS, GPU = "13b", 16, "h100"
 WITHIN = 0.85
@@ -22,10 +22,6 @@ def _best():
 
 def _cases(rng):
     return [Case(f"Llama-2-{MODEL.upper()} on {GPUS} x {GPU.upper()}")]
-
-
-def _run(solution, case):
-    return student(solution)
 
 
 def _judge(case, outputs):
@@ -61,6 +57,6 @@ def _judge(case, outputs):
 
 
 exercise(Exercise(
-    name="nd_layout", notebook="08_nd_parallelism", function="pick_layout", cases=_cases, run=_run, judge=_judge,
+    name="nd_layout", notebook="08_nd_parallelism", function="pick_layout", cases=_cases, judge=_judge,
     forbidden=(plan.plan,), deadline=30.0,
     summary=f"the layout fits in 80 GB and predicts at least {WITHIN:.0%} of the planner's best MFU"))
