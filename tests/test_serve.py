@@ -29,20 +29,8 @@ from hypothesis import strategies as st
 from minipar.mesh import Mesh
 from minipar.model import GPT, GPTConfig
 from minipar.plan import serving as S
-from minipar.serve import (
-    BlockManager,
-    Frontend,
-    Request,
-    Scheduler,
-    ServeConfig,
-    StageRunner,
-    blocks_for,
-    make_requests,
-    reference,
-    serve,
-    simulate,
-    slots_of,
-)
+from minipar.serve import (BlockManager, Frontend, Request, Scheduler, ServeConfig, StageRunner, blocks_for,
+                           make_requests, reference, serve, simulate, slots_of)
 from minipar.serve.__main__ import main
 from minipar.validation import ConfigError
 

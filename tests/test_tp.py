@@ -7,13 +7,14 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from minipar import Mesh, comm, launch, trace
+from minipar import Mesh, launch, mappings, trace
 from minipar.activations import SavedActivations
 from minipar.model import GPT, GPTConfig, SyntheticData, train_reference
-from minipar.sp import (activation_bytes, comm_per_layer, comm_per_step, korthikanti_bytes, measure_layer,
-                        sync_sequence_parallel_grads)
+from minipar.mappings import sync_sequence_parallel_grads
+from minipar.sp import activation_bytes, comm_per_layer, comm_per_step, korthikanti_bytes, measure_layer
 from minipar.tp import TPGPT, check_tp, train_tp, unshard, vocab_parallel_cross_entropy
-from minipar.tp_generate import generate, modeled_token_latency
+from minipar.plan import serving
+from minipar.tp_generate import generate
 
 CFG = GPTConfig(vocab=64, seq=16, layers=2, heads=4, hidden=32)
 B, STEPS = 4, 5
@@ -159,7 +160,7 @@ def test_formulas_relations(s, b, h, a, t):
     sp = comm_per_layer(b, s, h, t, sp=True, regather=False)
     if t > 1:
         assert 2 * tp["all_reduce"][1] == sp["all_gather"][1] + sp["reduce_scatter"][1]
-    assert modeled_token_latency(7e9, 32, 4096, t) <= modeled_token_latency(7e9, 32, 4096, 1)
+    assert serving.token_latency("8b", serving.Layout(tp=t)) <= serving.token_latency("8b", serving.Layout(tp=1))
 
 
 @settings(max_examples=30, deadline=None)
@@ -253,11 +254,11 @@ def _ops_rank():
     r = dist.get_rank()
     x = torch.arange(12.0).view(2, 3, 2) + 100 * r
     res = {}
-    for name, fn in {"f": lambda v: comm.f(v), "g": lambda v: comm.g(v),
-                     "gather": lambda v: comm.gather_along(v, 1),
-                     "gather_split": lambda v: comm.gather_along(v, 1, grad="split"),
-                     "rs": lambda v: comm.reduce_scatter_along(torch.cat([v, v + 1], 1), 1),
-                     "split": lambda v: comm.split_along(torch.cat([v, v], 1), 1)}.items():
+    for name, fn in {"f": lambda v: mappings.f(v), "g": lambda v: mappings.g(v),
+                     "gather": lambda v: mappings.gather_along(v, 1),
+                     "gather_split": lambda v: mappings.gather_along(v, 1, grad="split"),
+                     "rs": lambda v: mappings.reduce_scatter_along(torch.cat([v, v + 1], 1), 1),
+                     "split": lambda v: mappings.split_along(torch.cat([v, v], 1), 1)}.items():
         v = x.clone().requires_grad_(True)
         y = fn(v)
         (y * (1 + r)).sum().backward()  # rank-dependent upstream gradient
