@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .validation import Problems
+
 __all__ = ["GPTConfig", "init_tensor", "init_gpt", "sdpa_causal", "Attention", "MLP"]
 
 
@@ -41,8 +43,23 @@ class GPTConfig:
     moe_groups: int = 1         # token groups per batch; capacity and aux loss are per group (GShard)
 
     def __post_init__(self):
-        if self.hidden % self.heads:
-            raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}")
+        """Every field checked at once (a ConfigError listing each problem): a model that cannot be
+        built is refused here, not by a ZeroDivisionError deep inside a rank."""
+        p = Problems()
+        for f in ("vocab", "seq", "layers", "heads", "hidden", "mlp_ratio", "top_k", "moe_every", "moe_groups"):
+            p.integer(f, getattr(self, f), low=1)
+        p.integer("experts", self.experts, low=0)
+        p.integer("min_capacity", self.min_capacity, low=0)
+        p.choice("router", self.router, ("softmax", "sigmoid"))
+        p.number("aux_alpha", self.aux_alpha, low=0)
+        p.number("z_loss", self.z_loss, low=0)
+        if not (isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0):
+            p.add(f"capacity_factor={self.capacity_factor!r} must be > 0 (float('inf') means dropless)")
+        if not p:
+            p.divides("heads", self.heads, "hidden", self.hidden, "each attention head is hidden/heads wide")
+            if self.experts and self.top_k > self.experts:
+                p.add(f"top_k={self.top_k} must be <= experts={self.experts}: each token picks distinct experts")
+        p.raise_if_any("GPTConfig cannot build this model")
 
     @property
     def head_dim(self) -> int:

@@ -11,10 +11,8 @@ The cache is split like the heads: rank i keeps K and V of its a/t heads only,
 split over the vocabulary; the greedy token is the argmax of every rank's local
 maximum (one all-gather of two numbers per sequence).
 
-Modeled per-token latency on GPUs (a roofline, stated as our assumption):
-    T(t) = 2Ψ / (t * HBM)  +  2L * (α + 2(t-1)/t * b*h*2 / link)
-with bf16 weights and activations, HBM bandwidth, link bandwidth per direction,
-and α the latency of one small all-reduce.
+Modeled per-token latency on GPUs (the roofline, with the KV cache's bytes and each GPU's
+HBM and NVLink from the planner's hardware table) is `minipar.plan.serving.token_latency`.
 """
 from __future__ import annotations
 
@@ -26,10 +24,9 @@ import torch.nn.functional as F
 from . import comm
 from .tp import TPGPT
 
-__all__ = ["generate", "vocab_parallel_argmax", "decode_latency", "modeled_token_latency", "H100_NVLINK"]
+__all__ = ["generate", "vocab_parallel_argmax", "decode_latency"]
 
 # H100 SXM: 3.35 TB/s HBM3; NVLink 4: 450 GB/s per direction; ~10 us per small NCCL all-reduce.
-H100_NVLINK = {"hbm": 3.35e12, "link": 450e9, "alpha": 10e-6}
 
 
 def vocab_parallel_argmax(logits_local, group="tp"):
@@ -90,13 +87,3 @@ def decode_latency(model: TPGPT, idx, new_tokens: int, repeats: int = 3) -> floa
         comm.barrier(model.group)
         generate(model, idx, new_tokens, times)
     return float(torch.tensor(times).median())
-
-
-def modeled_token_latency(params: float, layers: int, hidden: int, t: int, batch: int = 1,
-                          hw: dict = H100_NVLINK, nbytes: int = 2) -> float:
-    """Seconds per token of memory-bound decoding under TP degree t (the formula above)."""
-    weights = nbytes * params / (t * hw["hbm"])
-    if t == 1:
-        return weights
-    allreduce = hw["alpha"] + 2 * (t - 1) / t * batch * hidden * nbytes / hw["link"]
-    return weights + 2 * layers * allreduce

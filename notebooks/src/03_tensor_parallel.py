@@ -36,6 +36,7 @@ from minipar import Mesh, comm, trace
 from minipar.model import GPT, GPTConfig, SyntheticData, train_reference
 from minipar.timeline import COLORS
 from minipar import tp, sp, tp_generate
+from minipar.plan import serving
 
 RANK_COLORS = [COLORS["F"], COLORS["B"], COLORS["W"], COLORS["recompute"]]
 cfg = GPTConfig(vocab=64, seq=16, layers=2, heads=4, hidden=32)
@@ -202,14 +203,16 @@ print("32 tokens, identical to GPT.generate for t = 1, 2, 4:", want[0, 8:].tolis
 
 # %% [markdown]
 # Per-token latency against t. On this machine the ranks share its CPU cores (the count is printed
-# below) and talk over gloo, so adding ranks only adds latency; on GPUs the roofline model in `tp_generate.modeled_token_latency`
-# (weights 2Ψ/t over HBM bandwidth, plus 2L all-reduces each costing α + 2(t−1)/t · 2bh / link
-# bandwidth; H100 SXM numbers) shows why TP is the standard way to cut decode latency:
+# below) and talk over gloo, so adding ranks only adds latency; on GPUs the roofline of
+# `minipar.plan.serving` (weights and KV cache 2Ψ'/t + cache over HBM bandwidth, plus 2L all-reduces of b·h values per token; H100 SXM from
+# the planner's hardware table) shows why TP is the standard way to cut decode latency (notebook 11
+# takes this further: PP, continuous batching, paged caches):
 
 # %%
 import os
 
 lcfg = GPTConfig(vocab=512, seq=64, layers=4, heads=8, hidden=256)
+LLAMA_7B = serving.ServingModel("7b", 32, 4096, 32, 32, 11008, 32000, True, "Llama 2 7B (Touvron et al. 2023)")
 
 def latency():
     Mesh(tp=torch.distributed.get_world_size())
@@ -219,9 +222,9 @@ print(f"{os.cpu_count()} CPU cores on this machine")
 print(f"{'t':>2} {'CPU ms/token (measured)':>24} {'H100 ms/token, 7B model (modeled)':>36}")
 for t in (1, 2, 4):
     cpu = minipar.launch(latency, t)[0]
-    gpu = tp_generate.modeled_token_latency(6.7e9, layers=32, hidden=4096, t=t)
+    gpu = serving.token_latency(LLAMA_7B, serving.Layout(tp=t), "h100", batch=1, context=1024)
     print(f"{t:>2} {cpu * 1e3:>24.2f} {gpu * 1e3:>36.2f}")
-assert tp_generate.modeled_token_latency(6.7e9, 32, 4096, 4) < tp_generate.modeled_token_latency(6.7e9, 32, 4096, 1)
+assert serving.token_latency(LLAMA_7B, serving.Layout(tp=4)) < serving.token_latency(LLAMA_7B, serving.Layout(tp=1))
 
 # %% [markdown]
 # ## Exercise: Megatron's parallel MLP from its shards
