@@ -13,7 +13,7 @@ LAYERS = [
     ["validation"],                                             # a leaf: no minipar imports
     ["runtime"],                                                # starting ranks
     ["mesh"],                                                   # named axes
-    ["streams", "trace", "comm", "mappings", "timeline", "sim", "activations"],   # communication, what happened
+    ["streams", "trace", "comm", "mappings", "timeline", "explore", "sim", "activations"],   # communication, what happened
     ["layers", "moe", "model"],                                 # the reference GPT (an MoE block is part of it)
     ["collectives", "dp", "precision", "offload", "zero", "recompute", "fp8", "tp", "sp", "tp_generate", "pp",
      "cp", "ulysses", "ep"],                                    # the strategies
@@ -28,6 +28,9 @@ LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 # The only imports allowed inside a function, each with its reason.
 LAZY = {
     ("runtime.py", "torch._dynamo"): "a warm-up before forking: importing it with minipar costs 2.6 s per import",
+    ("explore.py", "ipywidgets"): "optional: only notebooks use widgets (not a dependency of the package)",
+    ("explore.py", "IPython.display"): "optional: only notebooks display pictures",
+    ("submissions.py", "IPython.core.inputtransformer2"): "optional: only notebook submissions have magics",
 }
 
 

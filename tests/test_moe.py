@@ -10,8 +10,6 @@ from hypothesis import strategies as st
 import minipar
 from minipar import runtime, trace
 from minipar.ep import a2a_formula, check_ep, dispatch_combine, run_ep, train_moe
-from minipar.exercises import check
-from minipar.exercises.moe import topk_route
 from minipar.mesh import Mesh
 from minipar.model import GPT, GPTConfig, MLP, train_reference
 from minipar.moe import (MoE, assign_slots, capacity, moe_layers, route, router_z_loss, switch_aux_loss,
@@ -266,24 +264,3 @@ def test_aux_loss_free_balancing_fixes_a_skewed_start():
     assert none.imbalance()[0] == free.imbalance()[0] == 2.0    # k=2 of E=4: the maximum possible
     assert min(none.imbalance(10)) > 1.9                          # left alone, it stays collapsed
     assert free.imbalance(10)[-1] < 1.2, free.imbalance(10)[-10:]
-
-
-# ----------------------------------------------------------------------------- exercise
-def test_exercise_checker():
-    assert check("moe_topk_capacity", topk_route).passed
-
-    def no_capacity(p, k, C):
-        i, w, _ = topk_route(p, k, C)
-        return i, w, torch.ones_like(i, dtype=torch.bool)
-
-    def token_major(p, k, C):
-        i, w, _ = topk_route(p, k, C)
-        oh = F.one_hot(i, p.shape[1]).flatten(0, 1)              # token 0's choices, then token 1's...
-        return i, w, (((oh.cumsum(0) - 1) * oh).sum(-1).view_as(i) < C)
-
-    def unnormalized(p, k, C):
-        i, _, keep = topk_route(p, k, C)
-        return i, p.gather(-1, i), keep
-
-    for wrong in (no_capacity, token_major, unnormalized, lambda p, k, C: p.argmax(-1)):
-        assert not check("moe_topk_capacity", wrong).passed

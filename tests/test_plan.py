@@ -1,14 +1,10 @@
 """The planner: formulas pinned to the papers, the step-time model against published
-measurements, the simulator wiring, the search, the command line and the exercise."""
-import math
-
+measurements, the simulator wiring, the search and the command line (its exercise: test_exercises.py)."""
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minipar import plan
-from minipar.exercises import check
-from minipar.exercises import plan as ex
 from minipar.plan import validation
 from minipar.plan.__main__ import main
 from minipar.plan.topology import alpha_beta      # the one import of the stand-in (swapped at merge)
@@ -326,30 +322,6 @@ def test_command_line(capsys):
     assert main(["--model", "70b", "--gpus", "8"]) == 2
     assert "error: no layout" in capsys.readouterr().err
     assert main(["--model", "custom", "--layers", "4"]) == 2
-
-
-# ----------------------------------------------------------------------------- exercise
-def test_exercise_checker_accepts_the_reference_and_rejects_wrong_answers():
-    assert check("memory_per_gpu", ex.memory_per_gpu).passed
-
-    def states_not_split_by_tp(psi, l, h, a, s, b, t, p, d, z, rc):
-        return ex.memory_per_gpu(psi * t, l, h, a, s, b, t, p, d, z, rc)
-
-    def one_microbatch_in_flight(psi, l, h, a, s, b, t, p, d, z, rc):
-        acts = l / p * plan.activation_bytes_per_layer(s, b, h, a, t, True, rc)
-        return plan.model_state_bytes(psi / (t * p), d, z) + acts
-
-    def without_sequence_parallel(psi, l, h, a, s, b, t, p, d, z, rc):
-        acts = l * plan.activation_bytes_per_layer(s, b, h, a, t, False, rc)
-        return plan.model_state_bytes(psi / (t * p), d, z) + acts
-
-    for wrong in (states_not_split_by_tp, one_microbatch_in_flight, without_sequence_parallel):
-        v = check("memory_per_gpu", wrong)
-        assert not v.passed and "expected" in v.message and v.hint
-    crash = check("memory_per_gpu", lambda *args: 1 / 0)
-    assert not crash.passed and "ZeroDivisionError" in crash.message
-    assert not check("memory_per_gpu", None).passed
-    assert math.isclose(ex.memory_per_gpu(*ex.CASES[0]), ex.memory_per_gpu(*ex.CASES[0]))
 
 
 def test_cluster_shape_changes_the_links():

@@ -26,8 +26,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minipar.exercises import check
-from minipar.exercises.serve import _reference as admission_rule
 from minipar.mesh import Mesh
 from minipar.model import GPT, GPTConfig
 from minipar.plan import serving as S
@@ -247,28 +245,6 @@ def test_command_line_run(tmp_path, capsys):
     assert [set(x) for x in lines] == [{"id", "prompt", "tokens", "ttft", "itl"}] * 4
     assert all(len(x["itl"]) == len(x["tokens"]) - 1 for x in lines)
     assert (tmp_path / "r.timeline.png").stat().st_size > 0 and (tmp_path / "r.trace.json").exists()
-
-
-# ----------------------------------------------------------------------------- exercise
-def test_exercise_checker():
-    assert check("serve_admission", admission_rule)
-
-    def no_blocks(r, now, b, mb, av, bs):                 # ignores the cache
-        return r.arrival <= now and b < mb
-
-    def prompt_only(r, now, b, mb, av, bs):               # forgets the tokens still to come
-        return r.arrival <= now and b < mb and blocks_for(len(r.prompt), bs) <= av
-
-    def one_too_many(r, now, b, mb, av, bs):              # counts the last token, never fed back
-        return r.arrival <= now and b < mb and blocks_for(len(r.prompt) + r.max_new_tokens, bs) <= av
-
-    def clairvoyant(r, now, b, mb, av, bs):               # admits requests before they arrive
-        return b < mb and blocks_for(len(r.prompt) + r.max_new_tokens - 1, bs) <= av
-
-    for wrong in (no_blocks, prompt_only, one_too_many, clairvoyant):
-        v = check("serve_admission", wrong)
-        assert not v and v.hint, wrong.__name__
-    assert "not yet" in check("serve_admission", None).message
 
 
 # ----------------------------------------------------------------------------- the serving roofline

@@ -284,34 +284,3 @@ def test_megatron_and_sp_operators():
         assert torch.equal(y, (cat[0] + cat[1]).chunk(2, 1)[r]) and torch.equal(dx, 3 * ones)  # bwd: all-gather
         y, dx = res["split"]
         assert torch.equal(y, x[r]) and torch.equal(dx, 3 * ones)
-
-
-# ----------------------------------------------------------------------------- exercises
-def test_exercise_checkers():
-    from minipar.exercises import check
-
-    def tp_good(x, fw, fb, pw, pb, group):
-        return mappings.g(F.linear(F.gelu(F.linear(mappings.f(x, group), fw, fb)), pw), group) + pb
-
-    def tp_no_f(x, fw, fb, pw, pb, group):
-        return mappings.g(F.linear(F.gelu(F.linear(x, fw, fb)), pw), group) + pb
-
-    def tp_bias_in_sum(x, fw, fb, pw, pb, group):
-        return mappings.g(F.linear(F.gelu(F.linear(mappings.f(x, group), fw, fb)), pw, pb), group)
-
-    def sp_good(x, fw, fb, pw, pb, group):
-        h = F.gelu(F.linear(mappings.gather_along(x, 1, group), fw, fb))
-        return mappings.reduce_scatter_along(F.linear(h, pw), 1, group) + pb
-
-    def sp_all_reduce(x, fw, fb, pw, pb, group):
-        h = F.gelu(F.linear(mappings.gather_along(x, 1, group), fw, fb))
-        return mappings.split_along(mappings.g(F.linear(h, pw), group), 1, group) + pb
-
-    assert check("tp_mlp", tp_good).passed
-    assert not check("tp_mlp", tp_no_f).passed
-    assert not check("tp_mlp", tp_bias_in_sum).passed
-    assert not check("tp_mlp", None).passed
-    assert check("sp_mlp", sp_good).passed
-    v = check("sp_mlp", sp_all_reduce)
-    assert not v.passed and "communication" in v.message
-    assert not check("sp_mlp", tp_good).passed

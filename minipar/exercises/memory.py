@@ -5,7 +5,8 @@ recipe does it (Micikevicius et al. 2022; NVIDIA Transformer Engine):
     s = 2^floor(log2(max_fmt / max(amax_history)))     (1 if the history's max is 0)
     x_q = fp8(clamp(x·s, -max_fmt, max_fmt)) / s        (back in x's dtype)
 fmt is "e4m3" (max 448) or "e5m2" (max 57344). The scale comes from the *history*, not
-from x: a value above the history's max saturates.
+from x: a value above the history's max saturates. `minipar.fp8`'s own quantizer is
+disabled while the student's code runs.
 """
 from __future__ import annotations
 
@@ -13,57 +14,85 @@ import math
 
 import torch
 
-from . import Verdict, checker, compare
+from ..fp8 import ScaleTracker, fake_quant, fp8_max
+from . import Case, Exercise, compare, exercise, student
 
 
-def fp8_fake_quant(x: torch.Tensor, amax_history: list, fmt: str) -> torch.Tensor:
-    """Reference solution (see the module docstring)."""
-    from ..fp8 import fake_quant, fp8_max
+def _expected(x: torch.Tensor, amax_history: list, fmt: str) -> torch.Tensor:
     ref = max(amax_history)
     s = 2.0 ** math.floor(math.log2(fp8_max(fmt) / ref)) if ref > 0 else 1.0
     return fake_quant(x, s, fmt)
 
 
-def _cases():
-    g = torch.Generator().manual_seed(11)
-    act = torch.randn(64, generator=g) * 3.0
-    grad = torch.randn(64, generator=g) * 2e-5
-    spike = torch.randn(64, generator=g)
-    spike[5] = 40.0                                      # 4x the history's max: must saturate
-    big = torch.randn(64, generator=g) * 100.0
-    big[7] = 5000.0
-    return [("activations, e4m3, history max above the current amax", act, [float(act.abs().max()) * 2.5, 1.0], "e4m3"),
-            ("gradients ~1e-5, e5m2 (unscaled they would flush to zero)", grad, [float(grad.abs().max())], "e5m2"),
-            ("an outlier 4x above the history, e4m3", spike, [10.0, 3.0], "e4m3"),
-            ("an outlier far above the history, e5m2", big, [300.0], "e5m2"),
-            ("an all-zero history", act, [0.0], "e4m3")]
+def _inputs(kind: str, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "act":                                       # history max above the current amax
+        x = torch.randn(64, generator=g) * 3.0
+        return x, [float(x.abs().max()) * 2.5, 1.0], "e4m3"
+    if kind == "grad":                                      # unscaled they would flush to zero
+        x = torch.randn(64, generator=g) * 2e-5
+        return x, [float(x.abs().max())], "e5m2"
+    if kind == "spike":                                     # 4x the history's max: must saturate
+        x = torch.randn(64, generator=g)
+        x[5] = 40.0
+        return x, [10.0, 3.0], "e4m3"
+    if kind == "big":
+        x = torch.randn(64, generator=g) * 100.0
+        x[7] = 5000.0
+        return x, [300.0], "e5m2"
+    if kind == "zero":
+        return torch.randn(64, generator=g) * 3.0, [0.0], "e4m3"
+    # "random": a random magnitude, history and format
+    scale = 10.0 ** (torch.rand(1, generator=g).item() * 8 - 6)
+    x = torch.randn(64, generator=g) * scale
+    hist = [float(x.abs().max()) * (0.25 + 2 * torch.rand(1, generator=g).item()) for _ in range(3)]
+    return x, hist, ("e4m3", "e5m2")[int(torch.randint(2, (1,), generator=g))]
 
 
-@checker("fp8_fake_quant")
-def check_fp8_fake_quant(solution) -> Verdict:
-    """`solution(x, amax_history, fmt)` must equal the reference on 5 cases (scaled, saturated,
-    tiny gradients, zero history), element for element."""
-    for label, x, hist, fmt in _cases():
-        want = fp8_fake_quant(x, hist, fmt)
-        got = solution(x.clone(), list(hist), fmt)
-        if not isinstance(got, torch.Tensor):
-            return Verdict(False, f"{label}: expected a tensor, got {type(got).__name__}",
-                           "return the dequantized tensor, fp8(...).to(x.dtype) / s")
-        if not torch.isfinite(got).all():
-            return Verdict(False, f"{label}: the result has inf or nan",
-                           "clamp x·s to ±max before the cast: values above the history's max must saturate")
-        if got.shape == want.shape and torch.equal(got, torch.zeros_like(got)) and want.abs().max() > 0:
-            return Verdict(False, f"{label}: every value became 0",
-                           "multiply by the scale s before the cast: small values fall below FP8's smallest number")
-        diff = compare(got, want, label, atol=0.0)
-        if diff:
-            ratio = (got.double().abs().max() / want.double().abs().max()).item() if want.abs().max() > 0 else float("nan")
-            if want.abs().max() > 0 and abs(math.log2(ratio) - round(math.log2(ratio))) < 1e-9 and round(math.log2(ratio)) != 0:
-                hint = "off by a power of two: divide by the same s you multiplied with, after the cast"
-            else:
-                hint = ("s comes from max(amax_history), not from x itself, rounded *down* to a power of two: "
-                        "2 ** floor(log2(max_fmt / amax)); max_fmt is torch.finfo(torch.float8_e4m3fn).max "
-                        "(or float8_e5m2); and a zero history means s = 1")
-            return Verdict(False, diff, hint)
-    return Verdict(True, "delayed per-tensor scaling matches on 5 cases: scaled, saturated, tiny gradients, "
-                         "zero history")
+LABELS = {"act": "activations, e4m3, history max above the current amax",
+          "grad": "gradients ~1e-5, e5m2 (unscaled they would flush to zero)",
+          "spike": "an outlier 4x above the history, e4m3", "big": "an outlier far above the history, e5m2",
+          "zero": "an all-zero history"}
+
+
+def _cases(rng):
+    return ([Case(label, (kind, 11)) for kind, label in LABELS.items()]
+            + [Case(f"random case {i + 1}", ("random", rng.randint(12, 10_000)), random=True) for i in range(2)])
+
+
+def _run(solution, case):
+    x, hist, fmt = _inputs(*case.args)
+    got = student(solution, x.clone(), list(hist), fmt)
+    return got if isinstance(got, torch.Tensor) else type(got).__name__
+
+
+def _judge(case, outputs):
+    got = outputs[0]
+    x, hist, fmt = _inputs(*case.args)
+    want = _expected(x, hist, fmt)
+    if not isinstance(got, torch.Tensor):
+        return (f"expected a tensor, got {got}", "return the dequantized tensor, fp8(...).to(x.dtype) / s")
+    if not torch.isfinite(got).all():
+        return ("the result has inf or nan", "clamp x·s to ±max before the cast: values above the history's max "
+                "must saturate")
+    if got.shape == want.shape and torch.equal(got, torch.zeros_like(got)) and want.abs().max() > 0:
+        return ("every value became 0", "multiply by the scale s before the cast: small values fall below FP8's "
+                "smallest number")
+    diff = compare(got, want, "the result", atol=0.0)
+    if diff:
+        ratio = (got.double().abs().max() / want.double().abs().max()).item() if want.abs().max() > 0 else float("nan")
+        if (want.abs().max() > 0 and ratio > 0 and abs(math.log2(ratio) - round(math.log2(ratio))) < 1e-9
+                and round(math.log2(ratio)) != 0):
+            hint = "off by a power of two: divide by the same s you multiplied with, after the cast"
+        else:
+            hint = ("s comes from max(amax_history), not from x itself, rounded *down* to a power of two: "
+                    "2 ** floor(log2(max_fmt / amax)); max_fmt is torch.finfo(torch.float8_e4m3fn).max "
+                    "(or float8_e5m2); and a zero history means s = 1")
+        return (diff, hint)
+    return None
+
+
+exercise(Exercise(
+    name="fp8_fake_quant", notebook="10_memory_techniques", function="fp8_fake_quant", cases=_cases, run=_run,
+    judge=_judge, forbidden=(fake_quant, ScaleTracker.scale_from, ScaleTracker.quantize, _expected), deadline=10.0,
+    summary="delayed per-tensor scaling matches element for element: scaled, saturated, tiny gradients, zero history"))

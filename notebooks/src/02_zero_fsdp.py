@@ -25,11 +25,12 @@ import inspect
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import torch
-from IPython.display import display
 
 import minipar
 from minipar import trace
 from minipar.dp import train_ddp, train_steps
+from minipar.exercises import NotYet
+from minipar.explore import explorer
 from minipar.model import GPT, GPTConfig, train_reference
 from minipar.plan import model_state_bytes
 from minipar.precision import MixedPrecision
@@ -175,7 +176,9 @@ assert abs(ratio / 1.5 - 1) < 0.02 and abs(sum(res["ZeRO-1"]["wire"].values()) /
 # Two ranks, one traced step. Compute spans are per unit (F0 = forward of the embeddings, F1 and
 # F2 the blocks, F3 the head; B3…B0 backward). Each unit's all-gather is issued while the unit
 # before it computes (prefetch), and each reduce-scatter runs while the next unit's backward
-# computes. Below: the bytes of full parameters alive on rank 0. Never more than two units.
+# computes. Each rank's row has one lane per kind of event (compute, all-gather, reduce-scatter), so
+# the two kinds of communication, which overlap each other, never hide one another. Below: the bytes
+# of full parameters alive on rank 0. Never more than two units.
 
 # %%
 def zero3_step():
@@ -271,48 +274,50 @@ assert [s for _, s in history] == [False, False, False, True, False, False] and 
 
 # %% [markdown]
 # ## Calculator: memory per device
-# Ψ (billions of parameters), N, the stage and K, through the same formula as above.
+# Ψ (billions of parameters: the sizes of well-known models, the paper's 7.5B among them), N, the
+# stage and K, through the same formula as above. The bars show all four stages for the chosen Ψ, N
+# and K; the chosen stage is outlined.
 
 # %%
-psi = widgets.FloatLogSlider(value=7.5, base=10, min=-1, max=3, description="Ψ (B)")
-n = widgets.IntSlider(value=64, min=1, max=1024, description="N")
-stage = widgets.Dropdown(options=[("0 · DDP / NO_SHARD", 0), ("1 · P_os", 1), ("2 · SHARD_GRAD_OP", 2),
-                                  ("3 · FULL_SHARD", 3)], value=3, description="stage")
-k = widgets.IntSlider(value=12, min=0, max=16, description="K (bytes)")
-out = widgets.Output()
+SIZES = [0.125, 0.35, 1.3, 1.5, 7, 7.5, 13, 30, 65, 70, 175, 405, 671, 1000]
+STAGES = [("0 · DDP / NO_SHARD", 0), ("1 · P_os", 1), ("2 · SHARD_GRAD_OP", 2), ("3 · FULL_SHARD", 3)]
 
 
-def update(*_):
-    gb = model_state_bytes(psi.value * 1e9, n.value, stage.value, k=k.value) / 1e9
-    out.clear_output()
-    with out:
-        print(f"{gb:,.2f} GB of model states per device (16-bit params and grads, K = {k.value})")
-    return gb
+def calculator(psi, n, stage, k):
+    """Model states per device for Ψ = psi billion parameters on n ranks (16-bit P and G)."""
+    gb = [model_state_bytes(psi * 1e9, n, s, k=k) / 1e9 for s in range(4)]
+    fig, ax = plt.subplots(figsize=(6, 2.6))
+    bars = ax.bar([f"stage {s}" for s in range(4)], gb, color=[COLORS["F"], COLORS["B"], COLORS["W"], COLORS["all_gather"]])
+    bars[stage].set(edgecolor="black", linewidth=2.5)
+    ax.bar_label(bars, [f"{g:.4g} GB" for g in gb], fontsize=8)
+    ax.set_yscale("log"); ax.set_ylim(min(gb) / 3, max(gb) * 3)
+    ax.set_ylabel("GB per device"); ax.set_title(f"Ψ = {psi:g}B, N = {n}, K = {k}")
+    text = f"Ψ = {psi:g}B, N = {n}, stage {stage}, K = {k}: {gb[stage]:.4g} GB of model states per device"
+    return text, fig, gb[stage]
 
 
-for w in (psi, n, stage, k):
-    w.observe(update, names="value")
-display(widgets.VBox([psi, n, stage, k, out]))
-gb = update()  # once now, so the cell shows a value even where widgets do not render
-print(f"Ψ = {psi.value:g}B, N = {n.value}, stage {stage.value}, K = {k.value}: {gb:.3f} GB per device")
-assert abs(gb - 1.875) < 1e-9
+gb = explorer(calculator, {
+    "psi": widgets.SelectionSlider(options=SIZES, value=7.5, description="Ψ (B)"),
+    "n": widgets.SelectionSlider(options=[2 ** i for i in range(11)], value=64, description="N"),
+    "stage": widgets.Dropdown(options=STAGES, value=3, description="stage"),
+    "k": widgets.IntSlider(value=12, min=0, max=16, description="K (bytes)")}, per_row=2)
+assert gb == model_state_bytes(7.5e9, 64, 3) / 1e9 == 1.875   # the paper's Ψ = 7.5B on 64 GPUs, ZeRO-3
 
 # %% [markdown]
 # ## Exercise: your own ZeRO-2 gradient shard
 # Write `shard_gradient(flat_grad)`: it receives this rank's full flat gradient, whose length need
 # not divide by N. Return this rank's shard of the **average** over ranks: pad with zeros to a
-# multiple of N, reduce-scatter, and keep ⌈numel/N⌉ elements. The checker runs it on 2, 3 and 4 ranks.
+# multiple of N, reduce-scatter, and keep ⌈numel/N⌉ elements. The checker runs it on 2, 3 and 4 ranks
+# and on randomized sizes.
 
 # %%
 from minipar import comm
 from minipar.exercises import check
 
-# %% tags=["solution"]
+# %% tags=["exercise"]
 def shard_gradient(flat_grad):
-    n = comm.size()
-    shard = -(-flat_grad.numel() // n)
-    padded = torch.cat([flat_grad, flat_grad.new_zeros(shard * n - flat_grad.numel())])
-    return comm.reduce_scatter(padded, op="avg")
+    """This rank's shard of the average of every rank's flat gradient (padded to a multiple of N)."""
+    raise NotYet("write this function, then run the checker cell")
 
 # %%
 verdict = check("zero_shard", shard_gradient)

@@ -202,13 +202,15 @@ for t in (1, 2, 4):
 print("32 tokens, identical to GPT.generate for t = 1, 2, 4:", want[0, 8:].tolist())
 
 # %% [markdown]
-# Per-token latency against t. On this machine the ranks share its few CPU cores and talk over gloo,
-# so adding ranks only adds latency; on GPUs the roofline of `minipar.plan.serving` (weights and KV
-# cache 2Ψ'/t + cache over HBM bandwidth, plus 2L all-reduces of b·h values per token; H100 SXM from
+# Per-token latency against t. On this machine the ranks share its CPU cores (the count is printed
+# below) and talk over gloo, so adding ranks only adds latency; on GPUs the roofline of
+# `minipar.plan.serving` (weights and KV cache 2Ψ'/t + cache over HBM bandwidth, plus 2L all-reduces of b·h values per token; H100 SXM from
 # the planner's hardware table) shows why TP is the standard way to cut decode latency (notebook 11
 # takes this further: PP, continuous batching, paged caches):
 
 # %%
+import os
+
 lcfg = GPTConfig(vocab=512, seq=64, layers=4, heads=8, hidden=256)
 LLAMA_7B = serving.ServingModel("7b", 32, 4096, 32, 32, 11008, 32000, True, "Llama 2 7B (Touvron et al. 2023)")
 
@@ -216,6 +218,7 @@ def latency():
     Mesh(tp=torch.distributed.get_world_size())
     return tp_generate.decode_latency(tp.TPGPT(GPT(lcfg, 0)), torch.zeros(1, 8, dtype=torch.long), 24, repeats=2)
 
+print(f"{os.cpu_count()} CPU cores on this machine")
 print(f"{'t':>2} {'CPU ms/token (measured)':>24} {'H100 ms/token, 7B model (modeled)':>36}")
 for t in (1, 2, 4):
     cpu = minipar.launch(latency, t)[0]
@@ -228,17 +231,17 @@ assert serving.token_latency(LLAMA_7B, serving.Layout(tp=4)) < serving.token_lat
 # Write `parallel_mlp(x, fc_w, fc_b, proj_w, proj_b, group)`: `x` is the same [b, s, h] on every rank,
 # `fc_w, fc_b` this rank's rows of `fc` (column parallel), `proj_w` this rank's columns of `proj`
 # (row parallel), `proj_b` the whole bias. Use `mappings.f`, `mappings.g`, `F.linear` and `F.gelu`. The
-# checker runs it on 2 ranks against the single-device MLP: output, input gradient, and the gradient
+# checker runs it on 2 and 4 ranks against the single-device MLP: output, input gradient, and the gradient
 # of every shard. (Two classic bugs it catches: forgetting f, and adding the bias before g, which
 # adds it t times.)
 
 # %%
-from minipar.exercises import check
+from minipar.exercises import NotYet, check
 
-# %% tags=["solution"]
+# %% tags=["exercise"]
 def parallel_mlp(x, fc_w, fc_b, proj_w, proj_b, group):
-    h = F.gelu(F.linear(mappings.f(x, group), fc_w, fc_b))
-    return mappings.g(F.linear(h, proj_w), group) + proj_b
+    """Megatron's MLP from its shards: f -> column-parallel fc -> GELU -> row-parallel proj -> g, bias once."""
+    raise NotYet("write this function, then run the checker cell")
 
 # %%
 verdict = check("tp_mlp", parallel_mlp)

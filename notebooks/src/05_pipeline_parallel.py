@@ -26,13 +26,14 @@
 
 # %%
 import inspect
+import os
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
-from IPython.display import display
 
 from minipar import launch, pp, sim, trace
-from minipar.exercises import check
+from minipar.exercises import NotYet, check
+from minipar.explore import explorer
 from minipar.model import GPTConfig, train_reference
 from minipar.pp import build_schedule, simulate
 from minipar.pp.pipedream import pipedream_reference, train_pipedream, versions_used
@@ -128,9 +129,10 @@ print(f"{len(dp_sched.overlapped)} F&B pairs; the most any rank idles: "
 
 # %% [markdown]
 # ## 3 · The code
-# A generator is a few lines. 1F1B warms up with p−1−r forwards, alternates, then drains:
+# A generator is a few lines. 1F1B warms up with p−1−r forwards, alternates, then drains (writing it
+# is this notebook's exercise, so the student copy leaves this cell out):
 
-# %%
+# %% tags=["reveals"]
 print(inspect.getsource(pp.schedules._one_f_one_b))
 
 # %% [markdown]
@@ -147,7 +149,7 @@ print(inspect.getsource(StepRunner.compute))
 # ## 4 · A real run on 4 simulated ranks, on two clocks
 # 1F1B and ZB-H1 on 4 gloo ranks, two AdamW steps, compared with the single-device reference
 # (`train_reference` with grad_accum = m). Then the recorded trace is drawn twice: on the wall clock
-# (4 ranks sharing a laptop's cores) and on the **modeled clock**: `sim.retime` keeps what happened
+# (4 ranks sharing this machine's cores, printed below) and on the **modeled clock**: `sim.retime` keeps what happened
 # in which order and replaces each duration with the simulator's costs, which reproduces the
 # simulator's timeline for that schedule.
 
@@ -176,11 +178,12 @@ modeled = sim.retime(recorded, {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}, p2p=0.1
 want = simulate(build_schedule("zb_h1", 4, m), 1.0, 2.0, 1.0, t_comm=0.1)
 got = {(e.rank, e.name): (e.start, e.end) for e in modeled if e.cat == "compute"}
 assert all(abs(got[e.rank, e.name][0] - e.start) < 1e-9 for e in want.events())   # the simulator's timeline
-print(f"modeled makespan {max(e.end for e in modeled if e.cat == 'compute'):g} = simulated {want.makespan:g}")
+print(f"modeled makespan {max(e.end for e in modeled if e.cat == 'compute'):g} = simulated {want.makespan:g}; "
+      f"the wall clock: 4 ranks on {os.cpu_count()} CPU cores")
 fig, (a1, a2) = plt.subplots(2, 1, figsize=(11, 5.2))
 # sends are left out of the wall-clock picture: a gloo isend's handle is only checked between actions
 plot_timeline([e for e in recorded if e.name != "send"], ax=a1,
-              title="ZB-H1, recorded (wall clock, 4 ranks on shared CPU cores; grey: receives)")
+              title=f"ZB-H1, recorded (wall clock, 4 ranks on {os.cpu_count()} CPU cores; grey: receives)")
 plot_timeline(modeled, ax=a2, unit="units", clock="modeled",
               title="the same run re-timed: t_f=1, t_i=t_w=1, transfer 0.1 (= pp.simulate)")
 plt.tight_layout()
@@ -219,65 +222,44 @@ for name in ("pipedream", "pipedream_2bw"):
 
 # %% [markdown]
 # ## 6 · Explore
-# Pick a schedule, p, m, v and the costs; the simulator redraws the timeline. (Without a live kernel
-# the default choice is drawn once below.)
+# Pick a schedule, p, m, v and the costs; the simulator redraws the timeline in place. (Without a live
+# kernel, the picture below is the default choice.)
 
 # %%
-sched_w = widgets.Dropdown(options=list(pp.SCHEDULES), value="zb_h1", description="schedule")
-p_w = widgets.IntSlider(value=4, min=2, max=8, description="p")
-m_w = widgets.IntSlider(value=8, min=1, max=32, description="m")
-v_w = widgets.IntSlider(value=1, min=1, max=4, description="v")
-tf_w = widgets.FloatSlider(value=1.0, min=0.1, max=3, description="t_f")
-tb_w = widgets.FloatSlider(value=2.0, min=0.1, max=6, description="t_b")
-tw_w = widgets.FloatSlider(value=1.0, min=0.0, max=3, description="t_w")
-ov_w = widgets.FloatSlider(value=0.0, min=0.0, max=1.0, description="F&B hidden")   # DualPipe's overlap
-out = widgets.Output()
+def draw(schedule, p, m, v, t_f, t_b, t_w, hidden):
+    """The simulated timeline; `hidden` is the fraction of the shorter half of a DualPipe F&B pair
+    that overlap hides."""
+    r = simulate(build_schedule(schedule, p, m, v), t_f, t_b, min(t_w, t_b), t_fb=t_f + t_b - hidden * min(t_f, t_b))
+    fig, ax = plt.subplots(figsize=(11, 0.45 * p + 1.4))
+    plot_timeline(r.events(), ax=ax, unit="units", label=p * m <= 64, clock="modeled", title=schedule)
+    return (f"{schedule}, p={p}, m={m}, v={v}, t_f={t_f:g}, t_b={t_b:g}, t_w={t_w:g}, F&B hidden={hidden:g}: "
+            f"makespan {r.makespan:.2f}, bubble {r.bubble_fraction:.1%}, peak activations per rank "
+            f"{r.peak_activations}"), fig, r
 
 
-def explore(name, p, m, v, t_f, t_b, t_w, hidden=0.0):
-    """`hidden`: the fraction of the shorter half of a DualPipe F&B pair that overlap hides."""
-    try:
-        t_fb = t_f + t_b - hidden * min(t_f, t_b)
-        r = simulate(build_schedule(name, p, m, v), t_f, t_b, min(t_w, t_b), t_fb=t_fb)
-    except ValueError as err:
-        print(err)
-        return None
-    ax = plot_timeline(r.events(), unit="units", label=p * m <= 64, clock="modeled",
-                       title=f"{name}: makespan {r.makespan:.2f}, bubble {r.bubble_fraction:.1%}, peak {r.peak_activations}")
-    ax.figure.set_size_inches(11, 0.45 * p + 1.4)
-    plt.show()
-    return r
-
-
-def on_change(_=None):
-    with out:
-        out.clear_output(wait=True)
-        explore(sched_w.value, p_w.value, m_w.value, v_w.value, tf_w.value, tb_w.value, tw_w.value, ov_w.value)
-
-
-for w in (sched_w, p_w, m_w, v_w, tf_w, tb_w, tw_w, ov_w):
-    w.observe(on_change, names="value")
-display(widgets.VBox([widgets.HBox([sched_w, p_w, m_w, v_w]), widgets.HBox([tf_w, tb_w, tw_w, ov_w]), out]))
-first = explore(sched_w.value, p_w.value, m_w.value, v_w.value, tf_w.value, tb_w.value, tw_w.value)
-assert first is not None
+first = explorer(draw, {
+    "schedule": widgets.Dropdown(options=list(pp.SCHEDULES), value="zb_h1", description="schedule"),
+    "p": widgets.IntSlider(value=4, min=2, max=8, description="p"),
+    "m": widgets.IntSlider(value=8, min=1, max=32, description="m"),
+    "v": widgets.IntSlider(value=1, min=1, max=4, description="v"),
+    "t_f": widgets.FloatSlider(value=1.0, min=0.1, max=3, description="t_f"),
+    "t_b": widgets.FloatSlider(value=2.0, min=0.1, max=6, description="t_b"),
+    "t_w": widgets.FloatSlider(value=1.0, min=0.0, max=3, description="t_w"),
+    "hidden": widgets.FloatSlider(value=0.0, min=0.0, max=1.0, description="F&B hidden")})
+assert first.makespan == simulate(build_schedule("zb_h1", 4, 8), 1.0, 2.0, 1.0).makespan
 
 # %% [markdown]
 # ## 7 · Exercise: write 1F1B
 # Return `{rank: [actions]}` for p ranks (stage r on rank r) and m micro-batches, as strings like
 # `"0F1"` or `pp.Action(0, "F", 1)`. The checker validates it, simulates it, and asks for the 1F1B
-# makespan (m+p−1)(t_f+t_b) with at most p−r micro-batches in flight on rank r.
+# makespan (m+p−1)(t_f+t_b) with at most p−r micro-batches in flight on rank r, on fixed and
+# randomized (p, m). The package's own schedule generators (`build_schedule` and the functions behind
+# it) are switched off while your function runs: use them above to explore, not in your answer.
 
-# %% tags=["solution"]
+# %% tags=["exercise"]
 def my_1f1b(p, m):
-    out = {}
-    for r in range(p):
-        warmup = min(p - 1 - r, m)
-        acts = [f"{r}F{i}" for i in range(warmup)]
-        for i in range(m - warmup):
-            acts += [f"{r}F{warmup + i}", f"{r}B{i}"]
-        acts += [f"{r}B{i}" for i in range(m - warmup, m)]
-        out[r] = acts
-    return out
+    """{rank: [actions]} of 1F1B for p ranks (stage r on rank r) and m micro-batches."""
+    raise NotYet("write this function, then run the checker cell")
 
 
 # %%

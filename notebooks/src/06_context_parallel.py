@@ -30,6 +30,7 @@
 
 # %%
 import inspect
+import os
 import textwrap
 
 import matplotlib.pyplot as plt
@@ -38,9 +39,9 @@ import torch.nn.functional as F
 from matplotlib.patches import Polygon, Rectangle
 
 import minipar
-from minipar import cp, runtime, trace
+from minipar import cp, runtime, sim, trace
 from minipar.activations import SavedActivations
-from minipar.exercises import check
+from minipar.exercises import NotYet, check
 from minipar.model import GPT, GPTConfig, SyntheticData, train_reference
 from minipar.timeline import COLORS, plot_timeline
 
@@ -54,8 +55,13 @@ RANK_COLORS = [COLORS["F"], COLORS["B"], COLORS["W"], COLORS["all_gather"]]
 
 # %%
 print(inspect.getsource(cp.attend))
-print(inspect.getsource(cp.merge_attention))
 
+# %% [markdown]
+# The merge itself is this notebook's exercise; the next cell shows the package's version and checks
+# it against SDPA over all keys (the student copy leaves it out).
+
+# %% tags=["reveals"]
+print(inspect.getsource(cp.merge_attention))
 g = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(1, 2, 6, 8, generator=g) for _ in range(3))
 o_a, lse_a = cp.attend(q, k[:, :, :2], v[:, :, :2])
@@ -155,10 +161,18 @@ for case in per_rank[0]:
 # %% [markdown]
 # ## Overlap, and the work of each rank
 # A bigger run (N = 2048, d = 64, forward and backward) shows the ring on a timeline. Each rank's compute
-# lane holds one `F{t}`/`B{t}` span per ring step, and its communication lane shows the sends and receives.
-# The receive of the next block is posted *before* the current block's compute starts, and it is waited on
-# only after that compute, so the transfer runs during the compute. These are wall-clock times of 4 processes
-# sharing 2 CPU cores, so the widths are noisy.
+# lane holds one `F{t}`/`B{t}` span per ring step; below it, one lane of sends and one of receives. The
+# receive of the next block is posted *before* the current block's compute starts, and it is waited on
+# only after that compute, so the transfer runs during the compute.
+#
+# The top picture is the **modeled clock** (`sim.retime`, the one simulator of `minipar.sim`): the same
+# run, its order and its waits kept, every span re-timed from the work it recorded. A compute span costs
+# its FLOPs in units of one chunk pair, 4·b·h·c²·d with c = N/(2cp) (so a forward step of two pairs takes
+# 2 units, and a backward, whose FLOPs are 10/4 of the forward's, 5); a K/V transfer costs 0.5 units,
+# less than the step it hides behind. There every zigzag rank's steps are equally long, as the FLOP count
+# below proves, and the transfers disappear under the compute. The bottom picture is the wall clock of
+# this machine, where 4 rank processes share its CPU cores (their number is printed below): its span
+# widths are mostly time-slicing, not work.
 
 # %%
 SEQ, HEADS, DIM = 2048, 4, 64
@@ -172,9 +186,18 @@ def ring_run(layout):
     return trace.gather()
 
 evs = minipar.launch(ring_run, CP, "zigzag")[0]
-fig, ax = plt.subplots(figsize=(11, 3.2))
-plot_timeline(evs, ax=ax, title=f"zigzag ring attention, cp={CP}, N={SEQ}: forward F0..F3, backward B0..B3")
+PAIR = 4 * 1 * HEADS * (SEQ // (2 * CP)) ** 2 * DIM           # FLOPs of one (query chunk, key chunk) pair
+modeled = sim.retime(evs, lambda e: e.flops / PAIR, p2p=0.5)
+fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7))
+plot_timeline(modeled, ax=top, unit="units", clock="modeled",
+              title=f"zigzag ring attention, cp={CP}, N={SEQ}, modeled clock: forward F0..F3, backward B0..B3")
+plot_timeline(evs, ax=bottom, title=f"the same run on the wall clock: {CP} ranks on {os.cpu_count()} CPU cores")
 plt.tight_layout()
+print(f"{CP} rank processes on {os.cpu_count()} CPU cores")
+for name in [f"F{t}" for t in range(CP)] + [f"B{t}" for t in range(CP)]:
+    widths = {e.rank: e.end - e.start for e in modeled if e.name == name}
+    assert max(widths.values()) - min(widths.values()) < 1e-12 * max(widths.values()) + 1e-15, (name, widths)
+print("on the modeled clock every zigzag rank's F_t and B_t take equally long, for every step t")
 
 for r in range(CP):
     spans = {e.name: e for e in evs if e.rank == r and e.cat == "compute"}
@@ -264,12 +287,19 @@ for method in formula:
         assert got == {formula[method][pass_]}
 
 # %% [markdown]
-# Ring, forward: 3 K/V blocks of 2·2·4·64·16·4 B = 32 KiB each. Backward: 3 K/V blocks plus 4 dK/dV blocks.
-# Ulysses: 4 all-to-alls of 2·64·4·16·4 B = 32 KiB in each direction. Both costs fall as 1/cp per rank.
+# Ring, forward: cp − 1 = 3 K/V blocks of 2 (K and V) · b · h · N/cp · d · 4 B = 2·2·4·64·16·4 B = 64 KiB
+# each (the 196,608 B measured above = 3 × 64 KiB). Backward: 3 K/V blocks plus 4 dK/dV blocks. Ulysses:
+# 4 all-to-alls of b · N/cp · h · d · 4 B = 2·64·4·16·4 B = 32 KiB each. The next cell recomputes both
+# blocks from the shapes. Both costs fall as 1/cp per rank.
 # The ring's messages go only to the next rank and hide behind compute. Ulysses' all-to-alls wait for
 # each other, and they need h % cp = 0:
 
 # %%
+kv_block = 2 * 2 * 4 * (256 // CP) * 16 * 4          # K and V of one rank's shard: 2 · b · h · N/cp · d · 4 B
+a2a_block = 2 * (256 // CP) * 4 * 16 * 4             # one Q, K, V or O shard: b · N/cp · h · d · 4 B
+print(f"K/V block {kv_block:,} B = {kv_block // 1024} KiB; Ulysses all-to-all {a2a_block:,} B = {a2a_block // 1024} KiB")
+assert formula["ring"]["forward"] == (CP - 1) * kv_block == 3 * 64 * 1024
+assert formula["ulysses"]["forward"] == 4 * a2a_block and a2a_block == 32 * 1024
 try:
     cp.check_config(GPTConfig(heads=4, hidden=64), 8, "ulysses", "contiguous")
 except ValueError as e:
@@ -338,17 +368,17 @@ for setup, res in runs.items():
 # Write `merge(out_a, lse_a, out_b, lse_b) -> (out, lse)`. It takes two partial attention results over
 # disjoint sets of keys (`out`: [..., q, d], `lse`: [..., q]) and returns the result over their union.
 # The checker starts from the empty result (out = 0, lse = −inf) and folds in three key blocks.
-# It then repeats this with scores around 1000, where `exp(lse)` overflows fp32, and checks that your
-# output and lse match attention over all the keys.
+# It then repeats this with scores around 1000, where `exp(lse)` overflows fp32, and on randomized key
+# splits, and checks that your output and lse match attention over all the keys. `cp.merge_attention` is
+# switched off while your function runs.
 
 # %%
 from minipar.exercises import check
 
-# %% tags=["solution"]
+# %% tags=["exercise"]
 def merge(out_a, lse_a, out_b, lse_b):
-    lse = torch.logaddexp(lse_a, lse_b)            # log(e^a + e^b), with the max subtracted first
-    return (torch.exp(lse_a - lse).unsqueeze(-1) * out_a
-            + torch.exp(lse_b - lse).unsqueeze(-1) * out_b), lse
+    """The attention result over keys A and B from the results over A and over B."""
+    raise NotYet("write this function, then run the checker cell")
 
 # %%
 verdict = check("cp_merge", merge)

@@ -35,9 +35,9 @@ import torch
 
 from minipar import ep as EP
 from minipar import trace
-from minipar.exercises import check
+from minipar.exercises import NotYet, check
 from minipar.model import GPT, GPTConfig
-from minipar.moe import MoE, assign_slots, capacity, route, switch_aux_loss
+from minipar.moe import MoE, capacity, switch_aux_loss
 from minipar.timeline import COLORS, plot_timeline
 
 torch.set_num_threads(1)   # tiny models: one thread is fastest, and it matches the simulated ranks
@@ -46,9 +46,13 @@ torch.set_num_threads(1)   # tiny models: one thread is fastest, and it matches 
 # ## Routing, drawn
 # Twelve tokens, four experts, top-2, capacity factor 1.0: C = ⌈12·2·1.0/4⌉ = 6 slots per expert.
 # Expert 1 is popular. Slots are handed out **choice-major** (GShard): every token's first choice,
-# in token order, then the second choices. So the late second choices of expert 1 are dropped.
+# in token order, then the second choices. So the late second choices of expert 1 are dropped. (This cell
+# computes the drops with the package's routing, the exercise's answer; the student copy keeps only its
+# picture.)
 
-# %%
+# %% tags=["reveals"]
+from minipar.moe import assign_slots, route
+
 T, E, K = 12, 4, 2
 gen = torch.Generator().manual_seed(3)
 logits = torch.randn(T, E, generator=gen)
@@ -79,9 +83,10 @@ assert (kept <= C).all() and kept.sum() == min(C, routed[1]) + routed.sum() - ro
 
 # %% [markdown]
 # ## The code
-# Routing and slot assignment are a few tensor operations (`minipar/moe.py`):
+# Routing and slot assignment are a few tensor operations (`minipar/moe.py`; writing them is the exercise,
+# so the student copy leaves this cell out):
 
-# %%
+# %% tags=["reveals"]
 print(inspect.getsource(route))
 print(inspect.getsource(assign_slots))
 
@@ -260,22 +265,17 @@ assert {"all_to_all", "all_gather", "all_reduce"} <= kinds
 # * `keep` [T, k] bool: at most `capacity` choices per expert, every token's first choice (in token
 #   order) served before any second choice.
 #
-# The solution cell below holds a working answer (the student copy, `scripts/make_student_copies.py`,
-# empties it); write your own and run the checker.
+# Write it in the cell below and run the checker: it compares with the package's routing on fixed and
+# randomized cases, drops included. `minipar.moe`'s own routing and slot assignment are switched off
+# while your function runs.
 
 # %%
 from minipar.exercises import check
 
-# %% tags=["solution"]
+# %% tags=["exercise"]
 def my_topk_route(probs, k, capacity):
-    weights, index = probs.topk(k, dim=-1)
-    if k > 1:
-        weights = weights / weights.sum(-1, keepdim=True)
-    E = probs.shape[-1]
-    onehot = torch.nn.functional.one_hot(index, E)             # [T, k, E]
-    queue = onehot.transpose(0, 1).reshape(-1, E)              # choice-major: all first choices first
-    slot = ((queue.cumsum(0) - 1) * queue).sum(-1).view(k, -1).T
-    return index, weights, slot < capacity
+    """(index, weights, keep) of top-k routing with `capacity` slots per expert, choice-major."""
+    raise NotYet("write this function, then run the checker cell")
 
 # %%
 verdict = check("moe_topk_capacity", my_topk_route)

@@ -418,20 +418,12 @@ ax.grid(alpha=0.3)
 # Pick a model, a GPU count and a GPU; the best layouts appear with their memory and time bars.
 
 # %%
-model_w = widgets.Dropdown(options=list(plan.MODELS), value="70b", description="model")
-gpus_w = widgets.Dropdown(options=[8, 16, 32, 64, 128, 256, 512, 1024, 4096], value=64, description="GPUs")
-gpu_w = widgets.Dropdown(options=list(plan.GPUS), value="h100", description="GPU")
-out = widgets.Output()
+from minipar.explore import explorer   # controls above one picture, redrawn in place on each change
 
 
 def show(model, gpus, gpu):
     """The calculator's answer: the top layouts, with their memory and time bars."""
-    try:
-        res = plan.plan(model, gpus, gpu, shortlist=3)
-    except ValueError as err:
-        print(err)
-        return None
-    print(res.table(3))
+    res = plan.plan(model, gpus, gpu, shortlist=3)   # a ValueError (no layout fits) is shown as text
     top = {f"#{i + 1} t{c['tp']} p{c['pp']} v{c['v']} d{c['dp']} {c['schedule']} Z{c['zero_stage']}": e
            for i, e in enumerate(res.ranked[:3]) for c in [e.config]}
     fig, (m1, m2) = plt.subplots(1, 2, figsize=(11, 2.6), sharey=True)
@@ -440,20 +432,13 @@ def show(model, gpus, gpu):
     bars(m2, top, "time", TIME_COLORS, 1, "seconds per step")
     m1.set_title(f"{model} on {gpus} x {gpu}: memory of the top 3"); m2.set_title("time per step")
     fig.tight_layout()
-    plt.show()
-    return res
+    return f"{model} on {gpus} x {gpu}:\n{res.table(3)}", fig, res
 
 
-def update(*_):
-    out.clear_output(wait=True)
-    with out:
-        show(model_w.value, gpus_w.value, gpu_w.value)
-
-
-for w in (model_w, gpus_w, gpu_w):
-    w.observe(update, names="value")
-display(widgets.HBox([model_w, gpus_w, gpu_w]), out)
-first = show(model_w.value, gpus_w.value, gpu_w.value)   # the default answer, also shown without a live kernel
+first = explorer(show, {
+    "model": widgets.Dropdown(options=list(plan.MODELS), value="70b", description="model"),
+    "gpus": widgets.Dropdown(options=[8, 16, 32, 64, 128, 256, 512, 1024, 4096], value=64, description="GPUs"),
+    "gpu": widgets.Dropdown(options=list(plan.GPUS), value="h100", description="GPU")}, per_row=3)
 assert first is not None and first.best.fits
 
 # %% [markdown]
