@@ -33,7 +33,7 @@ from IPython.display import display
 
 import minipar
 from minipar import plan
-from minipar.exercises import check
+from minipar.exercises import NotYet, check
 from minipar.plan import validation
 from minipar.pp import balance_stages, layer_costs
 from minipar.timeline import COLORS, plot_timeline
@@ -479,12 +479,10 @@ assert comm_us > 0
 from minipar import plan
 from minipar.exercises import check
 
-# %% tags=["solution"]
+# %% tags=["exercise"]
 def memory_per_gpu(psi, layers, hidden, heads, seq, micro_batch, tp, pp, dp, zero_stage, recompute):
-    states = plan.model_state_bytes(psi / (tp * pp), dp, zero_stage)
-    per_layer = plan.activation_bytes_per_layer(seq, micro_batch, hidden, heads, tp, sequence_parallel=True,
-                                                recompute=recompute)
-    return states + layers / pp * pp * per_layer
+    """Bytes on the first pipeline stage's GPU under 1F1B with TP + SP."""
+    raise NotYet("write this function, then run the checker cell")
 
 # %%
 verdict = check("memory_per_gpu", memory_per_gpu)

@@ -35,7 +35,7 @@ from matplotlib.patches import Patch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from minipar.exercises import check
+from minipar.exercises import NotYet, check
 from minipar.mesh import Mesh
 from minipar.model import GPT, GPTConfig
 from minipar.plan import serving as S
@@ -359,11 +359,10 @@ assert S.choose_layout("70b", 8, "h100", 0.008, 2048).best["layout"] == S.Layout
 # %%
 from minipar.exercises import check
 
-# %% tags=["solution"]
+# %% tags=["exercise"]
 def can_join(request, now, batch, max_batch, available_blocks, block_size):
     """True if the waiting `request` may join the batch at time `now`."""
-    need = -(-(len(request.prompt) + request.max_new_tokens - 1) // block_size)   # ceil
-    return request.arrival <= now and batch < max_batch and need <= available_blocks
+    raise NotYet("write this function, then run the checker cell")
 
 # %%
 verdict = check("serve_admission", can_join)
