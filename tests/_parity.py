@@ -11,8 +11,6 @@ few thousand products, computed in another order by the parallel layout (and by 
 kernel set under ATEN_CPU_CAPABILITY): measured differences are below 1e-6 of each tensor's
 scale under `default` and `avx2` alike; 1e-5 leaves a factor of 10.
 """
-import torch
-
 GRAD_TOL = 1e-5
 # A tensor whose exact gradient is 0 holds fp32 rounding noise (attn.k.bias: softmax is blind to a
 # constant added to every key; ~1e-11 here): it is compared relative to FLOOR x the model's

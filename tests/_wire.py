@@ -65,7 +65,8 @@ def handed_to_backend():
         return Call("batch_p2p", sum(_bytes(op.tensor) for op in ops), sum(_bytes(op.tensor) for op in sends),
                     _n(ops[0].group) if ops else 1)
 
-    patch(dist, "all_reduce", lambda t, op=None, group=None, async_op=False: Call("all_reduce", _bytes(t), None, _n(group)))
+    patch(dist, "all_reduce", lambda t, op=None, group=None, async_op=False:
+          Call("all_reduce", _bytes(t), None, _n(group)))
     patch(comm, "_all_gather_single", lambda out, src, group=None, async_op=False:
           Call("all_gather", _bytes(out), None, _n(group)))
     patch(comm, "_reduce_scatter_single", lambda out, src, op=None, group=None, async_op=False:
