@@ -4,6 +4,7 @@
     python scripts/mutants.py -k zero cp      # only mutants whose name contains one of these words
     python scripts/mutants.py --list          # what each mutant does, and its tests
     python scripts/mutants.py --clean -k tp   # first check that the selected tests pass unmutated
+    python scripts/mutants.py -v -k cp        # and show how each failing test failed
 
 A mutant is a scale factor, an order, a mask, an index or a sign of a strategy changed the way a
 real bug would change it (a sum where a mean belongs, a gate left unnormalized, a warm-up one
@@ -198,7 +199,8 @@ MUTANTS = [
     Mutant("pp-interleaved-warmup-short", "minipar/pp/schedules.py",
            "w = min((v - 1) * p + 2 * (p - 1 - r), total)", "w = min((v - 1) * p + (p - 1 - r), total)",
            "interleaved 1F1B warms up with p-1-r forwards too few",
-           ["tests/test_pp_schedules.py"]),
+           ["tests/test_pp_schedules.py::test_interleaved_warmup_hides_the_transfers_and_bounds_the_activations",
+            "tests/test_pp_schedules.py"]),
     # ---- collectives, checkpoints, FP8, serving
     Mutant("ring-reduce-scatter-wrong-chunk", "minipar/collectives/ring.py",
            "send, recv_i = chunks[(r - s - 1) % n], (r - s - 2) % n",
@@ -252,7 +254,7 @@ def run_tests(tests, timeout: float) -> tuple[int, str, float]:
 
 
 def first_failure(output: str) -> str:
-    m = re.search(r"^(?:FAILED|ERROR) (\S+?)(?: - |$)", output, re.M)
+    m = re.search(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", output, re.M)   # node ids may hold spaces
     if m:
         return m.group(1)
     m = re.search(r"^(\S+\.py)::\S+ (?:FAILED|ERROR)", output, re.M)
@@ -272,13 +274,14 @@ def mutate_and_test(m: Mutant, timeout: float) -> dict:
         with open(path, "wb") as f:
             f.write(original)
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    why = [line for line in out.splitlines() if line.startswith("E ")][:4]
     if rc == 0:
         return dict(result="SURVIVED", by="", secs=secs)
     if rc == -1:
         return dict(result="killed", by=f"(timeout {timeout:.0f} s)", secs=secs)
     if rc in (2, 3, 4):   # interrupted, internal error, usage: the tests did not run as asked
         return dict(result="ERROR", by=out.strip().splitlines()[-1] if out.strip() else f"pytest exit {rc}", secs=secs)
-    return dict(result="killed", by=first_failure(out), secs=secs)
+    return dict(result="killed", by=first_failure(out), secs=secs, why=why)
 
 
 def main(argv=None) -> int:
@@ -287,6 +290,7 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
     ap.add_argument("--clean", action="store_true", help="first run the selected tests unmutated; stop if they fail")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per mutant's tests [600]")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print the first lines of each failure's error")
     a = ap.parse_args(argv)
     chosen = [m for m in MUTANTS if not a.k or any(w in m.name for w in a.k)]
     if not chosen:
@@ -308,6 +312,8 @@ def main(argv=None) -> int:
         r = mutate_and_test(m, a.timeout)
         rows.append((m, r))
         print(f"[{i}/{len(chosen)}] {m.name}: {r['result']} {r['by']} ({r['secs']:.0f} s)", flush=True)
+        if a.verbose:
+            print("".join(f"      {line[:200]}\n" for line in r.get("why", [])), end="", flush=True)
     width = max(len(m.name) for m, _ in rows)
     print(f"\n{'mutant':<{width}}  {'result':<8}  {'seconds':>7}  by")
     for m, r in rows:
