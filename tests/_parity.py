@@ -11,6 +11,8 @@ few thousand products, computed in another order by the parallel layout (and by 
 kernel set under ATEN_CPU_CAPABILITY): measured differences are below 1e-6 of each tensor's
 scale under `default` and `avx2` alike; 1e-5 leaves a factor of 10.
 """
+import os
+
 GRAD_TOL = 1e-5
 # A tensor whose exact gradient is 0 holds fp32 rounding noise (attn.k.bias: softmax is blind to a
 # constant added to every key; ~1e-11 here): it is compared relative to FLOOR x the model's
@@ -36,8 +38,13 @@ def grad_errors(got: dict, want: dict) -> dict:
 
 
 def assert_grads_match(got: dict, want: dict, tol: float = GRAD_TOL, what: str = "") -> None:
-    """Every gradient within `tol` of the reference's, relative to its tensor's scale."""
+    """Every gradient within `tol` of the reference's, relative to its tensor's scale. With
+    MINIPAR_PARITY_LOG=FILE set, each comparison's largest error is appended to FILE (to see the margins)."""
     errs = grad_errors(got, want)
+    if os.environ.get("MINIPAR_PARITY_LOG"):
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+        with open(os.environ["MINIPAR_PARITY_LOG"], "a") as f:
+            f.write(f"{test}\t{what}\t{tol:g}\t{max(errs.values()):.3g}\n")
     bad = {n: e for n, e in errs.items() if not e <= tol}
     assert not bad, f"{what}: gradients off (relative error > {tol}): {bad}"
 

@@ -97,12 +97,13 @@ def _reduce_in_bf16():
 
 def test_reducing_gradients_in_bf16_halves_the_traffic_and_stays_close():
     """Bytes handed to the backend: the gradient buckets in 2 bytes instead of 4, and the logged loss
-    (one fp32 per step) in both. Each gradient element is rounded to bf16 (u = 2^-8) before the sum and the
-    sum once more: within 2u of each tensor's scale (measured: under 1u)."""
+    (one fp32 per step) in both. Each rank's gradient element is rounded to bf16 (u = 2^-8) before the sum
+    and the sum once more: to first order u(|a| + |b|)/2 + u|a + b|/2 for ranks' gradients a, b, which can
+    exceed their mean. Measured 1.36 u of each tensor's scale (under either kernel set); bound 4 u."""
     res = launch(_reduce_in_bf16, 2)[0]
     lo, hi, loss = res["bf16"], res["fp32"], 3 * 4
     assert (lo["bytes"] - loss) * 2 == hi["bytes"] - loss == 3 * 4 * lo["num_params"]
-    assert_grads_match(lo["grads"], hi["grads"], tol=2 * 2.0**-8)
+    assert_grads_match(lo["grads"], hi["grads"], tol=4 * 2.0**-8)
     assert max(grad_errors(lo["grads"], hi["grads"]).values()) > 0   # bf16 rounding is visible: the switch did something
     assert lo["losses"] == pytest.approx(hi["losses"], abs=1e-2)
 

@@ -79,7 +79,7 @@ def test_apply_fp8_swaps_the_blocks_linears_only_and_trains_like_bf16():
 
 
 # Measured on CFG (max over tensors, relative to each tensor's scale; ATEN_CPU_CAPABILITY=default and avx2):
-# bf16 autocast 7.6e-3 to 8.6e-3 = 2.2 u with bf16's u = 2^-8, bound 16 u as for ZeRO's bf16 (test_zero.py);
+# bf16 autocast 7.6e-3 to 8.6e-3 = 2.0 to 2.2 u with bf16's u = 2^-8, bound 16 u as for ZeRO's bf16 (test_zero.py);
 # FP8 0.115 to 0.137: the backward GEMMs read dY in E5M2 (3 significant bits, u = 2^-3) and X, W in E4M3
 # (u = 2^-4), so one product is off by up to u_e5m2 + u_e4m3 = 0.19 before sums average it; bound 2 u_e5m2 = 0.25.
 # Unscaled FP8 (recipe "none") flushes the gradients to zero: error 1.0, which the bound refuses.
