@@ -296,18 +296,19 @@ def local_batch(x, y, rank: int, size: int, layout: str = "zigzag"):
 
 
 def train_rank(cfg, steps: int = 3, batch_size: int = 4, seed: int = 0, method: str = "ring",
-               layout: str = "zigzag", group=None) -> dict:
+               layout: str = "zigzag", group=None, **optim) -> dict:
     """Run inside `launch`: the reference loop with the sequence split over `group`.
 
     Every rank holds the same tokens count, so the full-sequence mean loss is the mean of the
     ranks' local means: each rank backpropagates local/cp, and parameter gradients (partial sums,
-    as in data parallelism) are all-reduced. Returns {"losses", "grads" of the last step}."""
+    as in data parallelism) are all-reduced. Returns {"losses", "first_grads" and "grads" (of the
+    first and the last step), "params" (final)}. `optim`: overrides of `make_optimizer` (kind="sgd")."""
     n, r = comm.size(group), comm.local_rank(group)
     check_config(cfg, n, method, layout)
     torch.manual_seed(seed)
     model = parallelize_attention(GPT(cfg, seed).to(device()), method, layout, group)
-    data, opt = SyntheticData(cfg.vocab, cfg.seq, seed), make_optimizer(model.parameters())
-    losses, grads = [], {}
+    data, opt = SyntheticData(cfg.vocab, cfg.seq, seed), make_optimizer(model.parameters(), **optim)
+    losses, grads, first = [], {}, {}
     for step in range(steps):
         x, y, pos = (t.to(device()) for t in local_batch(*data.batch(step, batch_size), r, n, layout))
         opt.zero_grad(set_to_none=True)
@@ -317,5 +318,7 @@ def train_rank(cfg, steps: int = 3, batch_size: int = 4, seed: int = 0, method: 
             comm.all_reduce(p.grad, group=group)
         losses.append(comm.all_reduce(loss.detach().clone(), "avg", group=group).item())
         grads = {k: p.grad.detach().cpu().clone() for k, p in model.named_parameters()}
+        first = first or grads
         opt.step()
-    return {"losses": losses, "grads": grads}
+    return {"losses": losses, "first_grads": first, "grads": grads,
+            "params": {k: p.detach().cpu().clone() for k, p in model.named_parameters()}}

@@ -139,6 +139,8 @@ class MoERun:
     bias: list                     # final expert bias per MoE layer
     stats: list = field(default_factory=list)    # last step: each MoE layer's stats on this rank
     events: list = field(default_factory=list)   # this rank's trace events
+    first_grads: dict = field(default_factory=dict)  # name -> gradient of the first step (as `grads`)
+    params: dict = field(default_factory=dict)       # name -> final value (this rank's experts only under EP)
 
     def imbalance(self, window: int = 1) -> list[float]:
         """max/mean expert load per step, worst MoE layer (1.0 is perfectly balanced), of the
@@ -166,7 +168,7 @@ def train_moe(cfg: GPTConfig, steps: int = 5, batch_size: int = 8, seed: int = 0
     model.to(device())
     data = SyntheticData(cfg.vocab, cfg.seq, seed)
     opt = make_optimizer(model.parameters(), **optim)
-    losses, aux, load, dropped, grads = [], [], [], [], {}
+    losses, aux, load, dropped, grads, first = [], [], [], [], {}, {}
     for step in tqdm(range(steps), disable=not progress, desc="moe"):
         x, y = (t.chunk(shards)[shard].to(device()) for t in data.batch(step, batch_size))
         opt.zero_grad(set_to_none=True)
@@ -176,8 +178,9 @@ def train_moe(cfg: GPTConfig, steps: int = 5, batch_size: int = 8, seed: int = 0
             loss.backward()
         if mesh is not None:
             sync_grads(model, mesh)
-        if step == steps - 1:
+        if step in (0, steps - 1):
             grads = {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters() if p.grad is not None}
+            first = first or grads
         with trace.span("opt"):
             opt.step()
         step_loss, step_aux, step_load, step_dropped = _bookkeeping(model, loss, mesh is not None)
@@ -189,7 +192,8 @@ def train_moe(cfg: GPTConfig, steps: int = 5, batch_size: int = 8, seed: int = 0
     layers = moe_layers(model)
     return MoERun(losses, aux, grads, logits.detach().cpu(), load, dropped, [m.stats["keep"] for m in layers],
                   [m.expert_bias.cpu().clone() for m in layers],
-                  [{k: v for k, v in m.stats.items() if k != "keep"} for m in layers], trace.events())
+                  [{k: v for k, v in m.stats.items() if k != "keep"} for m in layers], trace.events(), first,
+                  {n: p.detach().cpu().clone() for n, p in model.named_parameters()})
 
 
 def _bookkeeping(model, loss, distributed):

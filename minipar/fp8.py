@@ -153,27 +153,30 @@ def apply_fp8(model: GPT, recipe: str = "delayed", history_len: int = 16) -> dic
 
 
 def train_precision(cfg: GPTConfig, mode: str = "fp32", steps: int = 20, batch_size: int = 8, seed: int = 0,
-                    recipe: str = "delayed", history_len: int = 16) -> dict:
+                    recipe: str = "delayed", history_len: int = 16, **optim) -> dict:
     """Single-device training in one numeric format; the parameters and AdamW stay fp32
     (the master weights) in every mode.
 
     mode: "fp32"; "bf16" (matmuls under CPU autocast in bf16); "fp8" (the blocks' linears
     through FP8Linear, the rest under bf16 autocast, as Transformer Engine runs).
-    Returns {"losses", "trackers": {linear name: FP8Linear} (fp8 only)}."""
+    Returns {"losses", "grads" (the first step's), "params" (final), "trackers": {linear name:
+    FP8Linear} (fp8 only)}. `optim`: overrides of `make_optimizer` (kind="sgd" for parity tests)."""
     if mode not in ("fp32", "bf16", "fp8"):
         raise ValueError(f"mode must be 'fp32', 'bf16' or 'fp8', got {mode!r}")
     torch.manual_seed(seed)
     model = GPT(cfg, seed)
     linears = apply_fp8(model, recipe, history_len) if mode == "fp8" else {}
-    opt = make_optimizer(model.parameters())
+    opt = make_optimizer(model.parameters(), **optim)
     data = SyntheticData(cfg.vocab, cfg.seq, seed)
-    losses = []
+    losses, grads = [], {}
     for step in range(steps):
         x, y = data.batch(step, batch_size)
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "fp32"):
             _, loss = model(x, y)
         loss.backward()
+        grads = grads or {n: p.grad.clone() for n, p in model.named_parameters()}
         opt.step()
         losses.append(loss.item())
-    return {"losses": losses, "trackers": linears}
+    return {"losses": losses, "grads": grads, "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "trackers": linears}

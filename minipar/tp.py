@@ -270,16 +270,17 @@ def unshard(per_rank: list) -> dict:
 
 
 def train_tp(cfg: GPTConfig, steps: int = 5, batch_size: int = 8, seed: int = 0, group="tp",
-             sequence_parallel: bool = False, regather: bool = True) -> dict:
+             sequence_parallel: bool = False, regather: bool = True, **optim) -> dict:
     """The reference training loop on one TP rank (call inside `launch`, with a Mesh holding `group`).
 
-    Every rank of the group sees the same batch. Returns this rank's losses, final
-    logits on step 0's batch, last-step gradients and final parameters (as shards)."""
+    Every rank of the group sees the same batch. Returns this rank's losses, final logits on step
+    0's batch, the first and the last step's gradients ("first_grads", "grads") and the final
+    parameters, as shards. `optim`: overrides of `make_optimizer` (kind="sgd" for parity tests)."""
     torch.manual_seed(seed)
     model = TPGPT(GPT(cfg, seed), group, sequence_parallel, regather).to(device())
     data = SyntheticData(cfg.vocab, cfg.seq, seed)
-    opt = make_optimizer(model.parameters())
-    losses = []
+    opt = make_optimizer(model.parameters(), **optim)
+    losses, first = [], None
     for step in range(steps):
         x, y = (t.to(device()) for t in data.batch(step, batch_size))
         opt.zero_grad(set_to_none=True)
@@ -289,10 +290,11 @@ def train_tp(cfg: GPTConfig, steps: int = 5, batch_size: int = 8, seed: int = 0,
             sync_sequence_parallel_grads(model, group)
         losses.append(loss.item())
         grads = shards_of(model, "grad")
+        first = first or grads
         opt.step()
     with torch.no_grad():
         logits = model(data.batch(0, batch_size)[0].to(device())).cpu()
-    return {"losses": losses, "logits": logits, "grads": grads, "params": shards_of(model)}
+    return {"losses": losses, "logits": logits, "first_grads": first, "grads": grads, "params": shards_of(model)}
 
 
 def _train_rank(t, cfg, kw):
@@ -301,13 +303,15 @@ def _train_rank(t, cfg, kw):
 
 
 def run_tp(cfg: GPTConfig, t: int, steps: int = 5, batch_size: int = 8, seed: int = 0,
-           sequence_parallel: bool = False, regather: bool = True) -> dict:
+           sequence_parallel: bool = False, regather: bool = True, **optim) -> dict:
     """Check the sizes, then `train_tp` on t simulated ranks; return rank 0's losses and the
-    full logits, gradients and parameters put back together from every rank's shards."""
+    full logits, gradients (first and last step) and parameters put back together from every rank's shards."""
     check_tp(cfg, t, sequence_parallel)  # before any process starts
     if cfg.experts:
         raise ConfigError(["TPGPT covers dense blocks: set experts=0 (minipar.train composes MoE with tp)"])
-    kw = dict(steps=steps, batch_size=batch_size, seed=seed, sequence_parallel=sequence_parallel, regather=regather)
+    kw = dict(steps=steps, batch_size=batch_size, seed=seed, sequence_parallel=sequence_parallel, regather=regather,
+              **optim)
     out = launch(_train_rank, t, t, cfg, kw)
     return {"losses": out[0]["losses"], "logits": torch.cat([o["logits"] for o in out], -1),
-            "grads": unshard([o["grads"] for o in out]), "params": unshard([o["params"] for o in out])}
+            "first_grads": unshard([o["first_grads"] for o in out]), "grads": unshard([o["grads"] for o in out]),
+            "params": unshard([o["params"] for o in out])}

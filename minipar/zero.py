@@ -325,10 +325,21 @@ class ZeRO(nn.Module):
     @torch.no_grad()
     def full_parameters(self) -> dict[str, torch.Tensor]:
         """{name: full fp32 parameter}, gathered (untraced: it is not part of training)."""
+        return self._by_name([u.shard for u in self.units] if self.stage == 3 else [u.flat for u in self.units])
+
+    @torch.no_grad()
+    def full_gradients(self, grads: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{name: full fp32 gradient} from each unit's shard `grads` (what `reduce_gradients` returned
+        and `apply` unscaled), gathered untraced: for parity tests, not part of training."""
+        return self._by_name(grads)
+
+    def _by_name(self, flats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Unit buffers (whole, or this rank's shard: then all-gathered) cut into named tensors."""
         out = {}
         with trace.enabled(False):
-            for u in self.units:
-                flat = comm.all_gather(u.shard, group=self.group) if self.stage == 3 else u.flat
+            for u, flat in zip(self.units, flats):
+                if flat.numel() != u.padded:
+                    flat = comm.all_gather(flat, group=self.group)
                 off = 0
                 for p in u.params:
                     out[self.names[id(p)]] = flat[off:off + p.numel()].view(p.shape).float().clone()
@@ -349,22 +360,30 @@ def _span(name: str, t0):
 
 def train_zero(cfg: GPTConfig, stage=3, steps: int = 5, batch_size: int = 8, seed: int = 0, grad_accum: int = 1,
                recompute=None, offload=False, precision: MixedPrecision | None = None, group=None,
-               prefetch: bool = True, inject_overflow_at: int | None = None, nvme_dir: str | None = None) -> dict:
+               prefetch: bool = True, inject_overflow_at: int | None = None, nvme_dir: str | None = None,
+               capture: bool = False, **optim) -> dict:
     """Run on every rank: ZeRO training of the reference GPT. Returns losses, the final
     parameters, this rank's model-state bytes (measured before the last step) and the
     loss scaler's history. `inject_overflow_at=k` puts an inf in rank 0's gradient at step k. With
-    offload="nvme" (before launching: `check_offload("nvme", dir, nvme_bytes(gpt_units(GPT(cfg)), N))`), `io`."""
+    offload="nvme" (before launching: `check_offload("nvme", dir, nvme_bytes(gpt_units(GPT(cfg)), N))`), `io`.
+    capture=True adds `grads`: the first step's gradients as the optimizer applied them (averaged
+    over the group, unscaled), gathered to full shape. `optim`: overrides of `make_optimizer`
+    (kind="sgd" for parity tests of the parameters)."""
     torch.manual_seed(seed)
     model = GPT(cfg, seed).to(device())
     if recompute:
         apply_recompute(model, recompute)
     with trace.enabled(False):  # the trace holds the training steps, not the setup
-        z = ZeRO(model, stage, group, offload=offload, precision=precision, prefetch=prefetch, nvme_dir=nvme_dir)
-    mem = {}
+        z = ZeRO(model, stage, group, offload=offload, precision=precision, prefetch=prefetch, nvme_dir=nvme_dir,
+                 optim=optim)
+    mem, first = {}, {}
 
     def step():
         mem.update(z.model_state_bytes())
-        z.step()
+        grads = z.reduce_gradients()
+        z.apply(grads)
+        if capture and not first:
+            first.update(z.full_gradients(grads))
 
     def inject(step):
         if step == inject_overflow_at and comm.local_rank(z.group) == 0:
@@ -373,4 +392,4 @@ def train_zero(cfg: GPTConfig, stage=3, steps: int = 5, batch_size: int = 8, see
     losses = train_steps(z, step, cfg, steps, batch_size, seed, grad_accum, spans=z.stage != 3, on_backward=inject)
     return dict(losses=losses, params=z.full_parameters(), memory=mem, io=getattr(z.optim, "io", None),
                 num_params=sum(u.numel for u in z.units), padded_params=sum(u.padded for u in z.units),
-                scale_history=z.scaler.history if z.scaler else [])
+                scale_history=z.scaler.history if z.scaler else [], **(dict(grads=first) if capture else {}))

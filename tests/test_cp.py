@@ -10,6 +10,10 @@ import minipar
 from minipar import cp, runtime, trace
 from minipar.activations import SavedActivations
 from minipar.model import GPT, GPTConfig, SyntheticData, train_reference
+from torch.utils.flop_counter import FlopCounterMode
+
+from _parity import assert_grads_match, assert_params_match
+from _wire import handed_to_backend, total
 
 B, H, S, D = 2, 4, 32, 8
 CASES = [("ring", causal, layout) for causal in (True, False) for layout in cp.LAYOUTS]
@@ -111,35 +115,41 @@ SETUPS = [("ring", "zigzag"), ("ring", "contiguous"), ("ulysses", "contiguous")]
 
 
 def _train_all():
-    return {s: cp.train_rank(CFG, steps=3, batch_size=4, seed=0, method=s[0], layout=s[1]) for s in SETUPS}
+    return {s: cp.train_rank(CFG, steps=3, batch_size=4, seed=0, method=s[0], layout=s[1], kind="sgd") for s in SETUPS}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return train_reference(CFG, steps=1, batch_size=4).grads, train_reference(CFG, steps=3, batch_size=4, kind="sgd")
+
+
+def _assert_matches(res, reference, what):
+    """The first backward's gradients (every rank's, all-reduced over cp), then losses and parameters after
+    3 SGD steps (tests/_parity.py)."""
+    first, ref = reference
+    assert_grads_match(res["first_grads"], first, what=what)
+    assert res["losses"] == pytest.approx(ref.losses, abs=1e-5), what
+    assert_params_match(res["params"], dict(ref.model.named_parameters()), what=what)
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_gpt_with_cp_matches_reference_after_3_steps(world):
-    ref = train_reference(CFG, steps=3, batch_size=4, seed=0)
+def test_gpt_with_cp_matches_reference_gradients_and_sgd_parameters(world, reference):
     for rank, results in enumerate(minipar.launch(_train_all, world)):
         for setup, res in results.items():
-            assert res["losses"] == pytest.approx(ref.losses, abs=1e-5), (world, setup, rank)
-            assert res["losses"][0] != res["losses"][-1]  # it trained
-            assert set(res["grads"]) == set(ref.grads)
-            for name, g in ref.grads.items():
-                assert torch.allclose(res["grads"][name], g, atol=1e-5), (world, setup, rank, name)
+            _assert_matches(res, reference, (world, setup, rank))
 
 
 def _train_on_mesh():
     from minipar.mesh import Mesh
     mesh = Mesh(cp=2, dp=2)  # cp groups {0, 2} and {1, 3}: ring neighbours are not consecutive ranks
-    return mesh.ranks("cp"), {s: cp.train_rank(CFG, 3, 4, 0, *s, group="cp") for s in SETUPS[::2]}
+    return mesh.ranks("cp"), {s: cp.train_rank(CFG, 3, 4, 0, *s, group="cp", kind="sgd") for s in SETUPS[::2]}
 
 
-def test_cp_over_a_mesh_axis():
-    ref = train_reference(CFG, steps=3, batch_size=4, seed=0)
+def test_cp_over_a_mesh_axis(reference):
     for rank, (members, results) in enumerate(minipar.launch(_train_on_mesh, 4)):
         assert members == [rank % 2, rank % 2 + 2]
         for setup, res in results.items():
-            assert res["losses"] == pytest.approx(ref.losses, abs=1e-5), setup
-            for name, g in ref.grads.items():
-                assert torch.allclose(res["grads"][name], g, atol=1e-5), (setup, rank, name)
+            _assert_matches(res, reference, (setup, rank))
 
 
 # ----------------------------------------------------------------------------- bytes and FLOPs
@@ -149,23 +159,26 @@ def _measure_comm(h_kv):
     out = {}
     for method, layout in (("ring", "zigzag"), ("ring", "contiguous"), ("ulysses", "contiguous")):
         mine = [cp.shard_sequence(t, r, n, layout).requires_grad_() for t in (q, k, v)]
-        trace.reset()
         fn = cp.ring_attention if method == "ring" else cp.ulysses_attention
-        y = fn(*mine, layout=layout) if method == "ring" else fn(*mine)
-        fwd = trace.events()
         trace.reset()
-        y.backward(cp.shard_sequence(dout, r, n, layout))
-        bwd = trace.events()
-        op = "send" if method == "ring" else "all_to_all"
-        out[(method, layout)] = {
-            "forward": sum(e.bytes for e in fwd if e.name == op), "backward": sum(e.bytes for e in bwd if e.name == op),
-            "count": (sum(e.name == op for e in fwd), sum(e.name == op for e in bwd)),
-            "flops": sum(e.flops for e in fwd if e.cat == "compute")}
+        with handed_to_backend() as fwd, FlopCounterMode(display=False) as fwd_flops:
+            y = fn(*mine, layout=layout) if method == "ring" else fn(*mine)
+        traced = trace.events()
+        with handed_to_backend() as bwd, FlopCounterMode(display=False) as bwd_flops:
+            y.backward(cp.shard_sequence(dout, r, n, layout))
+        op = "batch_p2p" if method == "ring" else "all_to_all"
+        out[(method, layout)] = {   # bytes sent: from what was handed to the backend; FLOPs: counted
+            "forward": total(fwd, op, "sent"), "backward": total(bwd, op, "sent"),
+            "count": (sum(c.op == op for c in fwd), sum(c.op == op for c in bwd)),
+            "flops": (fwd_flops.get_total_flops(), bwd_flops.get_total_flops()),
+            "traced_flops": sum(e.flops for e in traced if e.cat == "compute")}
     return out
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_bytes_and_flops_match_the_formulas(world):
+    """Bytes from the tensors handed to the backend (tests/_wire.py), FLOPs from torch's FlopCounterMode
+    (2mnk per matmul), each equal to its formula exactly."""
     h_kv = world  # GQA at cp=2, plain multi-head at cp=4
     per_rank = minipar.launch(_measure_comm, world, h_kv)
     ring_kv = cp.ring_bytes(B, h_kv, S, D, world)
@@ -174,13 +187,18 @@ def test_bytes_and_flops_match_the_formulas(world):
         for layout in cp.LAYOUTS:
             got = m[("ring", layout)]
             assert (got["forward"], got["backward"]) == (ring_kv["forward"], ring_kv["backward"])
-            assert got["count"] == (world - 1, 2 * world - 1)
-            assert got["flops"] == cp.ring_flops(B, H, S, D, world, rank, layout)
+            assert got["count"] == (world - 1, 2 * world - 1)   # one batched send/recv per ring step
+            # forward: QKᵀ and PV, 4·b·h·c²·d per visited pair; backward: QKᵀ again, dO·Vᵀ, dS·K, dSᵀ·Q, Pᵀ·dO
+            want = cp.ring_flops(B, H, S, D, world, rank, layout)
+            assert got["flops"] == (want, want // 4 * 10), (layout, rank)
+            assert got["traced_flops"] == want     # what the trace's spans say equals what was counted
         got = m[("ulysses", "contiguous")]
-        assert (got["forward"], got["backward"], got["count"]) == (uly["forward"], uly["backward"], (4, 4))
+        # Ulysses' payload: Q, K, V, O each way; of each, the (cp-1)/cp for other ranks leaves this one
+        assert (got["count"], got["forward"]) == ((4, 4), uly["forward"] * (world - 1) // world)
+        assert got["backward"] == uly["backward"] * (world - 1) // world
     # zigzag: every rank the same causal work; contiguous: rank r does r+1 blocks, the last cp times the first
-    zig = [m[("ring", "zigzag")]["flops"] for m in per_rank]
-    con = [m[("ring", "contiguous")]["flops"] for m in per_rank]
+    zig = [m[("ring", "zigzag")]["flops"][0] for m in per_rank]
+    con = [m[("ring", "contiguous")]["flops"][0] for m in per_rank]
     assert len(set(zig)) == 1
     assert zig[0] * 2 * (world + 1) == sum(con) / world * (2 * world + 1)  # smaller diagonal blocks waste less
     assert con == [con[0] * (r + 1) for r in range(world)] and max(con) / min(con) == world

@@ -5,7 +5,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minipar import fp8
-from minipar.model import GPT, GPTConfig
+from minipar.model import GPT, GPTConfig, make_optimizer, train_reference
+
+from _parity import assert_grads_match, grad_errors, grad_scales
 
 CFG = GPTConfig(vocab=32, seq=16, layers=2, heads=2, hidden=32)
 
@@ -74,3 +76,33 @@ def test_apply_fp8_swaps_the_blocks_linears_only_and_trains_like_bf16():
     assert abs(f8[-1] - bf16[-1]) < 0.02 * bf16[-1]
     with pytest.raises(ValueError, match="mode"):
         fp8.train_precision(CFG, "fp4")
+
+
+# Measured on CFG (max over tensors, relative to each tensor's scale; ATEN_CPU_CAPABILITY=default and avx2):
+# bf16 autocast 7.6e-3 to 8.6e-3 = 2.0 to 2.2 u with bf16's u = 2^-8, bound 16 u as for ZeRO's bf16 (test_zero.py);
+# FP8 0.115 to 0.137: the backward GEMMs read dY in E5M2 (3 significant bits, u = 2^-3) and X, W in E4M3
+# (u = 2^-4), so one product is off by up to u_e5m2 + u_e4m3 = 0.19 before sums average it; bound 2 u_e5m2 = 0.25.
+# Unscaled FP8 (recipe "none") flushes the gradients to zero: error 1.0, which the bound refuses.
+PRECISION_TOL = {"bf16": 16 * 2.0**-8, "fp8": 2 * 2.0**-3}
+FORWARD_U = {"bf16": 2.0**-8, "fp8": 2.0**-4}      # the loss is a mean of values computed in these formats
+
+
+def test_bf16_and_fp8_match_fp32_within_their_precision():
+    """The first step's gradients against the fp32 reference's, then 3 SGD steps: the parameters are fp32
+    masters, so they are off by what the gradients' error moved them (steps x lr x tol x scale, twice for
+    the later steps' gradients). fp32 mode is the reference loop itself: bitwise equal."""
+    steps = 3
+    first = train_reference(CFG, 1, 8).grads
+    ref = train_reference(CFG, steps, 8, kind="sgd")
+    lr, scale = make_optimizer(ref.model.parameters(), kind="sgd").defaults["lr"], grad_scales(first)
+    fp32 = fp8.train_precision(CFG, "fp32", steps=steps, kind="sgd")
+    assert fp32["losses"] == ref.losses and all(torch.equal(fp32["grads"][n], g) for n, g in first.items())
+    for mode, tol in PRECISION_TOL.items():
+        run = fp8.train_precision(CFG, mode, steps=steps, kind="sgd")
+        assert_grads_match(run["grads"], first, tol=tol, what=mode)
+        assert run["losses"] == pytest.approx(ref.losses, abs=FORWARD_U[mode] * max(ref.losses)), mode
+        for n, p in ref.model.named_parameters():
+            bound = 2 * steps * lr * tol * scale[n] + 1e-8
+            assert (run["params"][n] - p.detach()).abs().max().item() <= bound, (mode, n)
+    unscaled = fp8.train_precision(CFG, "fp8", steps=1, recipe="none")["grads"]
+    assert max(grad_errors(unscaled, first).values()) > PRECISION_TOL["fp8"]   # what scaling buys

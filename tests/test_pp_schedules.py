@@ -111,6 +111,19 @@ def test_t_comm_adds_hops():
     assert r.makespan == pytest.approx((m + p - 1) * 3.0 + 2 * (p - 1) * 0.25)
 
 
+@pytest.mark.parametrize("p,m,v", [(2, 4, 2), (4, 4, 2), (4, 8, 2), (4, 8, 4), (8, 16, 2), (3, 6, 3)])
+def test_interleaved_warmup_hides_the_transfers_and_bounds_the_activations(p, m, v):
+    """Megatron-LM's interleaved warm-up, (v-1)p + 2(p-1-r) forwards on rank r (its schedules.py): the
+    2(p-1-r) covers the round trip to the last rank and back, so with a transfer time t_comm (small against
+    t_f) only the fill and the drain pay it, once per hop along the pv - 1 chunk boundaries each way; and rank
+    r holds at most warm-up + 1 micro-batches' activations. A shorter warm-up stalls each steady-state
+    backward on its transfer; a longer one holds more activations for nothing."""
+    t_comm = 0.25
+    r = simulate(build_schedule("interleaved_1f1b", p, m, v), 1.0, 2.0, t_comm=t_comm)
+    assert r.makespan == pytest.approx((m + (p - 1) / v) * 3.0 + 2 * (p * v - 1) * t_comm)
+    assert r.peak_activations == {q: min((v - 1) * p + 2 * (p - 1 - q) + 1, m * v) for q in range(p)}
+
+
 @pytest.mark.parametrize("name", SCHEDULES)
 @settings(max_examples=12, deadline=None)
 @given(data=st.data(), p=st.integers(1, 8), m=st.integers(1, 32), v=st.integers(1, 4))

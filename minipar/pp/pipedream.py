@@ -51,10 +51,10 @@ class StashingRunner(StepRunner):
     """The executor with weight stashing: F runs on a stashed copy of the current version,
     B differentiates that copy, and the live weights update every `update_every` backwards."""
 
-    def __init__(self, schedule, lowered, stages, act_shape):
+    def __init__(self, schedule, lowered, stages, act_shape, **optim):
         super().__init__(schedule, lowered, stages, act_shape)
         self.loss_scale = 1.0 / schedule.update_every
-        self.opt = {s: make_optimizer(st.parameters()) for s, st in stages.items()}
+        self.opt = {s: make_optimizer(st.parameters(), **optim) for s, st in stages.items()}
         self.version = {s: 0 for s in stages}
         self.stash = {s: {} for s in stages}               # stage -> {version: [tensors]}
         self.used, self.backs = {}, {s: 0 for s in stages}
@@ -86,22 +86,24 @@ class StashingRunner(StepRunner):
         self.stash[stage] = {v: t for v, t in self.stash[stage].items() if v in alive}
 
 
-def train_pipedream(schedule: Schedule, cfg: GPTConfig, mb_size: int = 2, seed: int = 0) -> dict:
+def train_pipedream(schedule: Schedule, cfg: GPTConfig, mb_size: int = 2, seed: int = 0, **optim) -> dict:
     """Run under `launch(train_pipedream, p, ...)`: the schedule's m micro-batches as one stream.
-    Returns per rank {"losses": {mb: loss}, "params", "log": [(F|B, stage, mb, version)], "max_live"}."""
+    Returns per rank {"losses": {mb: loss}, "params", "log": [(F|B, stage, mb, version)], "max_live"}.
+    `optim`: overrides of `make_optimizer` (kind="sgd" for parity tests)."""
     if schedule.update_every is None:
         raise ValueError(f"{schedule.name} is synchronous; build 'pipedream' or 'pipedream_2bw' for this runner")
     rank, m = runtime.rank(), schedule.num_microbatches
     check_config(schedule, cfg)
     stages = build_stages(GPT(cfg, seed), schedule, rank)
-    runner = StashingRunner(schedule, validate(schedule)[rank], stages, lambda mb: (mb_size, cfg.seq, cfg.hidden))
+    runner = StashingRunner(schedule, validate(schedule)[rank], stages, lambda mb: (mb_size, cfg.seq, cfg.hidden),
+                            **optim)
     x, y = SyntheticData(cfg.vocab, cfg.seq, seed).batch(0, m * mb_size)
     runner.run(x.chunk(m), y.chunk(m))
     return {"losses": runner.mb_losses, "log": runner.log, "max_live": runner.max_live,
             "params": {n: p.detach().clone() for st in stages.values() for n, p in st.named_parameters()}}
 
 
-def pipedream_reference(schedule: Schedule, cfg: GPTConfig, mb_size: int = 2, seed: int = 0):
+def pipedream_reference(schedule: Schedule, cfg: GPTConfig, mb_size: int = 2, seed: int = 0, **optim):
     """One device, micro-batch by micro-batch: forward/backward on the versions the pipeline
     would use, then each stage's update. Returns ({mb: loss}, {name: final weight})."""
     check_config(schedule, cfg)
@@ -109,7 +111,7 @@ def pipedream_reference(schedule: Schedule, cfg: GPTConfig, mb_size: int = 2, se
     gpt = GPT(cfg, seed)
     stages = [Stage(gpt, r, k == 0, k == n - 1) for k, r in enumerate(part_ranges(cfg, n))]
     names = [[nm for nm, _ in st.named_parameters()] for st in stages]
-    opts = [make_optimizer(st.parameters()) for st in stages]
+    opts = [make_optimizer(st.parameters(), **optim) for st in stages]
     history = [[[p.detach().clone() for p in st.parameters()]] for st in stages]
     v = versions_used(schedule)
     x, y = SyntheticData(cfg.vocab, cfg.seq, seed).batch(0, m * mb_size)

@@ -253,12 +253,13 @@ def _mirror_groups(schedule):
 
 
 def train_pipeline(schedule: Schedule, cfg: GPTConfig, steps: int = 2, batch_size: int = 8, seed: int = 0,
-                   recompute: bool = False, stage_layers=None) -> dict:
-    """Run under `minipar.launch(train_pipeline, p, ...)`: `steps` AdamW steps on the reference data.
+                   recompute: bool = False, stage_layers=None, **optim) -> dict:
+    """Run under `minipar.launch(train_pipeline, p, ...)`: `steps` AdamW steps on the reference data
+    (`optim`: overrides of `make_optimizer`, e.g. kind="sgd" for parity tests).
 
     Returns per rank {"losses": this rank's share of each step's loss (sum over ranks = the
-    step loss), "grads": {name: last step's gradient}, "params": {name: final value},
-    "times": seconds per step, "events": this rank's trace}."""
+    step loss), "first_grads" and "grads": {name: the first and the last step's gradient},
+    "params": {name: final value}, "times": seconds per step, "events": this rank's trace}."""
     rank, n_events = runtime.rank(), len(trace.events())
     if runtime.world_size() != schedule.num_ranks:
         raise ValueError(f"schedule is for {schedule.num_ranks} ranks, launched on {runtime.world_size()}")
@@ -270,10 +271,10 @@ def train_pipeline(schedule: Schedule, cfg: GPTConfig, steps: int = 2, batch_siz
         layer.groups = cfg.moe_groups // m
     stages = {s: st.to(runtime.device()) for s, st in build_stages(gpt, schedule, rank, stage_layers).items()}
     mirror = _mirror_groups(schedule) if schedule.name == "dualpipe" else None
-    opt = make_optimizer([p for st in stages.values() for p in st.parameters()])
+    opt = make_optimizer([p for st in stages.values() for p in st.parameters()], **optim)
     data = SyntheticData(cfg.vocab, cfg.seq, seed)
     runner = StepRunner(schedule, lowered, stages, lambda mb: (batch_size // m, cfg.seq, cfg.hidden), recompute)
-    losses, grads, times = [], {}, []
+    losses, grads, first, times = [], {}, {}, []
     for step in range(steps):
         t0 = runtime.wall()
         x, y = data.batch(step, batch_size)
@@ -283,8 +284,9 @@ def train_pipeline(schedule: Schedule, cfg: GPTConfig, steps: int = 2, batch_siz
             ps = [p for s in sorted(stages, key=lambda s: schedule.part[s]) for p in stages[s].parameters()]
             comm.all_reduce_grads(ps, group=mirror[rank])
         grads = {n: p.grad.clone() for st in stages.values() for n, p in st.named_parameters()}
+        first = first or grads
         opt.step()
         times.append(runtime.wall() - t0)
     params = {n: p.detach().clone() for st in stages.values() for n, p in st.named_parameters()}
-    return {"losses": losses, "grads": grads, "params": params, "times": times,
+    return {"losses": losses, "first_grads": first, "grads": grads, "params": params, "times": times,
             "events": trace.events()[n_events:]}
