@@ -37,17 +37,27 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .cp import attention_fn, check_config as check_cp, sequence_positions
+from .cp import attention_fn, sequence_positions
+from .cp import check_config as check_cp
 from .ep import expert_parallel
 from .mesh import Mesh, check_sizes
 from .model import GPT, GPTConfig
-from .moe import check_config as check_moe, moe_layers, split_tokens
+from .moe import check_config as check_moe
+from .moe import moe_layers, split_tokens
 from .optim import Optimizer, stage_units
 from .pp import build_schedule
-from .pp.stage import Stage, build_stages as build_pipeline_stages, stage_layer_counts
+from .pp.stage import Stage, stage_layer_counts
+from .pp.stage import build_stages as build_pipeline_stages
 from .recompute import apply_recompute
-from .tp import (ColumnParallelLinear, ParallelAttention, ParallelBlock, VocabParallelEmbedding, check_tp,
-                 column_parallel, vocab_parallel_cross_entropy)
+from .tp import (
+    ColumnParallelLinear,
+    ParallelAttention,
+    ParallelBlock,
+    VocabParallelEmbedding,
+    check_tp,
+    column_parallel,
+    vocab_parallel_cross_entropy,
+)
 from .validation import Problems
 
 __all__ = ["ParallelConfig", "AXES", "TRAIN_SCHEDULES", "check", "ComposedStage", "build_stages",

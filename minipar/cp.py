@@ -37,9 +37,10 @@ import torch
 from . import comm, mappings, trace
 from .collectives import ring_neighbours
 from .model import GPT, SyntheticData, make_optimizer
+from .result import TrainResult
 from .runtime import device
-from .validation import Problems
 from .ulysses import ulysses_attention, ulysses_bytes
+from .validation import Problems
 
 __all__ = ["LAYOUTS", "chunk_ids", "shard_sequence", "unshard_sequence", "sequence_positions",
            "attend", "attend_backward", "attention_fn", "merge_attention", "visible_pairs", "ring_attention", "ulysses_attention",
@@ -296,7 +297,7 @@ def local_batch(x, y, rank: int, size: int, layout: str = "zigzag"):
 
 
 def train_rank(cfg, steps: int = 3, batch_size: int = 4, seed: int = 0, method: str = "ring",
-               layout: str = "zigzag", group=None, **optim) -> dict:
+               layout: str = "zigzag", group=None, **optim) -> TrainResult:
     """Run inside `launch`: the reference loop with the sequence split over `group`.
 
     Every rank holds the same tokens count, so the full-sequence mean loss is the mean of the
@@ -320,5 +321,5 @@ def train_rank(cfg, steps: int = 3, batch_size: int = 4, seed: int = 0, method: 
         grads = {k: p.grad.detach().cpu().clone() for k, p in model.named_parameters()}
         first = first or grads
         opt.step()
-    return {"losses": losses, "first_grads": first, "grads": grads,
-            "params": {k: p.detach().cpu().clone() for k, p in model.named_parameters()}}
+    return TrainResult(losses, first_grads=first, grads=grads,
+                       params={k: p.detach().cpu().clone() for k, p in model.named_parameters()})

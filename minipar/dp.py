@@ -41,6 +41,7 @@ from . import comm, trace
 from .mesh import get_mesh
 from .model import GPT, GPTConfig, SyntheticData, make_optimizer
 from .recompute import apply_recompute
+from .result import TrainResult
 from .runtime import device
 
 __all__ = ["DDP", "default_group", "held_bytes", "local_batch", "check_batch", "train_steps", "train_ddp"]
@@ -230,7 +231,7 @@ def train_steps(engine, step_fn, cfg: GPTConfig, steps: int, batch_size: int, se
 
 
 def train_ddp(cfg: GPTConfig, steps: int = 5, batch_size: int = 8, seed: int = 0, grad_accum: int = 1,
-              recompute=None, group=None, bucket_mb: float = 25.0, reduce_dtype=None, **optim) -> dict:
+              recompute=None, group=None, bucket_mb: float = 25.0, reduce_dtype=None, **optim) -> TrainResult:
     """Run on every rank: DDP training of the reference GPT. Returns losses, the first step's
     averaged gradients, the final parameters and the model-state bytes of this rank (measured
     before the last step). `optim`: overrides of `make_optimizer` (kind="sgd" for parity tests)."""
@@ -250,5 +251,5 @@ def train_ddp(cfg: GPTConfig, steps: int = 5, batch_size: int = 8, seed: int = 0
         opt.step()
 
     losses = train_steps(ddp, step, cfg, steps, batch_size, seed, grad_accum)
-    return dict(losses=losses, grads=grads, params={n: p.detach().clone() for n, p in model.named_parameters()},
-                memory=mem, num_params=sum(p.numel() for p in model.parameters()))
+    return TrainResult(losses, first_grads=grads, params={n: p.detach().clone() for n, p in model.named_parameters()},
+                       extra=dict(memory=mem, num_params=sum(p.numel() for p in model.parameters())))

@@ -36,6 +36,7 @@ from . import comm, mappings, trace
 from .mesh import Mesh
 from .model import GPT, GPTConfig, SyntheticData, make_optimizer
 from .moe import check_config, combine, moe_layers, permute, skew_router, update_bias
+from .result import TrainResult
 from .runtime import device, launch
 from .validation import ConfigError
 
@@ -128,19 +129,17 @@ def sync_grads(model: GPT, mesh: Mesh) -> None:
 
 
 @dataclass
-class MoERun:
-    losses: list                   # per step, over the global batch (CE + aux)
-    aux_losses: list               # per step, the aux + z-loss part of `losses`
-    grads: dict                    # name -> gradient of the last step (this rank's experts only under EP)
-    logits: torch.Tensor           # last step, this rank's batch shard
-    load: list                     # per step: [moe layers, E] choices routed to each expert, global
-    dropped: list                  # per step: fraction of (token, choice) pairs dropped, global
-    keep: list                     # last step: [T_local, k] kept mask per MoE layer
-    bias: list                     # final expert bias per MoE layer
-    stats: list = field(default_factory=list)    # last step: each MoE layer's stats on this rank
-    events: list = field(default_factory=list)   # this rank's trace events
-    first_grads: dict = field(default_factory=dict)  # name -> gradient of the first step (as `grads`)
-    params: dict = field(default_factory=dict)       # name -> final value (this rank's experts only under EP)
+class MoERun(TrainResult):
+    """`TrainResult` (first-step and last-step gradients, parameters: this rank's experts only
+    under EP) plus the router's records."""
+    aux_losses: list = field(default_factory=list)  # per step, the aux + z-loss part of `losses`
+    logits: torch.Tensor | None = None             # last step, this rank's batch shard
+    load: list = field(default_factory=list)       # per step: [moe layers, E] choices routed to each expert, global
+    dropped: list = field(default_factory=list)    # per step: fraction of (token, choice) pairs dropped, global
+    keep: list = field(default_factory=list)       # last step: [T_local, k] kept mask per MoE layer
+    bias: list = field(default_factory=list)       # final expert bias per MoE layer
+    stats: list = field(default_factory=list)      # last step: each MoE layer's stats on this rank
+    events: list = field(default_factory=list)     # this rank's trace events
 
     def imbalance(self, window: int = 1) -> list[float]:
         """max/mean expert load per step, worst MoE layer (1.0 is perfectly balanced), of the
@@ -190,10 +189,11 @@ def train_moe(cfg: GPTConfig, steps: int = 5, batch_size: int = 8, seed: int = 0
         dropped.append(step_dropped)
         update_bias(model, gamma, loads=list(step_load))    # after the step, as DeepSeek-V3 does
     layers = moe_layers(model)
-    return MoERun(losses, aux, grads, logits.detach().cpu(), load, dropped, [m.stats["keep"] for m in layers],
-                  [m.expert_bias.cpu().clone() for m in layers],
-                  [{k: v for k, v in m.stats.items() if k != "keep"} for m in layers], trace.events(), first,
-                  {n: p.detach().cpu().clone() for n, p in model.named_parameters()})
+    return MoERun(losses, first_grads=first, grads=grads,
+                  params={n: p.detach().cpu().clone() for n, p in model.named_parameters()},
+                  aux_losses=aux, logits=logits.detach().cpu(), load=load, dropped=dropped,
+                  keep=[m.stats["keep"] for m in layers], bias=[m.expert_bias.cpu().clone() for m in layers],
+                  stats=[{k: v for k, v in m.stats.items() if k != "keep"} for m in layers], events=trace.events())
 
 
 def _bookkeeping(model, loss, distributed):

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .model import GPT, GPTConfig, SyntheticData, make_optimizer
+from .result import TrainResult
 
 __all__ = ["FORMATS", "fp8_max", "fake_quant", "ScaleTracker", "FP8Linear", "apply_fp8", "train_precision",
            "RECIPES"]
@@ -153,7 +154,7 @@ def apply_fp8(model: GPT, recipe: str = "delayed", history_len: int = 16) -> dic
 
 
 def train_precision(cfg: GPTConfig, mode: str = "fp32", steps: int = 20, batch_size: int = 8, seed: int = 0,
-                    recipe: str = "delayed", history_len: int = 16, **optim) -> dict:
+                    recipe: str = "delayed", history_len: int = 16, **optim) -> TrainResult:
     """Single-device training in one numeric format; the parameters and AdamW stay fp32
     (the master weights) in every mode.
 
@@ -178,5 +179,5 @@ def train_precision(cfg: GPTConfig, mode: str = "fp32", steps: int = 20, batch_s
         grads = grads or {n: p.grad.clone() for n, p in model.named_parameters()}
         opt.step()
         losses.append(loss.item())
-    return {"losses": losses, "grads": grads, "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-            "trackers": linears}
+    return TrainResult(losses, first_grads=grads, params={n: p.detach().clone() for n, p in model.named_parameters()},
+                       extra=dict(trackers=linears))

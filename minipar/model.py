@@ -10,8 +10,6 @@ feed-forward is `minipar.moe.MoE`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .layers import MLP, Attention, GPTConfig, init_gpt, init_tensor, sdpa_causal
 from .moe import MoE
+from .result import TrainResult
 
 __all__ = ["GPTConfig", "GPT", "Block", "Attention", "MLP", "init_tensor", "init_gpt", "sdpa_causal", "SyntheticData",
            "make_optimizer", "train_reference", "TrainResult", "OPTIM"]
@@ -113,12 +112,6 @@ def make_optimizer(params, kind: str = "adamw", **overrides) -> torch.optim.Opti
     return torch.optim.AdamW(params, **{**OPTIM, **overrides}, foreach=False)
 
 
-@dataclass
-class TrainResult:
-    losses: list
-    model: GPT
-    grads: dict         # name -> gradient of the last step (before the optimizer step)
-
 
 def train_reference(cfg: GPTConfig, steps: int = 5, batch_size: int = 8, seed: int = 0,
                     grad_accum: int = 1, progress: bool = False, **optim) -> TrainResult:
@@ -130,7 +123,7 @@ def train_reference(cfg: GPTConfig, steps: int = 5, batch_size: int = 8, seed: i
     model = GPT(cfg, seed)
     data = SyntheticData(cfg.vocab, cfg.seq, seed)
     opt = make_optimizer(model.parameters(), **optim)
-    losses, grads = [], {}
+    losses, grads, first = [], {}, {}
     for step in tqdm(range(steps), disable=not progress, desc="reference"):
         x, y = data.batch(step, batch_size)
         opt.zero_grad(set_to_none=True)
@@ -141,5 +134,7 @@ def train_reference(cfg: GPTConfig, steps: int = 5, batch_size: int = 8, seed: i
             total += loss.item() / grad_accum
         losses.append(total)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        first = first or grads
         opt.step()
-    return TrainResult(losses, model, grads)
+    return TrainResult(losses, first_grads=first, grads=grads, model=model,
+                       params={n: p.detach().clone() for n, p in model.named_parameters()})

@@ -33,11 +33,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import comm, mappings
-from .model import GPT, GPTConfig, make_optimizer, sdpa_causal, SyntheticData
+from .mappings import SEQ, gather_linear, sync_sequence_parallel_grads
 from .mesh import Mesh
+from .model import GPT, GPTConfig, SyntheticData, make_optimizer, sdpa_causal
+from .result import TrainResult
 from .runtime import device, launch
 from .validation import ConfigError, Problems
-from .mappings import SEQ, gather_linear, sync_sequence_parallel_grads
 
 __all__ = ["check_tp", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
            "vocab_parallel_cross_entropy", "column_parallel", "ParallelAttention", "ParallelMLP",
@@ -270,7 +271,7 @@ def unshard(per_rank: list) -> dict:
 
 
 def train_tp(cfg: GPTConfig, steps: int = 5, batch_size: int = 8, seed: int = 0, group="tp",
-             sequence_parallel: bool = False, regather: bool = True, **optim) -> dict:
+             sequence_parallel: bool = False, regather: bool = True, **optim) -> TrainResult:
     """The reference training loop on one TP rank (call inside `launch`, with a Mesh holding `group`).
 
     Every rank of the group sees the same batch. Returns this rank's losses, final logits on step
@@ -294,7 +295,7 @@ def train_tp(cfg: GPTConfig, steps: int = 5, batch_size: int = 8, seed: int = 0,
         opt.step()
     with torch.no_grad():
         logits = model(data.batch(0, batch_size)[0].to(device())).cpu()
-    return {"losses": losses, "logits": logits, "first_grads": first, "grads": grads, "params": shards_of(model)}
+    return TrainResult(losses, first_grads=first, grads=grads, params=shards_of(model), extra=dict(logits=logits))
 
 
 def _train_rank(t, cfg, kw):
@@ -303,7 +304,7 @@ def _train_rank(t, cfg, kw):
 
 
 def run_tp(cfg: GPTConfig, t: int, steps: int = 5, batch_size: int = 8, seed: int = 0,
-           sequence_parallel: bool = False, regather: bool = True, **optim) -> dict:
+           sequence_parallel: bool = False, regather: bool = True, **optim) -> TrainResult:
     """Check the sizes, then `train_tp` on t simulated ranks; return rank 0's losses and the
     full logits, gradients (first and last step) and parameters put back together from every rank's shards."""
     check_tp(cfg, t, sequence_parallel)  # before any process starts
@@ -312,6 +313,6 @@ def run_tp(cfg: GPTConfig, t: int, steps: int = 5, batch_size: int = 8, seed: in
     kw = dict(steps=steps, batch_size=batch_size, seed=seed, sequence_parallel=sequence_parallel, regather=regather,
               **optim)
     out = launch(_train_rank, t, t, cfg, kw)
-    return {"losses": out[0]["losses"], "logits": torch.cat([o["logits"] for o in out], -1),
-            "first_grads": unshard([o["first_grads"] for o in out]), "grads": unshard([o["grads"] for o in out]),
-            "params": unshard([o["params"] for o in out])}
+    return TrainResult(out[0].losses, first_grads=unshard([o.first_grads for o in out]),
+                       grads=unshard([o.grads for o in out]), params=unshard([o.params for o in out]),
+                       extra=dict(logits=torch.cat([o["logits"] for o in out], -1)))

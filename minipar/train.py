@@ -40,8 +40,10 @@ from .cp import local_batch
 from .mesh import Mesh
 from .model import GPTConfig, SyntheticData, train_reference
 from .plan import GPUS, get_gpu, mfu, model_flops
-from .pp import build_schedule, validate as validate_schedule
+from .pp import build_schedule
+from .pp import validate as validate_schedule
 from .pp.runtime import StepRunner
+from .result import TrainResult
 from .timeline import plot_timeline
 from .validation import exit_on_error
 
@@ -87,7 +89,7 @@ def save(directory, step, cfg, pc, mesh, named, opt, seed, losses=()) -> None:
 
 
 # ----------------------------------------------------------------------------- one rank
-def train_rank(cfg: GPTConfig, pc: ParallelConfig, run: RunConfig, attempt: int = 0, resume_from: str | None = None) -> dict:
+def train_rank(cfg: GPTConfig, pc: ParallelConfig, run: RunConfig, attempt: int = 0, resume_from: str | None = None) -> TrainResult:
     """One rank's training loop (inside `launch` or under torchrun). `resume_from`: a checkpoint
     directory (its newest step, or run.resume_step); `attempt` counts restarts (faults are
     injected on attempt 0 only)."""
@@ -186,9 +188,9 @@ def train_rank(cfg: GPTConfig, pc: ParallelConfig, run: RunConfig, attempt: int 
         metrics.close()
     with trace.enabled(False):
         params = full_tensors(opt.values(), named, mesh) if run.capture else {}
-    return {"losses": losses, "times": times, "peaks": peaks, "start": start, "events": trace.gather(),
-            "state_bytes": opt.state_bytes(), "coords": mesh.coords(), "stopped": stopped, "saved": saved,
-            "grads": first_grads, "params": params}
+    return TrainResult(losses, first_grads=first_grads, params=params,
+                       extra=dict(times=times, peaks=peaks, start=start, events=trace.gather(),
+                                  state_bytes=opt.state_bytes(), coords=mesh.coords(), stopped=stopped, saved=saved))
 
 
 def full_tensors(local: dict, named, mesh: Mesh) -> dict:

@@ -47,6 +47,7 @@ from .model import GPT, GPTConfig
 from .offload import check_offload, nvme_bytes, shard_optimizer
 from .precision import MixedPrecision
 from .recompute import apply_recompute
+from .result import TrainResult
 from .runtime import device
 
 __all__ = ["ZeRO", "Unit", "FSDP_NAMES", "stage_of", "gpt_units", "nvme_bytes", "check_offload", "train_zero"]
@@ -361,7 +362,7 @@ def _span(name: str, t0):
 def train_zero(cfg: GPTConfig, stage=3, steps: int = 5, batch_size: int = 8, seed: int = 0, grad_accum: int = 1,
                recompute=None, offload=False, precision: MixedPrecision | None = None, group=None,
                prefetch: bool = True, inject_overflow_at: int | None = None, nvme_dir: str | None = None,
-               capture: bool = False, **optim) -> dict:
+               capture: bool = False, **optim) -> TrainResult:
     """Run on every rank: ZeRO training of the reference GPT. Returns losses, the final
     parameters, this rank's model-state bytes (measured before the last step) and the
     loss scaler's history. `inject_overflow_at=k` puts an inf in rank 0's gradient at step k. With
@@ -390,6 +391,7 @@ def train_zero(cfg: GPTConfig, stage=3, steps: int = 5, batch_size: int = 8, see
             z.local_grads()[0][0] = float("inf")
 
     losses = train_steps(z, step, cfg, steps, batch_size, seed, grad_accum, spans=z.stage != 3, on_backward=inject)
-    return dict(losses=losses, params=z.full_parameters(), memory=mem, io=getattr(z.optim, "io", None),
-                num_params=sum(u.numel for u in z.units), padded_params=sum(u.padded for u in z.units),
-                scale_history=z.scaler.history if z.scaler else [], **(dict(grads=first) if capture else {}))
+    return TrainResult(losses, first_grads=first if capture else None, params=z.full_parameters(),
+                       extra=dict(memory=mem, io=getattr(z.optim, "io", None), num_params=sum(u.numel for u in z.units),
+                                  padded_params=sum(u.padded for u in z.units),
+                                  scale_history=z.scaler.history if z.scaler else []))

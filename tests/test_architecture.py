@@ -10,7 +10,7 @@ ROOT = pathlib.Path(minipar.__file__).parent
 # Layers, top (imported by everything) to bottom (imports everything). A module may import
 # modules of its own layer or of layers above it. Mirrors the table in DEVELOPING.md.
 LAYERS = [
-    ["validation"],                                             # a leaf: no minipar imports
+    ["validation", "result"],                                   # leaves: no minipar imports
     ["runtime"],                                                # starting ranks
     ["mesh"],                                                   # named axes
     ["streams", "trace", "comm", "mappings", "timeline", "explore", "sim", "activations"],   # communication, what happened

@@ -96,13 +96,13 @@ def test_bf16_and_fp8_match_fp32_within_their_precision():
     ref = train_reference(CFG, steps, 8, kind="sgd")
     lr, scale = make_optimizer(ref.model.parameters(), kind="sgd").defaults["lr"], grad_scales(first)
     fp32 = fp8.train_precision(CFG, "fp32", steps=steps, kind="sgd")
-    assert fp32["losses"] == ref.losses and all(torch.equal(fp32["grads"][n], g) for n, g in first.items())
+    assert fp32["losses"] == ref.losses and all(torch.equal(fp32["first_grads"][n], g) for n, g in first.items())
     for mode, tol in PRECISION_TOL.items():
         run = fp8.train_precision(CFG, mode, steps=steps, kind="sgd")
-        assert_grads_match(run["grads"], first, tol=tol, what=mode)
+        assert_grads_match(run["first_grads"], first, tol=tol, what=mode)
         assert run["losses"] == pytest.approx(ref.losses, abs=FORWARD_U[mode] * max(ref.losses)), mode
         for n, p in ref.model.named_parameters():
             bound = 2 * steps * lr * tol * scale[n] + 1e-8
             assert (run["params"][n] - p.detach()).abs().max().item() <= bound, (mode, n)
-    unscaled = fp8.train_precision(CFG, "fp8", steps=1, recipe="none")["grads"]
+    unscaled = fp8.train_precision(CFG, "fp8", steps=1, recipe="none")["first_grads"]
     assert max(grad_errors(unscaled, first).values()) > PRECISION_TOL["fp8"]   # what scaling buys

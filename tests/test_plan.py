@@ -241,7 +241,15 @@ def test_nemotron4_340b_on_h100_iteration_times(tables):
 def test_every_public_row_mean_and_worst(tables):
     rows = [r for rs in tables.values() for r in rs if not r["name"].startswith("ZeRO-3")]
     s = validation.summary(rows)
-    assert s["rows"] == 35 and s["mean"] <= 0.06 and s["worst"] <= 0.15, s
+    # measured 4.25% and 9.97% (README): the bounds sit just above, so a change that worsens the fit fails
+    assert s["rows"] == 35 and s["mean"] <= 0.045 and s["worst"] <= 0.105, s
+
+
+def test_moe_rows_are_over_predicted_as_the_readme_says():
+    """The known miss, kept honest: the planner models MoE's all-to-all and expert GEMMs as if
+    dense-efficient, so it predicts 29-144% more throughput than Megatron-Bridge published (README)."""
+    rows = validation.megatron_bridge_moe()
+    assert len(rows) == 4 and all(0.25 <= r["error"] <= 1.5 for r in rows), [(r["name"], r["error"]) for r in rows]
 
 
 def test_estimate_api_names_and_units():

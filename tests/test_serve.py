@@ -25,6 +25,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from minipar.mesh import Mesh
 from minipar.model import GPT, GPTConfig
@@ -268,3 +270,23 @@ def test_choose_layout():
     tight = S.choose_layout("70b", 8, "h100", latency_target=0.0125, context=2048)
     assert tight.best["layout"] == S.Layout(tp=8)                         # only TP8 is fast enough
     assert S.main(["--gpus", "0", "--latency-ms", "x", "--model", "1t"]) == 2
+
+
+@pytest.mark.parametrize("batch, prompt, layers", [(1, 5, 1), (4, 11, 2), (3, 7, 3)])
+def test_a_decode_steps_flops_counted_by_torch_equal_the_formula_exactly(batch, prompt, layers):
+    """2Ψ'b + 4hLΣc (plan.serving): every multiplying weight does a multiply-add per token, attention
+    4h FLOPs per layer per cached position read. Counted by FlopCounterMode, attention on its math path."""
+    cfg = GPTConfig(vocab=64, seq=64, layers=layers, heads=4, hidden=32)
+    reqs = [Request(i, tuple(range(1, prompt + 1 + i)), 3) for i in range(batch)]
+    runner = StageRunner(cfg, ServeConfig().parallel(), Mesh(pp=1, dp=1, ep=1, tp=1), seed=0, num_blocks=64,
+                         block_size=4)
+    front = Frontend(reqs, max_batch=batch, num_blocks=64, block_size=4)
+    (step,) = front.advance(0.0)                                       # the prefill
+    tokens = runner.sample(step, runner.forward(step, runner.embed(step, [t for r in reqs for t in r.prompt])))
+    (step,) = front.advance(0.0)                                       # one decode step
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        runner.sample(step, runner.forward(step, runner.embed(step, tokens)))
+    m = S.ServingModel.from_gpt(cfg)
+    ctx = sum(w.start + 1 for w in step.works)
+    assert len(step.works) == batch and ctx == sum(prompt + i + 1 for i in range(batch))
+    assert counter.get_total_flops() == 2 * m.matmul_params * batch + 4 * cfg.hidden * cfg.layers * ctx

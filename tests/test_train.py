@@ -37,7 +37,7 @@ def run(flags, steps=20) -> Run:
     out = runtime.launch(train_rank, pc.world_size, cfg, pc, rc, 0, rc.resume, timeout=180)
     grads, params = {}, {}
     for o in out:
-        grads.update(o["grads"])
+        grads.update(o["first_grads"])
         params.update(o["params"])
     return Run(out[0]["losses"], grads, params, cfg, rc, out)
 

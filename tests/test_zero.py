@@ -63,7 +63,7 @@ def test_every_stage_matches_the_single_device_gradients_and_sgd_parameters(worl
                                  train_reference(cfg, STEPS, 8, 0, grad_accum=acc, kind="sgd"))
         first, ref = refs[hidden, acc]
         what = f"{engine} world={world} accum={acc} recompute={rc} hidden={hidden}"
-        assert_grads_match(res["grads"], first, what=what)
+        assert_grads_match(res["first_grads"], first, what=what)
         assert res["losses"] == pytest.approx(ref.losses, abs=1e-5), what
         want = dict(ref.model.named_parameters())
         assert_moved(want, GPT(cfg, 0))   # the steps moved the model far beyond the bound below
@@ -154,12 +154,12 @@ def test_bf16_and_fp16_with_loss_scaling_match_fp32_within_their_precision():
     for name, u in UNIT_ROUNDOFF.items():
         for r in range(2):
             out = res[r][name]
-            assert_grads_match(out["grads"], first, tol=GROWTH * u, what=f"{name} rank {r}")
+            assert_grads_match(out["first_grads"], first, tol=GROWTH * u, what=f"{name} rank {r}")
             assert out["losses"] == pytest.approx(ref.losses, abs=u * max(ref.losses)), name
             for n, p in ref.model.named_parameters():
                 bound = 2 * u * p.abs().max().item() + 2.0**-24 + 2 * STEPS * lr * GROWTH * u * scale[n]
                 assert (out["params"][n] - p.detach()).abs().max().item() <= bound, (name, r, n)
-        errs = grad_errors(res[0][name]["grads"], first)
+        errs = grad_errors(res[0][name]["first_grads"], first)
         assert max(errs.values()) > u / 4, f"{name}: no rounding visible; did the run compute in {name}?"
 
 
@@ -238,7 +238,7 @@ def test_our_zero3_matches_fsdp2_fully_shard(fsdp2_runs, offload):
     two, which is exact), so they agree to the bit here; 1e-6 leaves room for a backend that sums in
     another order, which AdamW would amplify only for elements at the noise level (none here move)."""
     for ours, theirs in (r[offload] for r in fsdp2_runs):
-        assert_grads_match(ours["grads"], theirs["grads"], tol=1e-6)
+        assert_grads_match(ours["first_grads"], theirs["grads"], tol=1e-6)
         assert ours["losses"] == pytest.approx(theirs["losses"], abs=1e-6)
         for n, p in theirs["params"].items():
             assert (ours["params"][n] - p).abs().max().item() < 1e-6, n

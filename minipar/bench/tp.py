@@ -27,13 +27,19 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel,
-                                               loss_parallel, parallelize_module)
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    loss_parallel,
+    parallelize_module,
+)
 
 from .. import Mesh, launch
-from ..model import GPT, GPTConfig, SyntheticData, make_optimizer
 from ..compose import ParallelConfig, build_stages, loss_of
 from ..mappings import sync_sequence_parallel_grads
+from ..model import GPT, GPTConfig, SyntheticData, make_optimizer
 from ..optim import Optimizer
 from ..runtime import device
 from ..tp import TPGPT, check_tp

@@ -16,8 +16,17 @@ Rabenseifner & Gropp 2005) are `cost.alpha_beta`; the planner prices collectives
 NCCL picks among ring, tree (a pipelined double binary tree) and, on NVSwitch and SHARP fabrics,
 in-network reductions by message size and topology; the α-β model is how to reason about that choice.
 """
-from .cost import (ALGORITHMS, OPS_OF, alpha_beta, chunks, collective_time, critical_path,
-                   hierarchical_alpha_beta, padded_numel, traffic)
+from .cost import (
+                   ALGORITHMS,
+                   OPS_OF,
+                   alpha_beta,
+                   chunks,
+                   collective_time,
+                   critical_path,
+                   hierarchical_alpha_beta,
+                   padded_numel,
+                   traffic,
+)
 from .halving_doubling import halving_doubling_all_reduce
 from .hierarchical import INTER_ALGORITHMS, hierarchical_all_reduce
 from .pairwise import pairwise_all_to_all

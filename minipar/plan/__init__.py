@@ -10,8 +10,17 @@ a hardware table, cluster topologies, a step-time model and an auto-planner. Eve
 """
 from .arch import ARCH_FIELDS, MODELS, ModelShape, get_model
 from .estimate import ASSUMPTIONS, Assumptions, Estimate, estimate, memory_breakdown, stage_params
-from .formulas import (activation_bytes_per_gpu, activation_bytes_per_layer, comm_bytes,
-                       context_parallel_layer_bytes, hardware_flops, in_flight_microbatches, mfu, model_flops, num_params)
+from .formulas import (
+                       activation_bytes_per_gpu,
+                       activation_bytes_per_layer,
+                       comm_bytes,
+                       context_parallel_layer_bytes,
+                       hardware_flops,
+                       in_flight_microbatches,
+                       mfu,
+                       model_flops,
+                       num_params,
+)
 from .hardware import GPU, GPUS, LINKS, Link, add_gpu, add_link, get_gpu, get_link
 from .memory import model_state_bytes
 from .pipeline import PIPELINE_SCHEDULES, pipeline_makespan, simulator_available

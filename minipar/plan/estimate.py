@@ -43,10 +43,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..validation import ConfigError
 from .arch import ModelShape
 from .checks import check_layout
 from .formulas import comm_bytes
-from ..validation import ConfigError
 from .hardware import GPU, get_link
 from .memory import stage_memory, stage_params
 from .pipeline import SCHEDULE_ALIASES, _rank_work, pipeline_makespan

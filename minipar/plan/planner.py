@@ -22,8 +22,8 @@ from dataclasses import dataclass, field, replace
 
 from .arch import MODELS, ModelShape, get_model
 from .estimate import ASSUMPTIONS, Assumptions, Estimate, estimate
-from .memory import stage_memory
 from .hardware import get_gpu, get_link
+from .memory import stage_memory
 from .topology import Topology, get_topology
 
 __all__ = ["MODELS", "ModelShape", "plan", "Plan", "get_model"]

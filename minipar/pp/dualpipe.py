@@ -24,6 +24,7 @@ from collections import defaultdict
 
 from .actions import Action
 
+
 def _dualpipe_rank(n, pos, chunks, s0, s1, first0, first1):
     """DeepSeek's DualPipe step() for one rank (github.com/deepseek-ai/DualPipe), as data.
 

@@ -26,9 +26,10 @@ from torch.func import functional_call
 
 from .. import runtime
 from ..model import GPT, GPTConfig, SyntheticData, make_optimizer
+from ..result import TrainResult
 from .runtime import StepRunner, check_config, loss_fn
-from .stage import Stage, build_stages, part_ranges
 from .schedules import Schedule
+from .stage import Stage, build_stages, part_ranges
 from .validate import validate
 
 __all__ = ["versions_used", "train_pipedream", "pipedream_reference"]
@@ -86,7 +87,7 @@ class StashingRunner(StepRunner):
         self.stash[stage] = {v: t for v, t in self.stash[stage].items() if v in alive}
 
 
-def train_pipedream(schedule: Schedule, cfg: GPTConfig, mb_size: int = 2, seed: int = 0, **optim) -> dict:
+def train_pipedream(schedule: Schedule, cfg: GPTConfig, mb_size: int = 2, seed: int = 0, **optim) -> TrainResult:
     """Run under `launch(train_pipedream, p, ...)`: the schedule's m micro-batches as one stream.
     Returns per rank {"losses": {mb: loss}, "params", "log": [(F|B, stage, mb, version)], "max_live"}.
     `optim`: overrides of `make_optimizer` (kind="sgd" for parity tests)."""
@@ -99,8 +100,9 @@ def train_pipedream(schedule: Schedule, cfg: GPTConfig, mb_size: int = 2, seed: 
                             **optim)
     x, y = SyntheticData(cfg.vocab, cfg.seq, seed).batch(0, m * mb_size)
     runner.run(x.chunk(m), y.chunk(m))
-    return {"losses": runner.mb_losses, "log": runner.log, "max_live": runner.max_live,
-            "params": {n: p.detach().clone() for st in stages.values() for n, p in st.named_parameters()}}
+    return TrainResult(runner.mb_losses, params={n: p.detach().clone() for st in stages.values()
+                                                  for n, p in st.named_parameters()},
+                       extra=dict(log=runner.log, max_live=runner.max_live))
 
 
 def pipedream_reference(schedule: Schedule, cfg: GPTConfig, mb_size: int = 2, seed: int = 0, **optim):

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from .. import comm, runtime, trace
 from ..model import GPT, GPTConfig, SyntheticData, make_optimizer
 from ..moe import moe_layers
+from ..result import TrainResult
 from ..validation import Problems
 from .schedules import Schedule
 from .stage import build_stages, stage_layer_counts
@@ -253,7 +254,7 @@ def _mirror_groups(schedule):
 
 
 def train_pipeline(schedule: Schedule, cfg: GPTConfig, steps: int = 2, batch_size: int = 8, seed: int = 0,
-                   recompute: bool = False, stage_layers=None, **optim) -> dict:
+                   recompute: bool = False, stage_layers=None, **optim) -> TrainResult:
     """Run under `minipar.launch(train_pipeline, p, ...)`: `steps` AdamW steps on the reference data
     (`optim`: overrides of `make_optimizer`, e.g. kind="sgd" for parity tests).
 
@@ -288,5 +289,5 @@ def train_pipeline(schedule: Schedule, cfg: GPTConfig, steps: int = 2, batch_siz
         opt.step()
         times.append(runtime.wall() - t0)
     params = {n: p.detach().clone() for st in stages.values() for n, p in st.named_parameters()}
-    return {"losses": losses, "first_grads": first, "grads": grads, "params": params, "times": times,
-            "events": trace.events()[n_events:]}
+    return TrainResult(losses, first_grads=first, grads=grads, params=params,
+                       extra=dict(times=times, events=trace.events()[n_events:]))

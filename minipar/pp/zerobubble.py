@@ -13,6 +13,7 @@ from collections import defaultdict
 
 from .actions import Action
 
+
 def _zero_bubble(p, m, limit):
     """The Zero Bubble paper's heuristic (Qi et al. 2024, Sec. 3.1), run on unit costs
     t_f = t_i = t_w: whenever a rank is free it runs, in this priority,

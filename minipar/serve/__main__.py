@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt
 from .. import runtime, trace
 from ..model import GPT, GPTConfig
 from ..timeline import plot_timeline
-from ..validation import Float, Int, Invalid, Problems, ArgumentParser, exit_on_error
+from ..validation import ArgumentParser, Float, Int, Invalid, Problems, exit_on_error
 from .engine import ServeConfig, check_serve, serve, sizes_ok
 from .workload import format_summary, make_requests, parse_range, reference
 
