@@ -5,6 +5,7 @@ Start with `launch` (ranks), `Mesh` (named axes), `comm` (traced communication),
 Strategies live one per module: dp, zero, tp, pp, cp, moe; `train` composes them
 and `plan` predicts them at cluster scale.
 """
+
 from .mesh import Mesh, MeshError
 from .runtime import RankError, device, launch
 

@@ -18,6 +18,7 @@ Three rules make the number mean "activations":
 Nested `saved_tensors_hooks` replace each other, so nothing else inside the block
 may install its own.
 """
+
 from __future__ import annotations
 
 import torch

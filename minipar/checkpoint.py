@@ -23,6 +23,7 @@ Atomicity: ranks write into `step_N.partial/`, each file through a temporary nam
 rewrites `latest`, each an atomic rename. A crash at any point leaves the previous checkpoint
 and `latest` untouched.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,8 +35,17 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Piece", "save", "load", "read_metadata", "has_checkpoint", "Checkpoint", "CheckpointError", "box_piece",
-           "flat_piece"]
+__all__ = [
+    "Piece",
+    "save",
+    "load",
+    "read_metadata",
+    "has_checkpoint",
+    "Checkpoint",
+    "CheckpointError",
+    "box_piece",
+    "flat_piece",
+]
 
 
 class CheckpointError(RuntimeError):
@@ -45,9 +55,10 @@ class CheckpointError(RuntimeError):
 @dataclass(frozen=True)
 class Piece:
     """Where a local tensor sits inside the full tensor of its key."""
+
     full_shape: tuple
-    box: tuple | None = None    # ((start, stop), ...) per dimension
-    flat: tuple | None = None   # (start, stop) in the flattened full tensor
+    box: tuple | None = None  # ((start, stop), ...) per dimension
+    flat: tuple | None = None  # (start, stop) in the flattened full tensor
 
 
 def box_piece(full_shape, dim: int = 0, index: int = 0, parts: int = 1) -> Piece:
@@ -90,8 +101,14 @@ def _atomic_write(path: str, write) -> None:
     os.replace(tmp, path)
 
 
-def save(directory: str, step: int, shards: dict, meta: dict | None = None, layout: dict | None = None,
-         _after_rank_file=None) -> str:
+def save(
+    directory: str,
+    step: int,
+    shards: dict,
+    meta: dict | None = None,
+    layout: dict | None = None,
+    _after_rank_file=None,
+) -> str:
     """Collective. `shards` is {key: (tensor, Piece)} for what this rank holds (keys such as
     "param/blocks.0.attn.q.weight" or "exp_avg/..."); a key may appear on several ranks
     (replicas): any copy is used. Returns the final directory."""
@@ -110,10 +127,17 @@ def save(directory: str, step: int, shards: dict, meta: dict | None = None, layo
         _after_rank_file()
     _barrier()
     if r == 0:
-        files = {f"rank_{i:05d}.pt": {"bytes": os.path.getsize(os.path.join(partial, f"rank_{i:05d}.pt")),
-                                      "sha256": _sha256(os.path.join(partial, f"rank_{i:05d}.pt"))} for i in range(n)}
+        files = {
+            f"rank_{i:05d}.pt": {
+                "bytes": os.path.getsize(os.path.join(partial, f"rank_{i:05d}.pt")),
+                "sha256": _sha256(os.path.join(partial, f"rank_{i:05d}.pt")),
+            }
+            for i in range(n)
+        }
         doc = {"step": step, "world_size": n, "layout": layout or {}, "meta": meta or {}, "files": files}
-        _atomic_write(os.path.join(partial, "metadata.json"), lambda f: f.write(json.dumps(doc, indent=1).encode()))
+        _atomic_write(
+            os.path.join(partial, "metadata.json"), lambda f: f.write(json.dumps(doc, indent=1).encode())
+        )
         if os.path.exists(final):  # saving the same step again: move the old one out of the way first
             shutil.rmtree(final + ".old", ignore_errors=True)
             os.replace(final, final + ".old")
@@ -131,8 +155,10 @@ class Checkpoint:
         self.path = path
         meta_path = os.path.join(path, "metadata.json")
         if not os.path.exists(meta_path):
-            raise CheckpointError(f"{path} has no metadata.json: it is not a complete minipar checkpoint "
-                                  f"(a save that crashed leaves a .partial directory, which is ignored)")
+            raise CheckpointError(
+                f"{path} has no metadata.json: it is not a complete minipar checkpoint "
+                f"(a save that crashed leaves a .partial directory, which is ignored)"
+            )
         try:
             self.doc = json.load(open(meta_path))
         except json.JSONDecodeError as e:
@@ -140,11 +166,14 @@ class Checkpoint:
         for name, info in self.doc["files"].items():
             f = os.path.join(path, name)
             if not os.path.exists(f):
-                raise CheckpointError(f"checkpoint {path} is missing {name}; it was saved by "
-                                      f"{self.doc['world_size']} ranks")
+                raise CheckpointError(
+                    f"checkpoint {path} is missing {name}; it was saved by {self.doc['world_size']} ranks"
+                )
             if os.path.getsize(f) != info["bytes"] or _sha256(f) != info["sha256"]:
-                raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match the size and sha256 "
-                                      f"recorded at save time; load an earlier step instead")
+                raise CheckpointError(
+                    f"checkpoint {path} is corrupt: {name} does not match the size and sha256 "
+                    f"recorded at save time; load an earlier step instead"
+                )
         self._pieces: dict[str, list] = {}
         for name in sorted(self.doc["files"]):
             for key, (t, p) in torch.load(os.path.join(path, name), weights_only=False).items():
@@ -163,8 +192,10 @@ class Checkpoint:
 
     def full(self, key: str) -> torch.Tensor:
         if key not in self._pieces:
-            raise CheckpointError(f"checkpoint {self.path} has no {key!r}; it has {len(self._pieces)} keys such as "
-                                  f"{self.keys()[:3]}: was it saved from a different model?")
+            raise CheckpointError(
+                f"checkpoint {self.path} has no {key!r}; it has {len(self._pieces)} keys such as "
+                f"{self.keys()[:3]}: was it saved from a different model?"
+            )
         pieces = self._pieces[key]
         shape = pieces[0][1].full_shape
         out = torch.full(shape, float("nan"), dtype=pieces[0][0].dtype)
@@ -173,7 +204,7 @@ class Checkpoint:
             if p.full_shape != shape:
                 raise CheckpointError(f"{key}: pieces disagree on the full shape ({p.full_shape} vs {shape})")
             if p.flat is not None:
-                flat[p.flat[0]:p.flat[1]] = t.reshape(-1)
+                flat[p.flat[0] : p.flat[1]] = t.reshape(-1)
             else:
                 out[tuple(slice(a, b) for a, b in (p.box or [(0, s) for s in shape]))] = t
         if out.is_floating_point() and torch.isnan(out).any():
@@ -182,7 +213,11 @@ class Checkpoint:
 
     def check_meta(self, **expected) -> None:
         """Raise, listing every difference, unless the saved meta has these values (e.g. config=...)."""
-        diffs = [f"{k}: saved {self.meta.get(k)!r}, now {v!r}" for k, v in expected.items() if self.meta.get(k) != v]
+        diffs = [
+            f"{k}: saved {self.meta.get(k)!r}, now {v!r}"
+            for k, v in expected.items()
+            if self.meta.get(k) != v
+        ]
         if diffs:
             raise CheckpointError(f"checkpoint {self.path} does not match this run: " + "; ".join(diffs))
 
@@ -200,9 +235,14 @@ def _path(directory: str, step: int | None) -> str:
             return os.path.join(directory, f.read().strip())
     path = os.path.join(directory, f"step_{step:06d}")
     if not os.path.isdir(path):
-        have = sorted(n for n in os.listdir(directory) if n.startswith("step_") and not n.endswith(".partial")) \
-            if os.path.isdir(directory) else []
-        raise CheckpointError(f"no checkpoint of step {step} in {directory}; it has {', '.join(have) or 'none'}")
+        have = (
+            sorted(n for n in os.listdir(directory) if n.startswith("step_") and not n.endswith(".partial"))
+            if os.path.isdir(directory)
+            else []
+        )
+        raise CheckpointError(
+            f"no checkpoint of step {step} in {directory}; it has {', '.join(have) or 'none'}"
+        )
     return path
 
 

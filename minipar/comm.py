@@ -12,6 +12,7 @@ On a GPU nothing is synchronized: an asynchronous call runs on the device's comm
 and a blocking one on the caller's stream, each between two CUDA events that the trace reads
 after the step; `wait()` makes the caller's stream wait, not the host (see `minipar.streams`).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -25,8 +26,24 @@ import torch.distributed as dist
 from . import runtime, streams, trace
 from .mesh import get_mesh, group_name
 
-__all__ = ["resolve", "size", "local_rank", "solo", "all_reduce", "all_gather", "reduce_scatter", "all_to_all",
-           "all_reduce_grads", "broadcast", "send", "recv", "isend", "irecv", "batch_p2p", "barrier"]
+__all__ = [
+    "resolve",
+    "size",
+    "local_rank",
+    "solo",
+    "all_reduce",
+    "all_gather",
+    "reduce_scatter",
+    "all_to_all",
+    "all_reduce_grads",
+    "broadcast",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "batch_p2p",
+    "barrier",
+]
 
 # The *_tensor collectives warn as deprecated in favour of the *_single forms; we use
 # the new names, and silence the warning in this one place should torch route through them.
@@ -97,14 +114,16 @@ class TracedWork:
             # gloo completes a collective on its own thread: stamp that moment, so an
             # overlapped collective ends on the timeline where it ended, not where it was waited on.
             try:
-                work.get_future().add_done_callback(lambda _: setattr(self, "finished_at", time.perf_counter()))
+                work.get_future().add_done_callback(
+                    lambda _: setattr(self, "finished_at", time.perf_counter())
+                )
             except RuntimeError:  # a backend without futures: fall back to the wait time
                 pass
 
     def wait(self):
         if not self.done:
             if self.work is not None:
-                with runtime.waiting(self.waiting_for()):   # what the deadlock detector reports
+                with runtime.waiting(self.waiting_for()):  # what the deadlock detector reports
                     self.work.wait()
             if self.after is not None:
                 self.after()
@@ -112,7 +131,6 @@ class TracedWork:
             trace.record(self.ev)
             self.done = True
         return self.tensor
-
 
     def waiting_for(self) -> str:
         peer = self.ev.meta.get("peer")
@@ -151,17 +169,17 @@ def _on_stream(dev, issue, evs, uses, async_op: bool, after=None):
     caller = dev.current()
     stream = dev.comm() if async_op else caller
     if stream is not caller:
-        stream.wait_stream(caller)            # the inputs were written on the caller's stream
+        stream.wait_stream(caller)  # the inputs were written on the caller's stream
     start, end = dev.event(), dev.event()
     with dev.use(stream):
         start.record(stream)
         for work in issue():
             if work is not None:
-                work.wait()                   # NCCL: this stream waits for the collective; the host does not
+                work.wait()  # NCCL: this stream waits for the collective; the host does not
         if after is not None:
             after()
         end.record(stream)
-    for t in uses:                            # memory the stream still uses is not recycled under it
+    for t in uses:  # memory the stream still uses is not recycled under it
         dev.keep(t, stream)
     for ev in evs:
         trace.record_timed(ev, start, end, dev)
@@ -172,11 +190,13 @@ def _run(op, name, axis, payload, wire, tensor, async_op, after=None, uses=(), r
     """Issue `op` (traced); `tensor` is what it writes, `uses` what else it reads, `result` what
     the handle returns (default `tensor`)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    ev = trace.Event(rank, name, "comm", time.perf_counter(), 0.0, axis=axis, bytes=payload, wire_bytes=wire, meta=meta)
+    ev = trace.Event(
+        rank, name, "comm", time.perf_counter(), 0.0, axis=axis, bytes=payload, wire_bytes=wire, meta=meta
+    )
     dev = streams.active()
     if dev is not None:
         end = _on_stream(dev, lambda: [op(True)], [ev], (tensor, *uses), async_op, after)
-        handle = StreamWork(dev, end, tensor, done=not async_op)   # blocking: it ran on the caller's stream
+        handle = StreamWork(dev, end, tensor, done=not async_op)  # blocking: it ran on the caller's stream
     else:
         handle = TracedWork(op(async_op), ev, tensor, after)
     if result is not None:
@@ -192,11 +212,21 @@ def all_reduce(t: torch.Tensor, op: str = "sum", group=None, async_op: bool = Fa
         return _Done(t) if async_op else t
     S = _nbytes(t)
     after = (lambda: t.div_(n)) if op == "avg" else None
-    return _run(lambda a: dist.all_reduce(t, _OPS["sum" if op == "avg" else op], group=pg, async_op=a),
-                "all_reduce", name, S, 2 * (n - 1) / n * S, t, async_op, after)
+    return _run(
+        lambda a: dist.all_reduce(t, _OPS["sum" if op == "avg" else op], group=pg, async_op=a),
+        "all_reduce",
+        name,
+        S,
+        2 * (n - 1) / n * S,
+        t,
+        async_op,
+        after,
+    )
 
 
-def all_gather(t: torch.Tensor, dim: int = 0, group=None, async_op: bool = False, out: torch.Tensor | None = None):
+def all_gather(
+    t: torch.Tensor, dim: int = 0, group=None, async_op: bool = False, out: torch.Tensor | None = None
+):
     """Concatenate every rank's `t` along `dim`; returns a new tensor, or fills `out`
     (dim 0 only: a preallocated buffer, e.g. ZeRO-3's flat parameter)."""
     pg, name, n = resolve(group)
@@ -207,11 +237,26 @@ def all_gather(t: torch.Tensor, dim: int = 0, group=None, async_op: bool = False
         return _Done(t) if async_op else t
     src = t.movedim(dim, 0).contiguous()
     if out is not None and (dim != 0 or out.shape != (n * src.shape[0], *src.shape[1:])):
-        raise ValueError(f"all_gather(out=) needs dim=0 and out of shape {(n * src.shape[0], *src.shape[1:])}")
-    out = torch.empty((n * src.shape[0], *src.shape[1:]), dtype=t.dtype, device=t.device) if out is None else out
+        raise ValueError(
+            f"all_gather(out=) needs dim=0 and out of shape {(n * src.shape[0], *src.shape[1:])}"
+        )
+    out = (
+        torch.empty((n * src.shape[0], *src.shape[1:]), dtype=t.dtype, device=t.device)
+        if out is None
+        else out
+    )
     S = _nbytes(out)
-    return _run(lambda a: _all_gather_single(out, src, group=pg, async_op=a),
-                "all_gather", name, S, (n - 1) / n * S, out, async_op, uses=(src,), result=out.movedim(0, dim))
+    return _run(
+        lambda a: _all_gather_single(out, src, group=pg, async_op=a),
+        "all_gather",
+        name,
+        S,
+        (n - 1) / n * S,
+        out,
+        async_op,
+        uses=(src,),
+        result=out.movedim(0, dim),
+    )
 
 
 def reduce_scatter(t: torch.Tensor, dim: int = 0, op: str = "sum", group=None, async_op: bool = False):
@@ -220,16 +265,30 @@ def reduce_scatter(t: torch.Tensor, dim: int = 0, op: str = "sum", group=None, a
     if _alone(n):
         return _Done(t) if async_op else t
     if t.shape[dim] % n:
-        raise ValueError(f"reduce_scatter along dim {dim} of size {t.shape[dim]} needs a multiple of {n} ranks")
+        raise ValueError(
+            f"reduce_scatter along dim {dim} of size {t.shape[dim]} needs a multiple of {n} ranks"
+        )
     src = t.movedim(dim, 0).contiguous()
     out = torch.empty((src.shape[0] // n, *src.shape[1:]), dtype=t.dtype, device=t.device)
     S = _nbytes(src)
     after = (lambda: out.div_(n)) if op == "avg" else None
-    return _run(lambda a: _reduce_scatter_single(out, src, _OPS["sum" if op == "avg" else op], group=pg, async_op=a),
-                "reduce_scatter", name, S, (n - 1) / n * S, out, async_op, after, uses=(src,), result=out.movedim(0, dim))
+    return _run(
+        lambda a: _reduce_scatter_single(out, src, _OPS["sum" if op == "avg" else op], group=pg, async_op=a),
+        "reduce_scatter",
+        name,
+        S,
+        (n - 1) / n * S,
+        out,
+        async_op,
+        after,
+        uses=(src,),
+        result=out.movedim(0, dim),
+    )
 
 
-def all_to_all(t: torch.Tensor, output_split_sizes=None, input_split_sizes=None, group=None, async_op: bool = False):
+def all_to_all(
+    t: torch.Tensor, output_split_sizes=None, input_split_sizes=None, group=None, async_op: bool = False
+):
     """all_to_all_single along dim 0, with optional uneven splits (rows sent to / received from each rank)."""
     pg, name, n = resolve(group)
     if _alone(n):
@@ -241,8 +300,11 @@ def all_to_all(t: torch.Tensor, output_split_sizes=None, input_split_sizes=None,
     me = dist.get_rank(pg)
     own = (input_split_sizes[me] if input_split_sizes is not None else t.shape[0] // n) * row_bytes
     S = _nbytes(t)
-    return _run(lambda a: dist.all_to_all_single(out, t, output_split_sizes, input_split_sizes, group=pg, async_op=a),
-                "all_to_all", name, S, S - own, out, async_op, uses=(t,))
+    wire = S - own  # the rows a rank sends itself never leave it
+    run = lambda a: dist.all_to_all_single(
+        out, t, output_split_sizes, input_split_sizes, group=pg, async_op=a
+    )
+    return _run(run, "all_to_all", name, S, wire, out, async_op, uses=(t,))
 
 
 def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False):
@@ -252,8 +314,15 @@ def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False):
         return _Done(t) if async_op else t
     S = _nbytes(t)
     me = dist.get_rank()
-    return _run(lambda a: dist.broadcast(t, src, group=pg, async_op=a), "broadcast", name, S,
-                S if me == src else 0, t, async_op)
+    return _run(
+        lambda a: dist.broadcast(t, src, group=pg, async_op=a),
+        "broadcast",
+        name,
+        S,
+        S if me == src else 0,
+        t,
+        async_op,
+    )
 
 
 def all_reduce_grads(params, group=None, scale: float = 1.0) -> None:
@@ -281,13 +350,17 @@ def isend(t: torch.Tensor, dst: int, group=None, tag: int = 0) -> TracedWork:
     """Post a send to global rank `dst`."""
     pg, name, _ = resolve(group)
     S, src = _nbytes(t), t.contiguous()
-    return _run(lambda a: dist.isend(src, dst, group=pg, tag=tag), "send", name, S, S, t, True, uses=(src,), peer=dst)
+    return _run(
+        lambda a: dist.isend(src, dst, group=pg, tag=tag), "send", name, S, S, t, True, uses=(src,), peer=dst
+    )
 
 
 def irecv(t: torch.Tensor, src: int, group=None, tag: int = 0) -> TracedWork:
     """Post a receive into `t` from global rank `src`."""
     pg, name, _ = resolve(group)
-    return _run(lambda a: dist.irecv(t, src, group=pg, tag=tag), "recv", name, _nbytes(t), 0, t, True, peer=src)
+    return _run(
+        lambda a: dist.irecv(t, src, group=pg, tag=tag), "recv", name, _nbytes(t), 0, t, True, peer=src
+    )
 
 
 def send(t: torch.Tensor, dst: int, group=None, tag: int = 0) -> None:
@@ -309,15 +382,31 @@ def batch_p2p(sends=(), recvs=(), group=None) -> list[TracedWork]:
     ops += [dist.P2POp(dist.irecv, t, s, group=pg) for t, s in recvs]
     if not ops:
         return []
-    rank, step = dist.get_rank(), next(_ROUNDS)   # one round id for the messages of one step
+    rank, step = dist.get_rank(), next(_ROUNDS)  # one round id for the messages of one step
     start = time.perf_counter()
-    evs = [trace.Event(rank, "send", "comm", start, 0.0, axis=name, bytes=_nbytes(t), wire_bytes=_nbytes(t),
-                       meta={"peer": d, "round": step}) for t, d in sends]
-    evs += [trace.Event(rank, "recv", "comm", start, 0.0, axis=name, bytes=_nbytes(t), meta={"peer": s, "round": step})
-            for t, s in recvs]
+    evs = [
+        trace.Event(
+            rank,
+            "send",
+            "comm",
+            start,
+            0.0,
+            axis=name,
+            bytes=_nbytes(t),
+            wire_bytes=_nbytes(t),
+            meta={"peer": d, "round": step},
+        )
+        for t, d in sends
+    ]
+    evs += [
+        trace.Event(
+            rank, "recv", "comm", start, 0.0, axis=name, bytes=_nbytes(t), meta={"peer": s, "round": step}
+        )
+        for t, s in recvs
+    ]
     tensors = [t for t, _ in sends] + [t for t, _ in recvs]
     dev = streams.active()
-    if dev is not None:   # one step on the communication stream: every op between the same two events
+    if dev is not None:  # one step on the communication stream: every op between the same two events
         end = _on_stream(dev, lambda: dist.batch_isend_irecv(ops), evs, [op.tensor for op in ops], True)
         return [StreamWork(dev, end, t) for t in tensors]
     works = dist.batch_isend_irecv(ops)

@@ -28,6 +28,7 @@ over them (`moe.split_tokens`) and the run is dropless.
 Gradients are then averaged over every replica of each parameter, and ZeRO 0-3 shards
 the model states over dp: `minipar.optim.Optimizer` (re-exported here).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -60,8 +61,18 @@ from .tp import (
 )
 from .validation import Problems
 
-__all__ = ["ParallelConfig", "AXES", "TRAIN_SCHEDULES", "check", "ComposedStage", "build_stages",
-           "stage_layer_counts", "mirror_group", "Optimizer", "stage_units"]
+__all__ = [
+    "ParallelConfig",
+    "AXES",
+    "TRAIN_SCHEDULES",
+    "check",
+    "ComposedStage",
+    "build_stages",
+    "stage_layer_counts",
+    "mirror_group",
+    "Optimizer",
+    "stage_units",
+]
 
 AXES = ("pp", "dp", "ep", "cp", "tp")
 
@@ -73,15 +84,15 @@ class ParallelConfig:
     tp: int = 1
     cp: int = 1
     ep: int = 1
-    zero: int = 0                     # ZeRO stage over dp: 0 all-reduce, 1 optimizer, 2 + gradients, 3 + parameters
-    sp: bool = False                  # sequence parallelism inside the tp group
-    schedule: str = "1f1b"            # pipeline schedule (minipar.pp.build_schedule names)
-    microbatches: int = 1             # per data shard and step (the gradient-accumulation steps)
-    chunks: int = 1                   # model chunks per pipeline rank (interleaved: v)
-    cp_method: str = "ring"           # "ring" or "ulysses"
-    cp_layout: str = "zigzag"         # "zigzag" or "contiguous"
-    recompute: str | None = None      # None, "full" or "selective"
-    precision: str = "fp32"           # "fp32" or "bf16" (autocast compute, fp32 master weights)
+    zero: int = 0  # ZeRO stage over dp: 0 all-reduce, 1 optimizer, 2 + gradients, 3 + parameters
+    sp: bool = False  # sequence parallelism inside the tp group
+    schedule: str = "1f1b"  # pipeline schedule (minipar.pp.build_schedule names)
+    microbatches: int = 1  # per data shard and step (the gradient-accumulation steps)
+    chunks: int = 1  # model chunks per pipeline rank (interleaved: v)
+    cp_method: str = "ring"  # "ring" or "ulysses"
+    cp_layout: str = "zigzag"  # "zigzag" or "contiguous"
+    recompute: str | None = None  # None, "full" or "selective"
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast compute, fp32 master weights)
     stage_layers: tuple | None = None  # blocks per model part (pp*chunks); None: balanced
 
     @property
@@ -102,14 +113,29 @@ class ParallelConfig:
 
 # Schedules the composed trainer runs. PipeDream (pipedream, pipedream_2bw) updates weights
 # asynchronously, so by design it does not follow the single-device curve: see pp.train_pipedream.
-TRAIN_SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zb_h2", "zbv", "dualpipe", "dualpipev")
+TRAIN_SCHEDULES = (
+    "naive",
+    "gpipe",
+    "1f1b",
+    "interleaved_1f1b",
+    "zb_h1",
+    "zb_h2",
+    "zbv",
+    "dualpipe",
+    "dualpipev",
+)
 # ZeRO-2/3 reduce-scatter from the gradient hooks that backward() fires; the zero-bubble I/W split
 # (and DualPipe's) computes weight gradients by hand, outside those hooks.
 ZERO23_SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved_1f1b")
 
 
-def check(cfg: GPTConfig, pc: ParallelConfig, batch: int, world_size: int | None = None,
-          problems: Problems | None = None) -> None:
+def check(
+    cfg: GPTConfig,
+    pc: ParallelConfig,
+    batch: int,
+    world_size: int | None = None,
+    problems: Problems | None = None,
+) -> None:
     """The one validation entry of a composed run: every problem of this combination, in one
     ConfigError, before any process starts. Each rule says why it holds. Sizes are assumed to be
     positive ints already (see `train.validate`, which checks every flag first)."""
@@ -121,12 +147,14 @@ def check(cfg: GPTConfig, pc: ParallelConfig, batch: int, world_size: int | None
     pipelined = pc.pp > 1 or pc.chunks > 1
     if pipelined and pc.schedule in TRAIN_SCHEDULES:
         if pc.zero >= 2 and pc.schedule not in ZERO23_SCHEDULES:
-            p.add(f"{p.show('zero', pc.zero)} with {p.show('schedule', pc.schedule)}: ZeRO-2/3 reduce-scatter "
-                  "from the gradient hooks of backward(), and this schedule's I/W split computes weight gradients "
-                  f"by hand: use {', '.join(ZERO23_SCHEDULES[1:])}, or {p.name('zero')} 1")
+            p.add(
+                f"{p.show('zero', pc.zero)} with {p.show('schedule', pc.schedule)}: ZeRO-2/3 reduce-scatter "
+                "from the gradient hooks of backward(), and this schedule's I/W split computes weight gradients "
+                f"by hand: use {', '.join(ZERO23_SCHEDULES[1:])}, or {p.name('zero')} 1"
+            )
         try:
             schedule = build_schedule(pc.schedule, pc.pp, pc.microbatches, pc.chunks)
-        except ValueError as e:   # the generator states its own rule (e.g. interleaved: m % p == 0)
+        except ValueError as e:  # the generator states its own rule (e.g. interleaved: m % p == 0)
             p.add(f"{p.show('schedule', pc.schedule)}: {e}")
         else:
             p.merge(stage_layer_counts, cfg, schedule.num_parts, pc.stage_layers)
@@ -137,21 +165,31 @@ def check(cfg: GPTConfig, pc: ParallelConfig, batch: int, world_size: int | None
     check_cp(cfg, c, pc.cp_method, pc.seq_layout, t, problems=p)
     # the global batch is cut into dp*ep equal data shards, each into equal micro-batches
     if batch % shards:
-        p.add(f"{p.show('batch', batch)} must split into dp*ep={shards} equal data shards: use a multiple of {shards}")
+        p.add(
+            f"{p.show('batch', batch)} must split into dp*ep={shards} equal data shards: use a multiple of {shards}"
+        )
     elif (batch // shards) % pc.microbatches:
-        p.add(f"each data shard's {batch // shards} sequences must split into {pc.microbatches} equal "
-              f"micro-batches: make {p.name('batch')} a multiple of dp*ep*microbatches={shards * pc.microbatches}")
+        p.add(
+            f"each data shard's {batch // shards} sequences must split into {pc.microbatches} equal "
+            f"micro-batches: make {p.name('batch')} a multiple of dp*ep*microbatches={shards * pc.microbatches}"
+        )
     if cfg.experts:
         p.merge(check_moe, cfg, pc.ep)
         if (c > 1 or pc.sp) and cfg.capacity_factor != float("inf"):
-            p.add("with cp or sp a group's tokens are spread over ranks, and token dropping ranks them by "
-                  "position within the group: MoE must be dropless there (capacity_factor = inf)")
+            p.add(
+                "with cp or sp a group's tokens are spread over ranks, and token dropping ranks them by "
+                "position within the group: MoE must be dropless there (capacity_factor = inf)"
+            )
         if cfg.moe_groups % (shards * pc.microbatches):
-            p.add(f"moe_groups={cfg.moe_groups} must be a multiple of dp*ep*microbatches="
-                  f"{shards * pc.microbatches}: capacity and the aux loss are per group of tokens, and each "
-                  "micro-batch of each data shard must hold whole groups")
+            p.add(
+                f"moe_groups={cfg.moe_groups} must be a multiple of dp*ep*microbatches="
+                f"{shards * pc.microbatches}: capacity and the aux loss are per group of tokens, and each "
+                "micro-batch of each data shard must hold whole groups"
+            )
     elif pc.ep > 1:
-        p.add(f"{p.show('ep', pc.ep)} splits experts over ranks: it needs an MoE model ({p.name('experts')} > 0)")
+        p.add(
+            f"{p.show('ep', pc.ep)} splits experts over ranks: it needs an MoE model ({p.name('experts')} > 0)"
+        )
     if problems is None:
         p.raise_if_any("this parallel configuration cannot run")
 
@@ -178,7 +216,7 @@ class ComposedStage(Stage):
             self.pos = pos
         for i in layers:
             blk = self.blocks[str(i)]
-            if tp and ref.cfg.is_moe(i):   # attention split over tp; experts replicated over it
+            if tp and ref.cfg.is_moe(i):  # attention split over tp; experts replicated over it
                 blk.attn = ParallelAttention(ref.blocks[i].attn, "tp", sp)
             elif tp:
                 self.blocks[str(i)] = blk = ParallelBlock(ref.blocks[i], "tp", sp)
@@ -188,7 +226,7 @@ class ComposedStage(Stage):
             self.head = ColumnParallelLinear(ref.head, "tp")
         for p in self.parameters():
             p.tp_dim = getattr(p, "tp_dim", None)
-            p.sequence_parallel = sp and p.tp_dim is None   # saw only this rank's s/t tokens: summed over tp
+            p.sequence_parallel = sp and p.tp_dim is None  # saw only this rank's s/t tokens: summed over tp
         if pc.recompute:
             apply_recompute(self, pc.recompute)
 
@@ -207,7 +245,7 @@ def mirror_group(mesh: Mesh, p: int):
     direction); their gradients are summed before the step. Every rank creates every pair's
     group, in the same order (torch's contract for new_group). Returns this rank's pair."""
     mine = None
-    for ranks in mesh.groups("pp"):          # one pipeline per coordinate of the other axes
+    for ranks in mesh.groups("pp"):  # one pipeline per coordinate of the other axes
         for r in range(p // 2):
             pair = [ranks[r], ranks[p - 1 - r]]
             g = dist.new_group(pair)
@@ -223,8 +261,9 @@ def loss_of(logits, y, pc: ParallelConfig):
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
 
-def build_stages(cfg: GPTConfig, pc: ParallelConfig, mesh: Mesh, seed: int = 0, state: dict | None = None,
-                 schedule=None) -> dict:
+def build_stages(
+    cfg: GPTConfig, pc: ParallelConfig, mesh: Mesh, seed: int = 0, state: dict | None = None, schedule=None
+) -> dict:
     """{stage index: ComposedStage} for this rank, through the pipeline's one stage builder.
     `state` (full tensors by name) overrides the seed's initial weights, e.g. when resuming
     from a checkpoint saved under another layout."""
@@ -239,6 +278,8 @@ def build_stages(cfg: GPTConfig, pc: ParallelConfig, mesh: Mesh, seed: int = 0, 
         # are spread over cp (and tp under SP)
         for layer in moe_layers(ref):
             layer.groups = cfg.moe_groups // (pc.dp * pc.ep * pc.microbatches)
-        split_tokens(ref, tuple(a for a, on in (("cp", pc.cp > 1), ("tp", pc.sp)) if on), 1.0 / pc.tp if pc.sp else 1.0)
+        split_tokens(
+            ref, tuple(a for a, on in (("cp", pc.cp > 1), ("tp", pc.sp)) if on), 1.0 / pc.tp if pc.sp else 1.0
+        )
     make = partial(ComposedStage, pc=pc, mesh=mesh)
     return build_pipeline_stages(ref, schedule, mesh.index("pp"), pc.stage_layers, make)

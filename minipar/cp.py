@@ -27,6 +27,7 @@ Causal load balancing, "zigzag" (the split of Megatron-LM's context parallelism 
 DeepSpeed-Ulysses (Jacobs et al. 2023) swaps sequence shards for head shards with all-to-alls:
   `minipar/ulysses.py`; its functions are re-exported here.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,10 +43,27 @@ from .runtime import device
 from .ulysses import ulysses_attention, ulysses_bytes
 from .validation import Problems
 
-__all__ = ["LAYOUTS", "chunk_ids", "shard_sequence", "unshard_sequence", "sequence_positions",
-           "attend", "attend_backward", "attention_fn", "merge_attention", "visible_pairs", "ring_attention", "ulysses_attention",
-           "ring_bytes", "ulysses_bytes", "ring_flops", "check_config", "parallelize_attention",
-           "local_batch", "train_rank"]
+__all__ = [
+    "LAYOUTS",
+    "chunk_ids",
+    "shard_sequence",
+    "unshard_sequence",
+    "sequence_positions",
+    "attend",
+    "attend_backward",
+    "attention_fn",
+    "merge_attention",
+    "visible_pairs",
+    "ring_attention",
+    "ulysses_attention",
+    "ring_bytes",
+    "ulysses_bytes",
+    "ring_flops",
+    "check_config",
+    "parallelize_attention",
+    "local_batch",
+    "train_rank",
+]
 
 LAYOUTS = ("zigzag", "contiguous")
 
@@ -63,21 +81,29 @@ def chunk_ids(rank: int, size: int, layout: str = "zigzag") -> tuple[int, ...]:
     return (rank, 2 * size - 1 - rank) if layout == "zigzag" else (rank,)
 
 
-def shard_sequence(x: torch.Tensor, rank: int, size: int, layout: str = "zigzag", dim: int = 2) -> torch.Tensor:
+def shard_sequence(
+    x: torch.Tensor, rank: int, size: int, layout: str = "zigzag", dim: int = 2
+) -> torch.Tensor:
     """This rank's slice of the sequence dimension `dim` of `x`."""
     n = len(chunk_ids(0, size, layout)) * size
     if x.shape[dim] % n:
-        raise ValueError(f"a {layout} split over {size} ranks cuts the sequence into {n} equal chunks, but its "
-                         f"length is {x.shape[dim]}; use a sequence length divisible by {n}")
+        raise ValueError(
+            f"a {layout} split over {size} ranks cuts the sequence into {n} equal chunks, but its "
+            f"length is {x.shape[dim]}; use a sequence length divisible by {n}"
+        )
     chunks = x.chunk(n, dim)
     return torch.cat([chunks[c] for c in chunk_ids(rank, size, layout)], dim)
 
 
-def unshard_sequence(local: torch.Tensor, size: int, layout: str = "zigzag", dim: int = 2, group=None) -> torch.Tensor:
+def unshard_sequence(
+    local: torch.Tensor, size: int, layout: str = "zigzag", dim: int = 2, group=None
+) -> torch.Tensor:
     """Gather every rank's slice and put the chunks back in sequence order (an all-gather;
     its backward keeps this rank's slice of the gradient)."""
     if comm.size(group) != size:
-        raise ValueError(f"unshard_sequence(size={size}) on a group of {comm.size(group)} ranks; pass the group size")
+        raise ValueError(
+            f"unshard_sequence(size={size}) on a group of {comm.size(group)} ranks; pass the group size"
+        )
     gathered = mappings.gather_along(local, dim, group, grad="split")  # rank 0's chunks, rank 1's chunks, ...
     held = [c for r in range(size) for c in chunk_ids(r, size, layout)]
     pieces = gathered.chunk(len(held), dim)
@@ -162,12 +188,14 @@ class _RingAttention(torch.autograd.Function):
         c = q.shape[2] // m
         qs = q.chunk(m, 2)
         out, lse = [None] * m, [None] * m
-        kv = torch.stack([k, v])                              # one message per step
+        kv = torch.stack([k, v])  # one message per step
         for step in range(n):
-            src = (me - step) % n                             # whose KV block we hold now
-            if step < n - 1:                                  # overlap: the next block travels while we compute
+            src = (me - step) % n  # whose KV block we hold now
+            if step < n - 1:  # overlap: the next block travels while we compute
                 incoming, works = _pass(kv, right, left, group)
-            pairs = list(visible_pairs(chunk_ids(me, n, layout), chunk_ids(src, n, layout), causal, c, q.device))
+            pairs = list(
+                visible_pairs(chunk_ids(me, n, layout), chunk_ids(src, n, layout), causal, c, q.device)
+            )
             ks, vs = kv[0].chunk(m, 2), kv[1].chunk(m, 2)
             with trace.span(f"F{step}", flops=len(pairs) * 4 * q.shape[0] * q.shape[1] * c * c * q.shape[3]):
                 for i, j, mask in pairs:
@@ -177,7 +205,7 @@ class _RingAttention(torch.autograd.Function):
                 _wait(works)
                 kv = incoming
         out, lse = torch.cat(out, 2), torch.cat(lse, 2)
-        ctx.save_for_backward(q, k, v, out, lse)              # all of N/cp tokens: memory falls as 1/cp
+        ctx.save_for_backward(q, k, v, out, lse)  # all of N/cp tokens: memory falls as 1/cp
         ctx.cfg = (causal, layout, group)
         return out.to(q.dtype)
 
@@ -189,30 +217,33 @@ class _RingAttention(torch.autograd.Function):
         m, g = len(chunk_ids(0, n, layout)), q.shape[1] // k.shape[1]
         c = q.shape[2] // m
         dout = dout.float()
-        delta = (dout * out).sum(-1)                          # D_i = Σ_d dO_id O_id, shared by all blocks
+        delta = (dout * out).sum(-1)  # D_i = Σ_d dO_id O_id, shared by all blocks
         qs, dos, lses, deltas = (t.chunk(m, 2) for t in (q.float(), dout, lse, delta))
         dq = [torch.zeros_like(t) for t in qs]
         kv = torch.stack([k, v]).float()
-        dkv_in = dkv_works = None                             # the block's gradient arriving from the left
+        dkv_in = dkv_works = None  # the block's gradient arriving from the left
         for step in range(n):
             src = (me - step) % n
             if step < n - 1:
                 incoming, works = _pass(kv, right, left, group)
-            pairs = list(visible_pairs(chunk_ids(me, n, layout), chunk_ids(src, n, layout), causal, c, q.device))
+            pairs = list(
+                visible_pairs(chunk_ids(me, n, layout), chunk_ids(src, n, layout), causal, c, q.device)
+            )
             ks, vs = kv[0].chunk(m, 2), kv[1].chunk(m, 2)
             dks, dvs = [torch.zeros_like(t) for t in ks], [torch.zeros_like(t) for t in vs]
             with trace.span(f"B{step}", flops=len(pairs) * 10 * q.shape[0] * q.shape[1] * c * c * q.shape[3]):
                 for i, j, mask in pairs:
-                    dqi, dkj, dvj = attend_backward(qs[i], _expand(ks[j], g), _expand(vs[j], g), mask,
-                                                    dos[i], lses[i], deltas[i])
+                    dqi, dkj, dvj = attend_backward(
+                        qs[i], _expand(ks[j], g), _expand(vs[j], g), mask, dos[i], lses[i], deltas[i]
+                    )
                     dq[i] += dqi
                     dks[j] += _fold(dkj, g)
                     dvs[j] += _fold(dvj, g)
             dkv = torch.stack([torch.cat(dks, 2), torch.cat(dvs, 2)])
-            if step > 0:                                      # this block's gradient so far, from the last holder
+            if step > 0:  # this block's gradient so far, from the last holder
                 _wait(dkv_works)
                 dkv += dkv_in
-            if n > 1:                                         # pass it on with its block; after n passes it is home
+            if n > 1:  # pass it on with its block; after n passes it is home
                 dkv_in, dkv_works = _pass(dkv, right, left, group)
             if step < n - 1:
                 _wait(works)
@@ -229,10 +260,14 @@ def ring_attention(q, k, v, causal: bool = True, layout: str = "zigzag", group=N
     (grouped-query) heads. Returns the local output shard; differentiable."""
     _check_layout(layout)
     if q.shape[1] % k.shape[1]:
-        raise ValueError(f"{q.shape[1]} query heads cannot share {k.shape[1]} KV heads; use a divisor of {q.shape[1]}")
+        raise ValueError(
+            f"{q.shape[1]} query heads cannot share {k.shape[1]} KV heads; use a divisor of {q.shape[1]}"
+        )
     if layout == "zigzag" and q.shape[2] % 2:
-        raise ValueError(f"a zigzag shard holds two equal chunks, but has {q.shape[2]} tokens; "
-                         "cut the inputs with shard_sequence")
+        raise ValueError(
+            f"a zigzag shard holds two equal chunks, but has {q.shape[2]} tokens; "
+            "cut the inputs with shard_sequence"
+        )
     return _RingAttention.apply(q, k, v, causal, layout, group)
 
 
@@ -251,13 +286,16 @@ def ring_flops(b, h, seq, d, cp, rank, layout="zigzag", causal=True) -> int:
     m = len(chunk_ids(0, cp, layout))
     c = seq // (m * cp)
     mine = chunk_ids(rank, cp, layout)
-    pairs = sum(len(list(visible_pairs(mine, chunk_ids(src, cp, layout), causal, 1, "cpu"))) for src in range(cp))
+    pairs = sum(
+        len(list(visible_pairs(mine, chunk_ids(src, cp, layout), causal, 1, "cpu"))) for src in range(cp)
+    )
     return pairs * 4 * b * h * c * c * d
 
 
 # ----------------------------------------------------------------------------- a GPT with context parallelism
-def check_config(cfg, cp: int, method: str = "ring", layout: str = "zigzag", tp: int = 1,
-                 problems: Problems | None = None) -> None:
+def check_config(
+    cfg, cp: int, method: str = "ring", layout: str = "zigzag", tp: int = 1, problems: Problems | None = None
+) -> None:
     """The rules of context parallelism over cp ranks (tp: the tensor-parallel ranks that already
     split the heads), each with its reason; raises a ConfigError listing every problem, or adds
     them to `problems` (as `compose.check` does)."""
@@ -266,11 +304,13 @@ def check_config(cfg, cp: int, method: str = "ring", layout: str = "zigzag", tp:
     if ok and p.integer("cp", cp, low=1) and cp > 1:
         if method == "ulysses" and layout != "contiguous":
             p.add("Ulysses gathers the whole sequence per head, so it needs layout='contiguous'")
-        chunks = len(chunk_ids(0, cp, layout)) * cp    # zigzag: 2 chunks per rank
+        chunks = len(chunk_ids(0, cp, layout)) * cp  # zigzag: 2 chunks per rank
         p.divides("cp", chunks, "seq", cfg.seq, f"the {layout} layout cuts it into {chunks} equal chunks")
         if method == "ulysses" and cfg.heads % tp == 0 and (cfg.heads // tp) % cp:
-            p.add(f"Ulysses' all-to-all gives each cp rank whole heads: the {cfg.heads // tp} heads per tp rank "
-                  f"must be divisible by {p.name('cp')}={cp}; lower cp or tp, or use {p.name('cp_method')} ring")
+            p.add(
+                f"Ulysses' all-to-all gives each cp rank whole heads: the {cfg.heads // tp} heads per tp rank "
+                f"must be divisible by {p.name('cp')}={cp}; lower cp or tp, or use {p.name('cp_method')} ring"
+            )
     if problems is None:
         p.raise_if_any("context parallelism cannot run this configuration")
 
@@ -296,8 +336,16 @@ def local_batch(x, y, rank: int, size: int, layout: str = "zigzag"):
     return shard_sequence(x, rank, size, layout, 1), shard_sequence(y, rank, size, layout, 1), pos
 
 
-def train_rank(cfg, steps: int = 3, batch_size: int = 4, seed: int = 0, method: str = "ring",
-               layout: str = "zigzag", group=None, **optim) -> TrainResult:
+def train_rank(
+    cfg,
+    steps: int = 3,
+    batch_size: int = 4,
+    seed: int = 0,
+    method: str = "ring",
+    layout: str = "zigzag",
+    group=None,
+    **optim,
+) -> TrainResult:
     """Run inside `launch`: the reference loop with the sequence split over `group`.
 
     Every rank holds the same tokens count, so the full-sequence mean loss is the mean of the
@@ -321,5 +369,9 @@ def train_rank(cfg, steps: int = 3, batch_size: int = 4, seed: int = 0, method: 
         grads = {k: p.grad.detach().cpu().clone() for k, p in model.named_parameters()}
         first = first or grads
         opt.step()
-    return TrainResult(losses, first_grads=first, grads=grads,
-                       params={k: p.detach().cpu().clone() for k, p in model.named_parameters()})
+    return TrainResult(
+        losses,
+        first_grads=first,
+        grads=grads,
+        params={k: p.detach().cpu().clone() for k, p in model.named_parameters()},
+    )

@@ -29,6 +29,7 @@ view, so there is no copy in or out and no second Ψ of memory.
 `no_sync()` skips the communication of a micro-batch during gradient accumulation: the
 gradients add up locally in the buffers and only the last micro-batch's backward reduces.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
@@ -70,8 +71,10 @@ def held_bytes(tensors) -> int:
 def check_batch(batch_size: int, dp: int, grad_accum: int = 1) -> None:
     """A global batch must split evenly into dp ranks x grad_accum micro-batches."""
     if batch_size % (dp * grad_accum):
-        raise ValueError(f"batch_size={batch_size} must divide by dp x grad_accum = {dp} x {grad_accum}; "
-                         f"use a batch_size that is a multiple of {dp * grad_accum}")
+        raise ValueError(
+            f"batch_size={batch_size} must divide by dp x grad_accum = {dp} x {grad_accum}; "
+            f"use a batch_size that is a multiple of {dp * grad_accum}"
+        )
 
 
 def local_batch(data: SyntheticData, step: int, batch_size: int, group=None):
@@ -84,10 +87,12 @@ def local_batch(data: SyntheticData, step: int, batch_size: int, group=None):
 class _Bucket:
     def __init__(self, params: list[nn.Parameter]):
         self.params = params
-        self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        self.buffer = torch.zeros(
+            sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device
+        )
         self.views, off = [], 0
         for p in params:
-            self.views.append(self.buffer[off:off + p.numel()].view_as(p))
+            self.views.append(self.buffer[off : off + p.numel()].view_as(p))
             off += p.numel()
         self.ready, self.handle, self.sent = 0, None, None
 
@@ -99,8 +104,14 @@ class DDP(nn.Module):
     are views into the buckets) and `with ddp.no_sync():` for all but the last micro-batch.
     `reduce_dtype` (e.g. torch.bfloat16) sends the gradients in a smaller dtype."""
 
-    def __init__(self, module: nn.Module, group=None, bucket_mb: float = 25.0, reduce_dtype=None,
-                 broadcast_params: bool = True):
+    def __init__(
+        self,
+        module: nn.Module,
+        group=None,
+        bucket_mb: float = 25.0,
+        reduce_dtype=None,
+        broadcast_params: bool = True,
+    ):
         super().__init__()
         if bucket_mb <= 0:
             raise ValueError(f"bucket_mb must be > 0 (MiB per bucket), got {bucket_mb}")
@@ -109,7 +120,9 @@ class DDP(nn.Module):
         # Reverse registration order: backward produces the last layers' gradients first.
         self.buckets, current, size = [], [], 0
         for p in reversed(params):
-            if current and (size + p.numel() * p.element_size() > bucket_mb * 2**20 or p.dtype != current[0].dtype):
+            if current and (
+                size + p.numel() * p.element_size() > bucket_mb * 2**20 or p.dtype != current[0].dtype
+            ):
                 self.buckets.append(_Bucket(current))
                 current, size = [], 0
             current.append(p)
@@ -150,8 +163,10 @@ class DDP(nn.Module):
     def _hook(self, i: int, view: torch.Tensor):
         def hook(p):
             if p.grad is None or p.grad.data_ptr() != view.data_ptr():
-                raise RuntimeError("a DDP gradient is no longer its bucket view: call ddp.zero_grad(), "
-                                   "not optimizer.zero_grad(set_to_none=True)")
+                raise RuntimeError(
+                    "a DDP gradient is no longer its bucket view: call ddp.zero_grad(), "
+                    "not optimizer.zero_grad(set_to_none=True)"
+                )
             if not self.sync:
                 return
             if not self._queued:  # runs once the whole backward pass has finished
@@ -159,10 +174,13 @@ class DDP(nn.Module):
                 self._queued = True
             self.buckets[i].ready += 1
             self._launch_ready()
+
         return hook
 
     def _launch_ready(self, force: bool = False):
-        while self._next < len(self.buckets) and (force or self.buckets[self._next].ready == len(self.buckets[self._next].params)):
+        while self._next < len(self.buckets) and (
+            force or self.buckets[self._next].ready == len(self.buckets[self._next].params)
+        ):
             b = self.buckets[self._next]
             b.sent = b.buffer if self.reduce_dtype is None else b.buffer.to(self.reduce_dtype)
             b.handle = comm.all_reduce(b.sent, op="avg", group=self.group, async_op=True)
@@ -192,14 +210,31 @@ class DDP(nn.Module):
         (tensors as large as their parameter: Adam's two moments). AdamW's per-tensor
         `step` counters are scalars, reported apart as `optimizer_scalars`."""
         params = list(self.module.parameters())
-        big = [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0]
-        small = [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() == 0]
-        return dict(params=held_bytes(params), grads=held_bytes(b.buffer for b in self.buckets),
-                    optimizer=held_bytes(big), optimizer_scalars=sum(v.numel() * v.element_size() for v in small))
+        big = [
+            v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0
+        ]
+        small = [
+            v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() == 0
+        ]
+        return dict(
+            params=held_bytes(params),
+            grads=held_bytes(b.buffer for b in self.buckets),
+            optimizer=held_bytes(big),
+            optimizer_scalars=sum(v.numel() * v.element_size() for v in small),
+        )
 
 
-def train_steps(engine, step_fn, cfg: GPTConfig, steps: int, batch_size: int, seed: int = 0,
-                grad_accum: int = 1, spans: bool = True, on_backward=None) -> list[float]:
+def train_steps(
+    engine,
+    step_fn,
+    cfg: GPTConfig,
+    steps: int,
+    batch_size: int,
+    seed: int = 0,
+    grad_accum: int = 1,
+    spans: bool = True,
+    on_backward=None,
+) -> list[float]:
     """The data-parallel training loop shared by DDP and ZeRO: the step loss, identical on every rank.
 
     `engine` gives zero_grad(), no_sync(), backward(loss) and is callable as the model;
@@ -230,8 +265,18 @@ def train_steps(engine, step_fn, cfg: GPTConfig, steps: int, batch_size: int, se
     return losses
 
 
-def train_ddp(cfg: GPTConfig, steps: int = 5, batch_size: int = 8, seed: int = 0, grad_accum: int = 1,
-              recompute=None, group=None, bucket_mb: float = 25.0, reduce_dtype=None, **optim) -> TrainResult:
+def train_ddp(
+    cfg: GPTConfig,
+    steps: int = 5,
+    batch_size: int = 8,
+    seed: int = 0,
+    grad_accum: int = 1,
+    recompute=None,
+    group=None,
+    bucket_mb: float = 25.0,
+    reduce_dtype=None,
+    **optim,
+) -> TrainResult:
     """Run on every rank: DDP training of the reference GPT. Returns losses, the first step's
     averaged gradients, the final parameters and the model-state bytes of this rank (measured
     before the last step). `optim`: overrides of `make_optimizer` (kind="sgd" for parity tests)."""
@@ -246,10 +291,14 @@ def train_ddp(cfg: GPTConfig, steps: int = 5, batch_size: int = 8, seed: int = 0
 
     def step():
         mem.update(ddp.model_state_bytes(opt))
-        if not grads:   # the first step's gradients, as the optimizer sees them (averaged)
+        if not grads:  # the first step's gradients, as the optimizer sees them (averaged)
             grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters()})
         opt.step()
 
     losses = train_steps(ddp, step, cfg, steps, batch_size, seed, grad_accum)
-    return TrainResult(losses, first_grads=grads, params={n: p.detach().clone() for n, p in model.named_parameters()},
-                       extra=dict(memory=mem, num_params=sum(p.numel() for p in model.parameters())))
+    return TrainResult(
+        losses,
+        first_grads=grads,
+        params={n: p.detach().clone() for n, p in model.named_parameters()},
+        extra=dict(memory=mem, num_params=sum(p.numel() for p in model.parameters())),
+    )

@@ -25,6 +25,7 @@ gradient already sums the contributions of its whole ep group (they came back th
 the all-to-all's backward), so it is summed over the `dp` axis only (the ranks holding
 the same experts) and divided by dp*ep.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -40,8 +41,17 @@ from .result import TrainResult
 from .runtime import device, launch
 from .validation import ConfigError
 
-__all__ = ["dispatch_combine", "AllToAllDispatcher", "a2a_formula", "expert_parallel", "sync_grads", "train_moe",
-           "MoERun", "check_ep", "run_ep"]
+__all__ = [
+    "dispatch_combine",
+    "AllToAllDispatcher",
+    "a2a_formula",
+    "expert_parallel",
+    "sync_grads",
+    "train_moe",
+    "MoERun",
+    "check_ep",
+    "run_ep",
+]
 
 
 def a2a_formula(tokens: int, top_k: int, hidden: int, ep: int, bytes_per_value: int = 4) -> float:
@@ -57,10 +67,10 @@ def dispatch_combine(x, index, weights, keep, experts, num_experts, ep_size=1, e
     n_local = num_experts // ep_size
     rows = x[tok]
     if ep_size > 1:
-        table = comm.all_gather(counts[None], dim=0, group=group)     # 3. [source rank, expert]
-        recv = table[:, ep_rank * n_local:(ep_rank + 1) * n_local]  # rows each source sends to my experts
+        table = comm.all_gather(counts[None], dim=0, group=group)  # 3. [source rank, expert]
+        recv = table[:, ep_rank * n_local : (ep_rank + 1) * n_local]  # rows each source sends to my experts
         send_splits, recv_splits = counts.view(ep_size, n_local).sum(1).tolist(), recv.sum(1).tolist()
-        rows = mappings.all_to_all_autograd(rows, recv_splits, send_splits, group)   # 4. dispatch
+        rows = mappings.all_to_all_autograd(rows, recv_splits, send_splits, group)  # 4. dispatch
         # arrivals are ordered (source, expert); regroup them by local expert
         local = torch.arange(n_local, device=x.device).repeat(ep_size).repeat_interleave(recv.flatten())
         by_expert = torch.argsort(local, stable=True)
@@ -70,9 +80,9 @@ def dispatch_combine(x, index, weights, keep, experts, num_experts, ep_size=1, e
         send_splits = recv_splits = [int(counts.sum())]
     out = torch.cat([e(chunk) for e, chunk in zip(experts.values(), rows.split(per_expert.tolist()))])  # 5.
     if ep_size > 1:
-        out = out[torch.argsort(by_expert)]                           # back to (source, expert) order
-        out = mappings.all_to_all_autograd(out, send_splits, recv_splits, group)     # 6. combine
-    y = combine(x, tok, choice, out, weights)                         # 7. un-permute
+        out = out[torch.argsort(by_expert)]  # back to (source, expert) order
+        out = mappings.all_to_all_autograd(out, send_splits, recv_splits, group)  # 6. combine
+    y = combine(x, tok, choice, out, weights)  # 7. un-permute
     return y, dict(table=table.detach().cpu(), send_splits=send_splits, recv_splits=recv_splits)
 
 
@@ -84,7 +94,9 @@ class AllToAllDispatcher:
         self.group, self.size, self.rank = group, size, rank
 
     def __call__(self, x, index, weights, keep, experts, num_experts):
-        return dispatch_combine(x, index, weights, keep, experts, num_experts, self.size, self.rank, self.group)
+        return dispatch_combine(
+            x, index, weights, keep, experts, num_experts, self.size, self.rank, self.group
+        )
 
 
 def check_ep(cfg: GPTConfig, ep: int, dp: int = 1, batch_size: int = 8) -> None:
@@ -92,12 +104,16 @@ def check_ep(cfg: GPTConfig, ep: int, dp: int = 1, batch_size: int = 8) -> None:
     check_config(cfg, ep)
     shards = dp * ep
     if dp < 1 or batch_size % shards:
-        raise ValueError(f"batch_size={batch_size} must split evenly over dp*ep={shards} data shards (dp={dp} >= 1)")
+        raise ValueError(
+            f"batch_size={batch_size} must split evenly over dp*ep={shards} data shards (dp={dp} >= 1)"
+        )
     if cfg.moe_groups % shards:
-        raise ValueError(f"moe_groups={cfg.moe_groups} with {shards} data shards: capacity and the aux loss are "
-                         f"per group of tokens (GShard), and each rank's tokens are whole groups; set "
-                         f"GPTConfig(moe_groups={shards}) (or a multiple) and compare with a single-device run "
-                         "of the same config")
+        raise ValueError(
+            f"moe_groups={cfg.moe_groups} with {shards} data shards: capacity and the aux loss are "
+            f"per group of tokens (GShard), and each rank's tokens are whole groups; set "
+            f"GPTConfig(moe_groups={shards}) (or a multiple) and compare with a single-device run "
+            "of the same config"
+        )
 
 
 def expert_parallel(model: GPT, mesh: Mesh, groups: int | None = None) -> GPT:
@@ -109,8 +125,12 @@ def expert_parallel(model: GPT, mesh: Mesh, groups: int | None = None) -> GPT:
     ep, shards = mesh.size("ep"), mesh.size("dp") * mesh.size("ep")
     for m in moe_layers(model):
         if groups is None and m.cfg.moe_groups % shards:
-            raise ConfigError([f"moe_groups={m.cfg.moe_groups} must be a multiple of the dp*ep={shards} data "
-                               "shards (each rank's tokens are whole groups), or pass groups="])
+            raise ConfigError(
+                [
+                    f"moe_groups={m.cfg.moe_groups} must be a multiple of the dp*ep={shards} data "
+                    "shards (each rank's tokens are whole groups), or pass groups="
+                ]
+            )
         check_config(m.cfg, ep)
         n_local, me = m.num_experts // ep, mesh.index("ep")
         for name in list(m.experts):
@@ -124,35 +144,49 @@ def expert_parallel(model: GPT, mesh: Mesh, groups: int | None = None) -> GPT:
 def sync_grads(model: GPT, mesh: Mesh) -> None:
     shards = mesh.size("dp") * mesh.size("ep")
     named = list(model.named_parameters())
-    comm.all_reduce_grads([p for n, p in named if ".experts." not in n], None, 1.0 / shards)  # every data shard
-    comm.all_reduce_grads([p for n, p in named if ".experts." in n], "dp", 1.0 / shards)      # same experts only
+    comm.all_reduce_grads(
+        [p for n, p in named if ".experts." not in n], None, 1.0 / shards
+    )  # every data shard
+    comm.all_reduce_grads([p for n, p in named if ".experts." in n], "dp", 1.0 / shards)  # same experts only
 
 
 @dataclass
 class MoERun(TrainResult):
     """`TrainResult` (first-step and last-step gradients, parameters: this rank's experts only
     under EP) plus the router's records."""
+
     aux_losses: list = field(default_factory=list)  # per step, the aux + z-loss part of `losses`
-    logits: torch.Tensor | None = None             # last step, this rank's batch shard
-    load: list = field(default_factory=list)       # per step: [moe layers, E] choices routed to each expert, global
-    dropped: list = field(default_factory=list)    # per step: fraction of (token, choice) pairs dropped, global
-    keep: list = field(default_factory=list)       # last step: [T_local, k] kept mask per MoE layer
-    bias: list = field(default_factory=list)       # final expert bias per MoE layer
-    stats: list = field(default_factory=list)      # last step: each MoE layer's stats on this rank
-    events: list = field(default_factory=list)     # this rank's trace events
+    logits: torch.Tensor | None = None  # last step, this rank's batch shard
+    load: list = field(
+        default_factory=list
+    )  # per step: [moe layers, E] choices routed to each expert, global
+    dropped: list = field(default_factory=list)  # per step: fraction of (token, choice) pairs dropped, global
+    keep: list = field(default_factory=list)  # last step: [T_local, k] kept mask per MoE layer
+    bias: list = field(default_factory=list)  # final expert bias per MoE layer
+    stats: list = field(default_factory=list)  # last step: each MoE layer's stats on this rank
+    events: list = field(default_factory=list)  # this rank's trace events
 
     def imbalance(self, window: int = 1) -> list[float]:
         """max/mean expert load per step, worst MoE layer (1.0 is perfectly balanced), of the
         load summed over the last `window` steps: window > 1 averages out batch-to-batch noise."""
         out = []
         for i in range(len(self.load)):
-            l = torch.stack(self.load[max(0, i - window + 1):i + 1]).double().sum(0)
+            l = torch.stack(self.load[max(0, i - window + 1) : i + 1]).double().sum(0)
             out.append((l.max(-1).values / l.mean(-1)).max().item())
         return out
 
 
-def train_moe(cfg: GPTConfig, steps: int = 5, batch_size: int = 8, seed: int = 0, gamma: float = 0.0,
-              skew: float = 0.0, mesh: Mesh | None = None, progress: bool = False, **optim) -> MoERun:
+def train_moe(
+    cfg: GPTConfig,
+    steps: int = 5,
+    batch_size: int = 8,
+    seed: int = 0,
+    gamma: float = 0.0,
+    skew: float = 0.0,
+    mesh: Mesh | None = None,
+    progress: bool = False,
+    **optim,
+) -> MoERun:
     """`train_reference`'s loop plus the MoE bookkeeping: aux-loss-free bias updates (gamma > 0)
     and load/drop statistics. mesh=None: single device. With a Mesh(dp=, ep=) inside `launch`:
     expert parallel on this rank's batch shard (call through `run_ep`)."""
@@ -163,7 +197,10 @@ def train_moe(cfg: GPTConfig, steps: int = 5, batch_size: int = 8, seed: int = 0
     shards, shard = 1, 0
     if mesh is not None:
         expert_parallel(model, mesh)
-        shards, shard = mesh.size("dp") * mesh.size("ep"), mesh.index("dp") * mesh.size("ep") + mesh.index("ep")
+        shards, shard = (
+            mesh.size("dp") * mesh.size("ep"),
+            mesh.index("dp") * mesh.size("ep") + mesh.index("ep"),
+        )
     model.to(device())
     data = SyntheticData(cfg.vocab, cfg.seq, seed)
     opt = make_optimizer(model.parameters(), **optim)
@@ -178,7 +215,9 @@ def train_moe(cfg: GPTConfig, steps: int = 5, batch_size: int = 8, seed: int = 0
         if mesh is not None:
             sync_grads(model, mesh)
         if step in (0, steps - 1):
-            grads = {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters() if p.grad is not None}
+            grads = {
+                n: p.grad.detach().cpu().clone() for n, p in model.named_parameters() if p.grad is not None
+            }
             first = first or grads
         with trace.span("opt"):
             opt.step()
@@ -187,21 +226,34 @@ def train_moe(cfg: GPTConfig, steps: int = 5, batch_size: int = 8, seed: int = 0
         aux.append(step_aux / shards)
         load.append(step_load)
         dropped.append(step_dropped)
-        update_bias(model, gamma, loads=list(step_load))    # after the step, as DeepSeek-V3 does
+        update_bias(model, gamma, loads=list(step_load))  # after the step, as DeepSeek-V3 does
     layers = moe_layers(model)
-    return MoERun(losses, first_grads=first, grads=grads,
-                  params={n: p.detach().cpu().clone() for n, p in model.named_parameters()},
-                  aux_losses=aux, logits=logits.detach().cpu(), load=load, dropped=dropped,
-                  keep=[m.stats["keep"] for m in layers], bias=[m.expert_bias.cpu().clone() for m in layers],
-                  stats=[{k: v for k, v in m.stats.items() if k != "keep"} for m in layers], events=trace.events())
+    return MoERun(
+        losses,
+        first_grads=first,
+        grads=grads,
+        params={n: p.detach().cpu().clone() for n, p in model.named_parameters()},
+        aux_losses=aux,
+        logits=logits.detach().cpu(),
+        load=load,
+        dropped=dropped,
+        keep=[m.stats["keep"] for m in layers],
+        bias=[m.expert_bias.cpu().clone() for m in layers],
+        stats=[{k: v for k, v in m.stats.items() if k != "keep"} for m in layers],
+        events=trace.events(),
+    )
 
 
 def _bookkeeping(model, loss, distributed):
     """-> (loss, aux loss, [layers, E] routed load, dropped fraction), summed over the data shards
     in one all-reduce. Untraced: the trace keeps only the model's own traffic."""
     layers = moe_layers(model)
-    per_layer = [torch.cat([m.step_load.double(), torch.tensor([m.stats["dropped"], m.stats["choices"]],
-                                                               dtype=torch.double)]) for m in layers]
+    per_layer = [
+        torch.cat(
+            [m.step_load.double(), torch.tensor([m.stats["dropped"], m.stats["choices"]], dtype=torch.double)]
+        )
+        for m in layers
+    ]
     scalars = torch.stack([loss.detach(), model.aux_loss().to(loss)]).double().cpu()
     book = torch.cat([torch.stack(per_layer).flatten(), scalars]).to(device())
     if distributed:
@@ -209,15 +261,30 @@ def _bookkeeping(model, loss, distributed):
             comm.all_reduce(book)
     book = book.cpu()
     table = book[:-2].view(len(layers), -1)
-    return book[-2].item(), book[-1].item(), table[:, :-2].long(), (table[:, -2].sum() / table[:, -1].sum()).item()
+    return (
+        book[-2].item(),
+        book[-1].item(),
+        table[:, :-2].long(),
+        (table[:, -2].sum() / table[:, -1].sum()).item(),
+    )
 
 
 def _ep_worker(cfg, ep, dp, kwargs):
     return train_moe(cfg, mesh=Mesh(dp=dp, ep=ep), **kwargs)
 
 
-def run_ep(cfg: GPTConfig, ep: int, dp: int = 1, steps: int = 5, batch_size: int = 8, seed: int = 0,
-           gamma: float = 0.0, skew: float = 0.0, timeout: float = 120, **optim) -> list[MoERun]:
+def run_ep(
+    cfg: GPTConfig,
+    ep: int,
+    dp: int = 1,
+    steps: int = 5,
+    batch_size: int = 8,
+    seed: int = 0,
+    gamma: float = 0.0,
+    skew: float = 0.0,
+    timeout: float = 120,
+    **optim,
+) -> list[MoERun]:
     """Validate, then train on dp*ep simulated ranks laid out as Mesh(dp=dp, ep=ep); one MoERun per rank."""
     check_ep(cfg, ep, dp, batch_size)
     kw = dict(steps=steps, batch_size=batch_size, seed=seed, gamma=gamma, skew=skew, **optim)

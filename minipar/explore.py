@@ -18,6 +18,7 @@ The first picture is an ordinary output, so it is saved in the executed notebook
 GitHub and before any kernel runs. The controls' text form, which a front end shows when it
 cannot render widgets (no kernel yet, an untrusted notebook), says to run the cell.
 """
+
 from __future__ import annotations
 
 import io
@@ -34,6 +35,7 @@ def png(fig: Figure):
     """A figure as a PNG display object, rendered now; the figure is closed so that matplotlib's
     inline backend never shows it a second time."""
     from IPython.display import Image  # optional dependency: only notebooks display pictures
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
@@ -57,9 +59,9 @@ def explorer(draw, controls: dict, per_row: int = 4, placeholder: str | None = N
 
     for w in controls.values():
         if hasattr(w, "continuous_update"):
-            w.continuous_update = False          # redraw when a slider is released, not at every pixel
+            w.continuous_update = False  # redraw when a slider is released, not at every pixel
     items = list(controls.values())
-    box = widgets.VBox([widgets.HBox(items[i:i + per_row]) for i in range(0, len(items), per_row)])
+    box = widgets.VBox([widgets.HBox(items[i : i + per_row]) for i in range(0, len(items), per_row)])
     bundle = box._repr_mimebundle_()
     bundle["text/plain"] = placeholder or PLACEHOLDER.format(names=", ".join(controls))
     display(bundle, raw=True)
@@ -68,7 +70,7 @@ def explorer(draw, controls: dict, per_row: int = 4, placeholder: str | None = N
         values = {k: w.value for k, w in controls.items()}
         try:
             text, fig, result = _split(draw(**values))
-        except ValueError as err:                # a combination the strategy refuses: say which, and why
+        except ValueError as err:  # a combination the strategy refuses: say which, and why
             shown = ", ".join(f"{k}={v}" for k, v in values.items())
             return f"cannot draw this combination ({shown}): {err}", None, None
         return text, (png(fig) if fig is not None else None), result
@@ -78,7 +80,7 @@ def explorer(draw, controls: dict, per_row: int = 4, placeholder: str | None = N
     image_handle = display(image, display_id=True) if image is not None else None
 
     def on_change(_change=None):
-        text, image, _ = render()                # draw first, then send both
+        text, image, _ = render()  # draw first, then send both
         if image is not None and image_handle is not None:
             image_handle.update(image)
         text_handle.update({"text/plain": text}, raw=True)

@@ -23,6 +23,7 @@ with high-precision accumulation, not its speed. As is common practice, only the
 transformer blocks' linears are FP8; embeddings, LayerNorms, the head and the loss stay
 in higher precision.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,16 @@ import torch.nn.functional as F
 from .model import GPT, GPTConfig, SyntheticData, make_optimizer
 from .result import TrainResult
 
-__all__ = ["FORMATS", "fp8_max", "fake_quant", "ScaleTracker", "FP8Linear", "apply_fp8", "train_precision",
-           "RECIPES"]
+__all__ = [
+    "FORMATS",
+    "fp8_max",
+    "fake_quant",
+    "ScaleTracker",
+    "FP8Linear",
+    "apply_fp8",
+    "train_precision",
+    "RECIPES",
+]
 
 FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 RECIPES = ("delayed", "current", "none")  # "none": s = 1, the raw cast (to show what scaling buys)
@@ -90,7 +99,7 @@ class ScaleTracker:
         # delayed: the history's max, known before this tensor is read (first call: its own amax)
         ref = amax if self.recipe == "current" or not self.history else max(self.history)
         s = self.scale_from(ref)
-        self.history = (self.history + [amax])[-self.history_len:]
+        self.history = (self.history + [amax])[-self.history_len :]
         self.amaxes.append(amax)
         self.scales.append(s)
         self.saturated += int((x.abs() * s > fp8_max(self.fmt)).sum())
@@ -153,8 +162,16 @@ def apply_fp8(model: GPT, recipe: str = "delayed", history_len: int = 16) -> dic
     return swapped
 
 
-def train_precision(cfg: GPTConfig, mode: str = "fp32", steps: int = 20, batch_size: int = 8, seed: int = 0,
-                    recipe: str = "delayed", history_len: int = 16, **optim) -> TrainResult:
+def train_precision(
+    cfg: GPTConfig,
+    mode: str = "fp32",
+    steps: int = 20,
+    batch_size: int = 8,
+    seed: int = 0,
+    recipe: str = "delayed",
+    history_len: int = 16,
+    **optim,
+) -> TrainResult:
     """Single-device training in one numeric format; the parameters and AdamW stay fp32
     (the master weights) in every mode.
 
@@ -179,5 +196,9 @@ def train_precision(cfg: GPTConfig, mode: str = "fp32", steps: int = 20, batch_s
         grads = grads or {n: p.grad.clone() for n, p in model.named_parameters()}
         opt.step()
         losses.append(loss.item())
-    return TrainResult(losses, first_grads=grads, params={n: p.detach().clone() for n, p in model.named_parameters()},
-                       extra=dict(trackers=linears))
+    return TrainResult(
+        losses,
+        first_grads=grads,
+        params={n: p.detach().clone() for n, p in model.named_parameters()},
+        extra=dict(trackers=linears),
+    )

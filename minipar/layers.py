@@ -7,6 +7,7 @@ seed)` draws each tensor from its own generator. A strategy that builds its own 
 therefore build the exact full weight of any parameter by name and keep its slice, and it
 equals the reference model by construction.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,20 +34,30 @@ class GPTConfig:
     # Mixture of experts (see minipar.moe): 0 experts = dense MLP everywhere.
     experts: int = 0
     top_k: int = 1
-    moe_every: int = 1          # every n-th block is an MoE block
+    moe_every: int = 1  # every n-th block is an MoE block
     capacity_factor: float = float("inf")
     shared_expert: bool = False
-    router: str = "softmax"     # or "sigmoid" (DeepSeek-V3)
-    aux_alpha: float = 0.01     # Switch load-balancing loss weight (0 = off)
-    z_loss: float = 0.0         # ST-MoE router z-loss weight (1e-3 in the paper)
-    min_capacity: int = 0       # floor of the per-expert capacity
-    moe_groups: int = 1         # token groups per batch; capacity and aux loss are per group (GShard)
+    router: str = "softmax"  # or "sigmoid" (DeepSeek-V3)
+    aux_alpha: float = 0.01  # Switch load-balancing loss weight (0 = off)
+    z_loss: float = 0.0  # ST-MoE router z-loss weight (1e-3 in the paper)
+    min_capacity: int = 0  # floor of the per-expert capacity
+    moe_groups: int = 1  # token groups per batch; capacity and aux loss are per group (GShard)
 
     def __post_init__(self):
         """Every field checked at once (a ConfigError listing each problem): a model that cannot be
         built is refused here, not by a ZeroDivisionError deep inside a rank."""
         p = Problems()
-        for f in ("vocab", "seq", "layers", "heads", "hidden", "mlp_ratio", "top_k", "moe_every", "moe_groups"):
+        for f in (
+            "vocab",
+            "seq",
+            "layers",
+            "heads",
+            "hidden",
+            "mlp_ratio",
+            "top_k",
+            "moe_every",
+            "moe_groups",
+        ):
             p.integer(f, getattr(self, f), low=1)
         p.integer("experts", self.experts, low=0)
         p.integer("min_capacity", self.min_capacity, low=0)
@@ -58,7 +69,9 @@ class GPTConfig:
         if not p:
             p.divides("heads", self.heads, "hidden", self.hidden, "each attention head is hidden/heads wide")
             if self.experts and self.top_k > self.experts:
-                p.add(f"top_k={self.top_k} must be <= experts={self.experts}: each token picks distinct experts")
+                p.add(
+                    f"top_k={self.top_k} must be <= experts={self.experts}: each token picks distinct experts"
+                )
         p.raise_if_any("GPTConfig cannot build this model")
 
     @property
@@ -73,7 +86,11 @@ class GPTConfig:
         mlp = 2 * r * h * h + (r + 1) * h
         total = (self.vocab + self.seq) * h + 2 * h + h * self.vocab
         for i in range(self.layers):
-            ffn = self.experts * mlp + h * self.experts + (mlp if self.shared_expert else 0) if self.is_moe(i) else mlp
+            ffn = (
+                self.experts * mlp + h * self.experts + (mlp if self.shared_expert else 0)
+                if self.is_moe(i)
+                else mlp
+            )
             total += 4 * (h * h + h) + 4 * h + ffn
         return total
 

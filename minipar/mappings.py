@@ -14,6 +14,7 @@ the way the tokens came.
 Every one is built on `comm`'s traced collectives, so each shows up in the trace
 with its axis and bytes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,9 +23,19 @@ import torch.nn.functional as F
 from . import comm
 from .comm import all_gather, all_reduce, all_to_all, local_rank, reduce_scatter, size
 
-__all__ = ["f", "g", "copy_to_parallel_region", "reduce_from_parallel_region", "gather_along",
-           "reduce_scatter_along", "split_along", "all_to_all_autograd", "SEQ", "gather_linear",
-           "sync_sequence_parallel_grads"]
+__all__ = [
+    "f",
+    "g",
+    "copy_to_parallel_region",
+    "reduce_from_parallel_region",
+    "gather_along",
+    "reduce_scatter_along",
+    "split_along",
+    "all_to_all_autograd",
+    "SEQ",
+    "gather_linear",
+    "sync_sequence_parallel_grads",
+]
 
 
 class _F(torch.autograd.Function):
@@ -160,11 +171,11 @@ class _GatherLinear(torch.autograd.Function):
         shard, *wb = ctx.saved_tensors
         weights, biases = wb[::2], wb[1::2]
         gather = comm.all_gather(shard, dim=SEQ, group=ctx.group, async_op=True)
-        dfull = sum(dy @ w for dy, w in zip(dys, weights))              # overlaps the all-gather
+        dfull = sum(dy @ w for dy, w in zip(dys, weights))  # overlaps the all-gather
         scatter = comm.reduce_scatter(dfull, dim=SEQ, group=ctx.group, async_op=True)
         full = gather.wait().reshape(-1, shard.shape[-1])
         grads = []
-        for dy, b in zip(dys, biases):                                  # overlaps the reduce-scatter
+        for dy, b in zip(dys, biases):  # overlaps the reduce-scatter
             dy = dy.reshape(-1, dy.shape[-1])
             grads += [dy.t() @ full, dy.sum(0) if b is not None else None]
         return (scatter.wait(), None, *grads)

@@ -14,6 +14,7 @@ The group of axis `a` holding rank r contains the ranks whose coordinates equal
 r's on every axis but `a`. Every rank must call `new_group` for every group, in
 the same order, even the groups it is not in: that is torch's contract.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -47,15 +48,17 @@ def check_sizes(world_size: int, axes: dict[str, int]) -> None:
         if world_size % others == 0:
             fixes.append(f"{a}={world_size // others}")
     hint = f" Keeping the other axes, {' or '.join(fixes)} would fit." if fixes else ""
-    raise MeshError(f"mesh {shape} has {prod} ranks but the world has {world_size}; "
-                    f"the axis sizes must multiply to the world size.{hint}")
+    raise MeshError(
+        f"mesh {shape} has {prod} ranks but the world has {world_size}; "
+        f"the axis sizes must multiply to the world size.{hint}"
+    )
 
 
 def enumerate_groups(axes: dict[str, int], axis: str) -> list[list[int]]:
     """All rank groups along `axis`, without touching torch.distributed (for teaching)."""
     names, sizes = list(axes), list(axes.values())
     k = names.index(axis)
-    strides = [math.prod(sizes[i + 1:]) for i in range(len(sizes))]
+    strides = [math.prod(sizes[i + 1 :]) for i in range(len(sizes))]
     groups = []
     others = [range(s) if i != k else [0] for i, s in enumerate(sizes)]
     for coord in itertools.product(*others):
@@ -78,7 +81,7 @@ class Mesh:
         self._members: dict[str, list[int]] = {}
         if dist.is_initialized():
             for a in self.axes:
-                if self.axes[a] == 1:   # a group of one rank communicates nothing (comm skips it)
+                if self.axes[a] == 1:  # a group of one rank communicates nothing (comm skips it)
                     continue
                 for ranks in enumerate_groups(self.axes, a):
                     g = dist.new_group(ranks)  # collective: every rank, every group, same order

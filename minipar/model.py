@@ -8,6 +8,7 @@ independently). No dropout: parity tests need determinism. Its config, layers an
 by-name initialization are in `minipar.layers` (re-exported here); an MoE block's
 feed-forward is `minipar.moe.MoE`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,21 @@ from .layers import MLP, Attention, GPTConfig, init_gpt, init_tensor, sdpa_causa
 from .moe import MoE
 from .result import TrainResult
 
-__all__ = ["GPTConfig", "GPT", "Block", "Attention", "MLP", "init_tensor", "init_gpt", "sdpa_causal", "SyntheticData",
-           "make_optimizer", "train_reference", "TrainResult", "OPTIM"]
+__all__ = [
+    "GPTConfig",
+    "GPT",
+    "Block",
+    "Attention",
+    "MLP",
+    "init_tensor",
+    "init_gpt",
+    "sdpa_causal",
+    "SyntheticData",
+    "make_optimizer",
+    "train_reference",
+    "TrainResult",
+    "OPTIM",
+]
 
 
 class Block(nn.Module):
@@ -71,7 +85,7 @@ class GPT(nn.Module):
     def generate(self, idx, new_tokens: int):
         """Greedy decoding without a cache (the reference for cached/parallel generation)."""
         for _ in range(new_tokens):
-            logits = self(idx[:, -self.cfg.seq:])
+            logits = self(idx[:, -self.cfg.seq :])
             idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         return idx
 
@@ -107,14 +121,24 @@ def make_optimizer(params, kind: str = "adamw", **overrides) -> torch.optim.Opti
     element near zero whose rounding differs between kernel sets moves its parameter by up to
     lr per step; SGD moves it by lr times the gradient's own (tiny) difference."""
     if kind == "sgd":
-        return torch.optim.SGD(params, lr=overrides.get("lr", OPTIM["lr"]),
-                               weight_decay=overrides.get("weight_decay", OPTIM["weight_decay"]), foreach=False)
+        return torch.optim.SGD(
+            params,
+            lr=overrides.get("lr", OPTIM["lr"]),
+            weight_decay=overrides.get("weight_decay", OPTIM["weight_decay"]),
+            foreach=False,
+        )
     return torch.optim.AdamW(params, **{**OPTIM, **overrides}, foreach=False)
 
 
-
-def train_reference(cfg: GPTConfig, steps: int = 5, batch_size: int = 8, seed: int = 0,
-                    grad_accum: int = 1, progress: bool = False, **optim) -> TrainResult:
+def train_reference(
+    cfg: GPTConfig,
+    steps: int = 5,
+    batch_size: int = 8,
+    seed: int = 0,
+    grad_accum: int = 1,
+    progress: bool = False,
+    **optim,
+) -> TrainResult:
     """The single-device loop: `steps` AdamW steps on SyntheticData's global batches.
 
     With grad_accum=k the global batch is split into k micro-batches and the mean of
@@ -136,5 +160,10 @@ def train_reference(cfg: GPTConfig, steps: int = 5, batch_size: int = 8, seed: i
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         first = first or grads
         opt.step()
-    return TrainResult(losses, first_grads=first, grads=grads, model=model,
-                       params={n: p.detach().clone() for n, p in model.named_parameters()})
+    return TrainResult(
+        losses,
+        first_grads=first,
+        grads=grads,
+        model=model,
+        params={n: p.detach().clone() for n, p in model.named_parameters()},
+    )

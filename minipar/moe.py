@@ -37,6 +37,7 @@ Cost: E expert MLPs hold E * 8h^2 parameters (E/ep per rank under expert paralle
 see `minipar.ep`); each token costs k expert MLPs of FLOPs; the buffers hold at most
 E * C token rows per group.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,22 @@ import torch.nn.functional as F
 from . import comm
 from .layers import MLP, GPTConfig
 
-__all__ = ["capacity", "switch_aux_loss", "router_z_loss", "route", "assign_slots", "MoE", "permute", "combine",
-           "local_dispatch", "check_config", "moe_layers", "split_tokens", "skew_router", "update_bias"]
+__all__ = [
+    "capacity",
+    "switch_aux_loss",
+    "router_z_loss",
+    "route",
+    "assign_slots",
+    "MoE",
+    "permute",
+    "combine",
+    "local_dispatch",
+    "check_config",
+    "moe_layers",
+    "split_tokens",
+    "skew_router",
+    "update_bias",
+]
 
 
 def check_config(cfg: GPTConfig, ep: int = 1) -> None:
@@ -58,23 +73,32 @@ def check_config(cfg: GPTConfig, ep: int = 1) -> None:
     if E < 1:
         raise ValueError(f"experts={E}: an MoE layer needs at least one expert (experts=0 means a dense MLP)")
     if not 1 <= k <= E:
-        raise ValueError(f"top_k={k} with experts={E}: each token picks k *distinct* experts, "
-                         f"so 1 <= top_k <= experts; lower top_k or add experts")
+        raise ValueError(
+            f"top_k={k} with experts={E}: each token picks k *distinct* experts, "
+            f"so 1 <= top_k <= experts; lower top_k or add experts"
+        )
     if not cfg.capacity_factor > 0:
-        raise ValueError(f"capacity_factor={cfg.capacity_factor} must be > 0 "
-                         "(1.0-1.25 is typical; float('inf') means dropless)")
+        raise ValueError(
+            f"capacity_factor={cfg.capacity_factor} must be > 0 "
+            "(1.0-1.25 is typical; float('inf') means dropless)"
+        )
     if cfg.router not in ("softmax", "sigmoid"):
-        raise ValueError(f"router={cfg.router!r}: choose 'softmax' (Switch/GShard) or 'sigmoid' (DeepSeek-V3)")
+        raise ValueError(
+            f"router={cfg.router!r}: choose 'softmax' (Switch/GShard) or 'sigmoid' (DeepSeek-V3)"
+        )
     if cfg.moe_groups < 1 or cfg.min_capacity < 0:
         raise ValueError(f"moe_groups={cfg.moe_groups} must be >= 1 and min_capacity={cfg.min_capacity} >= 0")
     if ep < 1 or E % ep:
         fits = [d for d in range(1, E + 1) if E % d == 0]
-        raise ValueError(f"experts={E} cannot be split evenly over ep={ep} ranks: every rank holds "
-                         f"E/ep experts; choose ep in {fits} or change the number of experts")
+        raise ValueError(
+            f"experts={E} cannot be split evenly over ep={ep} ranks: every rank holds "
+            f"E/ep experts; choose ep in {fits} or change the number of experts"
+        )
 
 
-def capacity(num_tokens: int, num_experts: int, top_k: int = 1, capacity_factor: float = 1.25,
-             min_capacity: int = 0) -> int:
+def capacity(
+    num_tokens: int, num_experts: int, top_k: int = 1, capacity_factor: float = 1.25, min_capacity: int = 0
+) -> int:
     """Slots per expert: max(min_capacity, ceil(tokens * k * CF / E)); CF = inf gives
     `num_tokens` (an expert can receive each token at most once, so nothing drops)."""
     if num_experts < 1 or not 1 <= top_k <= num_experts:
@@ -86,8 +110,12 @@ def capacity(num_tokens: int, num_experts: int, top_k: int = 1, capacity_factor:
     return max(int(min_capacity), math.ceil(num_tokens * top_k * capacity_factor / num_experts))
 
 
-def switch_aux_loss(router_probs: torch.Tensor, expert_index: torch.Tensor, alpha: float = 0.01,
-                    first_choices: torch.Tensor | None = None) -> torch.Tensor:
+def switch_aux_loss(
+    router_probs: torch.Tensor,
+    expert_index: torch.Tensor,
+    alpha: float = 0.01,
+    first_choices: torch.Tensor | None = None,
+) -> torch.Tensor:
     """alpha * E * sum_i f_i * P_i (Switch Transformer eq. 4-6), f from the first choice.
 
     router_probs: [tokens, E] (rows sum to 1); expert_index: [tokens, k]. Leading group
@@ -130,9 +158,9 @@ def assign_slots(expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
     Priority is choice-major (GShard): every token's first choice, in token order,
     then every second choice, and so on."""
     T, k = expert_index.shape[-2:]
-    onehot = F.one_hot(expert_index, num_experts)                  # [..., T, k, E]
-    queue = onehot.transpose(-3, -2).flatten(-3, -2)                # [..., k*T, E] in priority order
-    slot = ((queue.cumsum(-2) - 1) * queue).sum(-1)                 # place in its expert's queue
+    onehot = F.one_hot(expert_index, num_experts)  # [..., T, k, E]
+    queue = onehot.transpose(-3, -2).flatten(-3, -2)  # [..., k*T, E] in priority order
+    slot = ((queue.cumsum(-2) - 1) * queue).sum(-1)  # place in its expert's queue
     return slot.unflatten(-1, (k, T)).transpose(-1, -2)
 
 
@@ -158,7 +186,9 @@ def local_dispatch(x, index, weights, keep, experts, num_experts):
     tok, choice, _, counts = permute(index, keep, num_experts)
     out = torch.cat([e(rows) for e, rows in zip(experts.values(), x[tok].split(counts.tolist()))])
     n = [int(counts.sum())]
-    return combine(x, tok, choice, out, weights), dict(table=counts[None].detach().cpu(), send_splits=n, recv_splits=n)
+    return combine(x, tok, choice, out, weights), dict(
+        table=counts[None].detach().cpu(), send_splits=n, recv_splits=n
+    )
 
 
 class MoE(nn.Module):
@@ -178,11 +208,13 @@ class MoE(nn.Module):
         self.experts = nn.ModuleDict({str(i): MLP(cfg) for i in range(cfg.experts)})
         self.shared = MLP(cfg) if cfg.shared_expert else None
         self.register_buffer("expert_bias", torch.zeros(cfg.experts))  # selection only, never trained
-        self.groups = cfg.moe_groups                 # groups in the batch this layer sees
+        self.groups = cfg.moe_groups  # groups in the batch this layer sees
         self.dispatcher = local_dispatch
-        self.token_axes, self.share = (), 1.0        # see split_tokens
+        self.token_axes, self.share = (), 1.0  # see split_tokens
         self.aux_loss = torch.zeros(())
-        self.step_load = torch.zeros(cfg.experts, dtype=torch.long)  # routed choices since the last bias update
+        self.step_load = torch.zeros(
+            cfg.experts, dtype=torch.long
+        )  # routed choices since the last bias update
         self.stats: dict = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,8 +222,10 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         T, G = x.shape[0], self.groups
         if T % G:
-            raise ValueError(f"{T} tokens cannot form moe_groups={G} equal groups; pick moe_groups dividing "
-                             "batch*seq (under expert parallelism: a multiple of the data shards)")
+            raise ValueError(
+                f"{T} tokens cannot form moe_groups={G} equal groups; pick moe_groups dividing "
+                "batch*seq (under expert parallelism: a multiple of the data shards)"
+            )
         logits = self.router(x)
         probs, index, weights = route(logits, k, cfg.router, self.expert_bias)
         C = capacity(T // G, E, k, cfg.capacity_factor, cfg.min_capacity)
@@ -203,9 +237,15 @@ class MoE(nn.Module):
         load = torch.bincount(index.flatten().cpu(), minlength=E)
         if self.training:
             self.step_load = self.step_load + load
-        self.stats = dict(load=load, kept_load=torch.bincount(index[keep].cpu(), minlength=E),
-                          keep=keep.detach().cpu(), capacity=C, dropped=int((~keep).sum()),
-                          choices=T * k, **sent)
+        self.stats = dict(
+            load=load,
+            kept_load=torch.bincount(index[keep].cpu(), minlength=E),
+            keep=keep.detach().cpu(),
+            capacity=C,
+            dropped=int((~keep).sum()),
+            choices=T * k,
+            **sent,
+        )
         return y.view(shape)
 
     def balance_loss(self, logits, probs, index) -> torch.Tensor:

@@ -25,6 +25,7 @@ The same code serves a GPU machine (device = cuda, host = cpu, pinned buffers) a
 (both are the CPU: the copies are real but stay in the same memory, and the bookkeeping below
 still tells device bytes from host bytes from disk bytes).
 """
+
 from __future__ import annotations
 
 import errno
@@ -43,10 +44,20 @@ from .runtime import device as compute_device
 from .runtime import rank, world_size
 from .validation import ConfigError, Problems, nearest_existing
 
-__all__ = ["ShardOptimizer", "NVMeOptimizer", "OFFLOADS", "shard_optimizer", "check_offload", "nvme_bytes", "host_device",
-           "nvme_problems", "check_nvme", "NVME_BYTES_PER_PARAM"]
+__all__ = [
+    "ShardOptimizer",
+    "NVMeOptimizer",
+    "OFFLOADS",
+    "shard_optimizer",
+    "check_offload",
+    "nvme_bytes",
+    "host_device",
+    "nvme_problems",
+    "check_nvme",
+    "NVME_BYTES_PER_PARAM",
+]
 
-OFFLOADS = (False, True, "cpu", "nvme")   # where the optimizer runs: device, host (True = "cpu"), NVMe
+OFFLOADS = (False, True, "cpu", "nvme")  # where the optimizer runs: device, host (True = "cpu"), NVMe
 
 
 def host_device() -> torch.device:
@@ -88,27 +99,33 @@ class ShardOptimizer:
         moments; AdamW's scalar `step` counters apart. `where` says host or device."""
         own = [m for m, s in zip(self.masters, self.shards) if m is not s]
         st = [v for d in self.optimizer.state.values() for v in d.values() if torch.is_tensor(v)]
-        return dict(optimizer=held_bytes(own + [v for v in st if v.dim() > 0]),
-                    optimizer_scalars=sum(v.numel() * v.element_size() for v in st if v.dim() == 0),
-                    where="host" if self.offload else "device")
+        return dict(
+            optimizer=held_bytes(own + [v for v in st if v.dim() > 0]),
+            optimizer_scalars=sum(v.numel() * v.element_size() for v in st if v.dim() == 0),
+            where="host" if self.offload else "device",
+        )
 
 
 # ----------------------------------------------------------------------------- ZeRO-Infinity: NVMe
-ROWS = ("master", "grad", "exp_avg", "exp_avg_sq")   # one fp32 row each, per unit's shard
-NVME_BYTES_PER_PARAM = 4 * len(ROWS)                   # 16: ZeRO-Infinity's optimizer states per parameter
+ROWS = ("master", "grad", "exp_avg", "exp_avg_sq")  # one fp32 row each, per unit's shard
+NVME_BYTES_PER_PARAM = 4 * len(ROWS)  # 16: ZeRO-Infinity's optimizer states per parameter
 MASTER, GRAD, EXP_AVG, EXP_AVG_SQ = range(len(ROWS))
 
 
-def nvme_problems(nvme_dir, nbytes: int, problems: Problems | None = None, field: str = "nvme_dir") -> Problems:
+def nvme_problems(
+    nvme_dir, nbytes: int, problems: Problems | None = None, field: str = "nvme_dir"
+) -> Problems:
     """Add to `problems` why `nvme_dir` cannot hold `nbytes`: not writable (a probe file is
     written), or not enough free space on its disk."""
     p = problems if problems is not None else Problems()
     if p.output_dir(field, nvme_dir):
         free = shutil.disk_usage(nearest_existing(nvme_dir)).free
         if free < nbytes:
-            p.add(f"{p.show(field, nvme_dir)}: its disk has {free:,} bytes free, NVMe offload needs {nbytes:,} "
-                  f"({NVME_BYTES_PER_PARAM} bytes per parameter: fp32 master, gradient and Adam's two moments); "
-                  "free some space or choose another disk")
+            p.add(
+                f"{p.show(field, nvme_dir)}: its disk has {free:,} bytes free, NVMe offload needs {nbytes:,} "
+                f"({NVME_BYTES_PER_PARAM} bytes per parameter: fp32 master, gradient and Adam's two moments); "
+                "free some space or choose another disk"
+            )
     return p
 
 
@@ -122,11 +139,15 @@ def _reserve(path: str, nbytes: int) -> None:
     fails here, before training, and not at some step's write (posix_fallocate)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.posix_fallocate(fd, 0, nbytes)   # also zero-fills: the moments start at 0, as AdamW's do
+        os.posix_fallocate(fd, 0, nbytes)  # also zero-fills: the moments start at 0, as AdamW's do
     except OSError as e:
-        raise ConfigError([f"cannot reserve {nbytes:,} bytes in {path} ({os.strerror(e.errno)})"
-                           + ("; free some space or choose another disk" if e.errno == errno.ENOSPC else "")],
-                          "NVMe offload cannot start") from None
+        raise ConfigError(
+            [
+                f"cannot reserve {nbytes:,} bytes in {path} ({os.strerror(e.errno)})"
+                + ("; free some space or choose another disk" if e.errno == errno.ENOSPC else "")
+            ],
+            "NVMe offload cannot start",
+        ) from None
     finally:
         os.close(fd)
 
@@ -144,18 +165,22 @@ class NVMeOptimizer:
     `io` lists the bytes read and written per step, counted at each copy through the mapping.
     The files have no name once mapped: the disk space is this process's while it lives."""
 
-    def __init__(self, shards: list[torch.Tensor], nvme_dir: str, tag: str = "rank0", sharing: int = 1, **optim):
+    def __init__(
+        self, shards: list[torch.Tensor], nvme_dir: str, tag: str = "rank0", sharing: int = 1, **optim
+    ):
         self.shards, self.where = shards, "nvme"
         numels = [s.numel() for s in shards]
         need = NVME_BYTES_PER_PARAM * sum(numels)
-        check_nvme(nvme_dir, need * sharing)          # every rank on this host writes to this disk
+        check_nvme(nvme_dir, need * sharing)  # every rank on this host writes to this disk
         os.makedirs(nvme_dir, exist_ok=True)
         scratch, self.files = tempfile.mkdtemp(dir=nvme_dir, prefix=f"minipar-{tag}-"), []
         try:
             for i, numel in enumerate(numels):
                 path = os.path.join(scratch, f"unit{i}.bin")
                 _reserve(path, NVME_BYTES_PER_PARAM * numel)
-                self.files.append(torch.from_numpy(np.memmap(path, np.float32, "r+", shape=(len(ROWS), numel))))
+                self.files.append(
+                    torch.from_numpy(np.memmap(path, np.float32, "r+", shape=(len(ROWS), numel)))
+                )
                 # scratch space: the mapping keeps the blocks, the name goes now, so that no rank that
                 # crashes or is killed (forked ranks end with os._exit) leaves gigabytes behind
                 os.unlink(path)
@@ -169,12 +194,12 @@ class NVMeOptimizer:
         self.io_thread = ThreadPoolExecutor(1, thread_name_prefix="nvme")  # runs reads/writes in queue order
         self.io, self.read, self.written = [], 0, 0
         with torch.no_grad():
-            for f, s in zip(self.files, shards):      # the initial masters (setup, not counted per step)
+            for f, s in zip(self.files, shards):  # the initial masters (setup, not counted per step)
                 f[MASTER].copy_(s.detach().float().cpu())
 
     # ---- the only places bytes cross the mapping: count them here
     def _read(self, i: int, buf: torch.Tensor) -> None:
-        buf[:, :self.shards[i].numel()].copy_(self.files[i])
+        buf[:, : self.shards[i].numel()].copy_(self.files[i])
         self.read += self.files[i].numel() * 4
 
     def _write(self, i: int, rows, src: torch.Tensor) -> None:
@@ -186,17 +211,19 @@ class NVMeOptimizer:
     def step(self, grads: list[torch.Tensor]) -> None:
         self.read = self.written = 0
         q = self.io_thread.submit
-        for i, g in enumerate(grads):                       # 1. gradients leave the device, in fp32
+        for i, g in enumerate(grads):  # 1. gradients leave the device, in fp32
             q(self._write, i, (GRAD,), g.detach().to("cpu", torch.float32).unsqueeze(0))
         pending, writes = q(self._read, 0, self.buffers[0]), []
-        for i, shard in enumerate(self.shards):            # 2. read, step, write back: unit by unit
+        for i, shard in enumerate(self.shards):  # 2. read, step, write back: unit by unit
             pending.result()
-            if i + 1 < len(self.shards):                   # prefetch: queued after write i-1, so its buffer is free
+            if i + 1 < len(self.shards):  # prefetch: queued after write i-1, so its buffer is free
                 pending = q(self._read, i + 1, self.buffers[(i + 1) % 2])
-            buf = self.buffers[i % 2][:, :shard.numel()]
+            buf = self.buffers[i % 2][:, : shard.numel()]
             self._adamw(i, buf)
-            shard.copy_(buf[MASTER])                        # host->device (blocking: the buffer is reused soon)
-            writes.append(q(self._write, i, (MASTER, EXP_AVG, EXP_AVG_SQ), buf[[MASTER, EXP_AVG, EXP_AVG_SQ]]))
+            shard.copy_(buf[MASTER])  # host->device (blocking: the buffer is reused soon)
+            writes.append(
+                q(self._write, i, (MASTER, EXP_AVG, EXP_AVG_SQ), buf[[MASTER, EXP_AVG, EXP_AVG_SQ]])
+            )
         for w in writes:
             w.result()
         self.io.append(dict(read=self.read, written=self.written))
@@ -207,17 +234,22 @@ class NVMeOptimizer:
         p, st = self.params[i], self.optimizer.state[self.params[i]]
         p.data, p.grad = buf[MASTER], buf[GRAD]
         if not st:
-            st["step"] = torch.tensor(0.0)                  # as AdamW's own first step makes it
+            st["step"] = torch.tensor(0.0)  # as AdamW's own first step makes it
         st["exp_avg"], st["exp_avg_sq"] = buf[EXP_AVG], buf[EXP_AVG_SQ]
-        self.optimizer.step()                               # only p has a gradient: only p steps
+        self.optimizer.step()  # only p has a gradient: only p steps
         p.grad = None
 
     def state_bytes(self) -> dict:
         """Bytes of optimizer state: master and moments (K = 12) on NVMe, with the fp32 gradient
         row `nvme` counts the files (16 per parameter); `host` the two staging buffers."""
         numel = sum(s.numel() for s in self.shards)
-        return dict(optimizer=12 * numel, optimizer_scalars=4 * sum(1 for p in self.params if self.optimizer.state[p]),
-                    nvme=sum(f.numel() * 4 for f in self.files), host=held_bytes(self.buffers), where="nvme")
+        return dict(
+            optimizer=12 * numel,
+            optimizer_scalars=4 * sum(1 for p in self.params if self.optimizer.state[p]),
+            nvme=sum(f.numel() * 4 for f in self.files),
+            host=held_bytes(self.buffers),
+            where="nvme",
+        )
 
     def close(self) -> None:
         """Finish the I/O and give the disk space back (the files have no name: unmapping frees them)."""

@@ -28,6 +28,7 @@ ZB and DualPipe schedules keep to ZeRO-1 (`compose.check` says so before launch)
 block's experts may get no tokens and so no gradient: its unit reduce-scatters at the end of
 backward instead, in unit order, so every dp rank issues the same collectives.
 """
+
 from __future__ import annotations
 
 import torch
@@ -68,20 +69,35 @@ class Optimizer:
             self.opt = make_optimizer(self.params, **optim)
             return
         if module is None:
-            raise ValueError("ZeRO shards the stage modules' parameters: pass module= (one or {stage: module})")
+            raise ValueError(
+                "ZeRO shards the stage modules' parameters: pass module= (one or {stage: module})"
+            )
         stages = _as_stages(module)
         units = [u for s in sorted(stages) for u in stage_units(stages[s])]
         # an MoE block's experts may get no tokens, so no gradient: it reduces at backward's end
-        late = {name for name, mods in units if any(hasattr(m, "experts") for md in mods for m in md.modules())}
-        self.zero = ZeRO(torch.nn.ModuleDict({str(s): m for s, m in stages.items()}), stage=pc.zero,
-                         group="dp", units=units, spans=False, late=late, optim=optim)
+        late = {
+            name for name, mods in units if any(hasattr(m, "experts") for md in mods for m in md.modules())
+        }
+        self.zero = ZeRO(
+            torch.nn.ModuleDict({str(s): m for s, m in stages.items()}),
+            stage=pc.zero,
+            group="dp",
+            units=units,
+            spans=False,
+            late=late,
+            optim=optim,
+        )
         self.units, self.opt = self.zero.units, self.zero.optim.optimizer
         r = comm.local_rank("dp")
-        for u in self.units:   # which of this rank's shard elements need a sum over tp (SP) or ep (dense)
-            sp, dense, off = torch.zeros(u.padded, dtype=torch.bool), torch.zeros(u.padded, dtype=torch.bool), 0
+        for u in self.units:  # which of this rank's shard elements need a sum over tp (SP) or ep (dense)
+            sp, dense, off = (
+                torch.zeros(u.padded, dtype=torch.bool),
+                torch.zeros(u.padded, dtype=torch.bool),
+                0,
+            )
             for p in u.params:
-                sp[off:off + p.numel()] = getattr(p, "sequence_parallel", False)
-                dense[off:off + p.numel()] = ".experts." not in self.name_of[id(p)]
+                sp[off : off + p.numel()] = getattr(p, "sequence_parallel", False)
+                dense[off : off + p.numel()] = ".experts." not in self.name_of[id(p)]
                 off += p.numel()
             mine = slice(r * u.shard_numel, (r + 1) * u.shard_numel)
             u.sp_index, u.dense_index = sp[mine].nonzero().flatten(), dense[mine].nonzero().flatten()
@@ -89,31 +105,31 @@ class Optimizer:
     @torch.no_grad()
     def step(self) -> None:
         pc = self.pc
-        if self.mirror is not None:   # DualPipe: each copy saw half the micro-batches; names order both ranks
+        if self.mirror is not None:  # DualPipe: each copy saw half the micro-batches; names order both ranks
             comm.all_reduce_grads([p for _, p in sorted(zip(self.names, self.params))], group=self.mirror)
         if pc.zero == 0:
-            for p in self.params:   # an expert without tokens still takes part in every sum
+            for p in self.params:  # an expert without tokens still takes part in every sum
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            sync_sequence_parallel_grads(self.params, "tp")   # LayerNorms etc. saw only s/t tokens under SP
+            sync_sequence_parallel_grads(self.params, "tp")  # LayerNorms etc. saw only s/t tokens under SP
             dense = [p for n, p in zip(self.names, self.params) if ".experts." not in n]
-            comm.all_reduce_grads(self.params, group="cp")     # replicas that saw other sequence slices
-            comm.all_reduce_grads(dense, group="ep")           # dense weights saw every ep rank's tokens
+            comm.all_reduce_grads(self.params, group="cp")  # replicas that saw other sequence slices
+            comm.all_reduce_grads(dense, group="ep")  # dense weights saw every ep rank's tokens
             comm.all_reduce_grads(self.params, group="dp", scale=1.0 / (pc.dp * pc.ep * pc.cp))
             self.opt.step()
             return
-        grads = self.zero.reduce_gradients()   # averaged over dp
+        grads = self.zero.reduce_gradients()  # averaged over dp
         for u, g in zip(self.units, grads):
             for index, axis in ((u.sp_index, "tp"), (u.dense_index, "ep")):
                 if len(index) and comm.size(axis) > 1:
                     g[index] = comm.all_reduce(g[index], group=axis)
             comm.all_reduce(g, group="cp")
             g.mul_(1.0 / (pc.cp * pc.ep))
-        self.applied = grads   # what this step applied, for `gradients`
+        self.applied = grads  # what this step applied, for `gradients`
         self.zero.apply(grads)
 
     def zero_grad(self) -> None:
-        if self.pc.zero >= 1:    # ZeRO owns the gradients (ZeRO-1: views into its flat buffers)
+        if self.pc.zero >= 1:  # ZeRO owns the gradients (ZeRO-1: views into its flat buffers)
             self.zero.zero_grad()
             return
         for p in self.params:
@@ -123,7 +139,7 @@ class Optimizer:
     def values(self) -> dict:
         """{name: this rank's (TP-local) parameter value}; ZeRO-3 gathers them over dp."""
         if self.pc.zero == 3:
-            full = self.zero.full_parameters()      # keyed by the ModuleDict's names: "<stage>.<name>"
+            full = self.zero.full_parameters()  # keyed by the ModuleDict's names: "<stage>.<name>"
             return {self.name_of[id(p)]: full[self.zero.names[id(p)]] for p in self.params}
         return dict(zip(self.names, self.params))
 
@@ -137,7 +153,7 @@ class Optimizer:
         for g, (_, named, _) in zip(self.applied, self._flats()):
             full, off = comm.all_gather(g, group="dp"), 0
             for n, p in named:
-                out[n] = full[off:off + p.numel()].view(p.shape).clone()
+                out[n] = full[off : off + p.numel()].view(p.shape).clone()
                 off += p.numel()
         return out
 
@@ -145,18 +161,32 @@ class Optimizer:
         """Model-state bytes this rank holds now (ZeRO's table: P, G, K per parameter)."""
         if self.pc.zero >= 1:
             b = self.zero.model_state_bytes()
-            return dict(params=b["params"], grads=b["grads"], optimizer=b["optimizer"], numel=self.numel,
-                        padded=sum(u.padded for u in self.units))
+            return dict(
+                params=b["params"],
+                grads=b["grads"],
+                optimizer=b["optimizer"],
+                numel=self.numel,
+                padded=sum(u.padded for u in self.units),
+            )
         nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
-        moments = [v for st in self.opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0]
-        return dict(params=nbytes(self.params), grads=nbytes([p.grad for p in self.params if p.grad is not None]),
-                    optimizer=nbytes(moments), numel=self.numel, padded=self.numel)
+        moments = [
+            v for st in self.opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0
+        ]
+        return dict(
+            params=nbytes(self.params),
+            grads=nbytes([p.grad for p in self.params if p.grad is not None]),
+            optimizer=nbytes(moments),
+            numel=self.numel,
+            padded=self.numel,
+        )
 
     # ---- checkpoints: AdamW's moments per parameter, whatever the sharding
     def _flats(self):
         """(optimizer key, [(name, param)], padded numel) per flat shard this rank steps."""
-        return [(m, [(self.name_of[id(p)], p) for p in u.params], u.padded)
-                for m, u in zip(self.zero.optim.masters, self.units)]
+        return [
+            (m, [(self.name_of[id(p)], p) for p in u.params], u.padded)
+            for m, u in zip(self.zero.optim.masters, self.units)
+        ]
 
     @torch.no_grad()
     def moments(self) -> dict:
@@ -173,7 +203,7 @@ class Optimizer:
             off = 0
             for n, p in named:
                 k = p.numel()
-                out[n] = (m[off:off + k].view(p.shape), v[off:off + k].view(p.shape))
+                out[n] = (m[off : off + k].view(p.shape), v[off : off + k].view(p.shape))
                 off += k
         return out
 
@@ -183,13 +213,22 @@ class Optimizer:
         t = torch.tensor(float(step))  # AdamW keeps its step count on the CPU
         if self.pc.zero == 0:
             for n, p in zip(self.names, self.params):
-                self.opt.state[p] = {"step": t.clone(), "exp_avg": moments[n][0].clone(), "exp_avg_sq": moments[n][1].clone()}
+                self.opt.state[p] = {
+                    "step": t.clone(),
+                    "exp_avg": moments[n][0].clone(),
+                    "exp_avg_sq": moments[n][1].clone(),
+                }
             return
         n, r = comm.size("dp"), comm.local_rank("dp")
         for key, named, padded in self._flats():
             S = padded // n
             flat = [torch.zeros(padded, device=key.device) for _ in range(2)]
             for k in range(2):
-                flat[k][:sum(p.numel() for _, p in named)] = torch.cat([moments[name][k].flatten() for name, _ in named])
-            self.opt.state[key] = {"step": t.clone(), "exp_avg": flat[0][r * S:(r + 1) * S].clone(),
-                                   "exp_avg_sq": flat[1][r * S:(r + 1) * S].clone()}
+                flat[k][: sum(p.numel() for _, p in named)] = torch.cat(
+                    [moments[name][k].flatten() for name, _ in named]
+                )
+            self.opt.state[key] = {
+                "step": t.clone(),
+                "exp_avg": flat[0][r * S : (r + 1) * S].clone(),
+                "exp_avg_sq": flat[1][r * S : (r + 1) * S].clone(),
+            }

@@ -15,6 +15,7 @@ Micikevicius et al. 2018, "Mixed Precision Training" (ICLR):
 * `reduce_dtype` is the dtype gradients travel in: fp32 for accuracy, 16-bit for half
   the traffic (FSDP2's MixedPrecisionPolicy uses the same two names).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,8 +27,14 @@ from .runtime import device
 
 __all__ = ["MixedPrecision", "DynamicLossScaler", "DTYPES"]
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-          "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 def _dtype(d):
@@ -43,6 +50,7 @@ class MixedPrecision:
     """param_dtype: compute dtype of parameters and activations; reduce_dtype: dtype of
     gradient communication (None = param_dtype); loss_scale: "dynamic", a fixed float,
     or None. fp16 without loss scaling is refused: small gradients would vanish."""
+
     param_dtype: torch.dtype | str = torch.float32
     reduce_dtype: torch.dtype | str | None = None
     loss_scale: str | float | None = None
@@ -53,8 +61,10 @@ class MixedPrecision:
         if self.param_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"param_dtype must be fp32, bf16 or fp16, got {self.param_dtype}")
         if self.param_dtype == torch.float16 and self.loss_scale is None:
-            raise ValueError("fp16 compute needs loss scaling: pass loss_scale='dynamic' (or a number), "
-                             "or use param_dtype='bf16', which does not")
+            raise ValueError(
+                "fp16 compute needs loss scaling: pass loss_scale='dynamic' (or a number), "
+                "or use param_dtype='bf16', which does not"
+            )
         if isinstance(self.loss_scale, str) and self.loss_scale != "dynamic":
             raise ValueError(f"loss_scale must be 'dynamic', a number or None, got {self.loss_scale!r}")
 
@@ -71,8 +81,14 @@ class DynamicLossScaler:
     `group`); update(found_inf) after, which halves S on overflow and doubles it after
     `growth_interval` clean steps (0: never grow). `history` keeps (scale, skipped) per step."""
 
-    def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
-                 growth_interval: int = 1000, group=None):
+    def __init__(
+        self,
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 1000,
+        group=None,
+    ):
         self.scale_value, self.growth_factor, self.backoff_factor = init_scale, growth_factor, backoff_factor
         self.growth_interval, self.group = growth_interval, group
         self.clean_steps, self.history = 0, []

@@ -18,6 +18,7 @@ which blocks recompute (e.g. every other one), per block. Measure the effect wit
 `minipar.activations.SavedActivations` (a checkpoint keeps its block's input itself, outside
 the meter's view: add 2sbh bytes per fully recomputed layer in 16-bit).
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,6 +39,7 @@ def _checkpointed(fn):
         if not torch.is_grad_enabled():  # inference: nothing is saved anyway
             return fn(*args)
         return checkpoint(fn, *args, use_reentrant=False)
+
     return run
 
 
@@ -47,7 +49,9 @@ def apply_recompute(model: GPT, mode: str = "full", layers=None) -> GPT:
     if mode not in MODES:
         raise ValueError(f"recompute mode must be one of {MODES}, got {mode!r}")
     # a pipeline stage keeps its blocks in a dict keyed by their global index
-    blocks = list(model.blocks.values()) if isinstance(model.blocks, torch.nn.ModuleDict) else list(model.blocks)
+    blocks = (
+        list(model.blocks.values()) if isinstance(model.blocks, torch.nn.ModuleDict) else list(model.blocks)
+    )
     layers = range(len(blocks)) if layers is None else list(layers)
     bad = [i for i in layers if not 0 <= i < len(blocks)]
     if bad:

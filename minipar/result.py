@@ -7,6 +7,7 @@ only one strategy measures (TP's logits, ZeRO's memory, a pipeline's times) goes
 It is also a mapping, `result["losses"]` or `result["memory"]`, so that a notebook can print it
 or pick from it without knowing which fields a strategy fills.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
@@ -16,12 +17,12 @@ from typing import Any
 
 @dataclass
 class TrainResult(Mapping):
-    losses: list                      # the global batch's mean loss, one per step (the same on every rank)
-    first_grads: dict | None = None   # name -> gradient after the first backward, before any step
-    grads: dict | None = None         # name -> gradient of the last step, before its optimizer step
-    params: dict | None = None        # name -> parameter after the last step
-    model: Any = None                 # the trained module, where one process holds all of it
-    extra: dict = field(default_factory=dict)   # what a strategy also measures: logits, memory, times …
+    losses: list  # the global batch's mean loss, one per step (the same on every rank)
+    first_grads: dict | None = None  # name -> gradient after the first backward, before any step
+    grads: dict | None = None  # name -> gradient of the last step, before its optimizer step
+    params: dict | None = None  # name -> parameter after the last step
+    model: Any = None  # the trained module, where one process holds all of it
+    extra: dict = field(default_factory=dict)  # what a strategy also measures: logits, memory, times …
 
     def _named(self) -> dict:
         named = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}

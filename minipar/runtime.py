@@ -24,6 +24,7 @@ It never hangs and never hides a failure:
   (`stop_requested()`), so a training loop can save its last step and return.
 No process outlives the call.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -47,13 +48,27 @@ import torch.distributed as dist
 
 from .validation import Problems
 
-__all__ = ["launch", "RankError", "DeadlineExceeded", "Deadlock", "device", "rank", "world_size", "is_torchrun",
-           "backend", "waiting", "heartbeat", "stop_requested", "wall", "at_rank_start"]
+__all__ = [
+    "launch",
+    "RankError",
+    "DeadlineExceeded",
+    "Deadlock",
+    "device",
+    "rank",
+    "world_size",
+    "is_torchrun",
+    "backend",
+    "waiting",
+    "heartbeat",
+    "stop_requested",
+    "wall",
+    "at_rank_start",
+]
 
-DEFAULT_TIMEOUT = 60.0   # seconds a collective may wait before gloo gives up
-DEADLOCK_AFTER = 5.0     # seconds every rank may sit blocked in communication at once
+DEFAULT_TIMEOUT = 60.0  # seconds a collective may wait before gloo gives up
+DEADLOCK_AFTER = 5.0  # seconds every rank may sit blocked in communication at once
 RENDEZVOUS_TRIES = 3
-_POLL = 0.25             # how often the parent looks at its ranks
+_POLL = 0.25  # how often the parent looks at its ranks
 
 
 class RankError(RuntimeError):
@@ -112,6 +127,7 @@ def wall() -> float:
 class _Board:
     """Shared memory between the parent and its forked ranks: since when each rank has been
     blocked in communication (0: it is not), on what, and when it last made progress."""
+
     WHAT = 160
 
     def __init__(self, ctx, n: int):
@@ -120,22 +136,24 @@ class _Board:
         self.text = ctx.RawArray(ctypes.c_char, n * self.WHAT)
 
     def what(self, r: int) -> str:
-        raw = bytes(self.text[r * self.WHAT:(r + 1) * self.WHAT])
+        raw = bytes(self.text[r * self.WHAT : (r + 1) * self.WHAT])
         return raw.split(b"\0", 1)[0].decode(errors="replace")
 
     def set_what(self, r: int, what: str) -> None:
-        raw = what.encode()[:self.WHAT - 1].ljust(self.WHAT, b"\0")
-        self.text[r * self.WHAT:(r + 1) * self.WHAT] = raw
+        raw = what.encode()[: self.WHAT - 1].ljust(self.WHAT, b"\0")
+        self.text[r * self.WHAT : (r + 1) * self.WHAT] = raw
 
 
-_BOARD: list = [None, 0]     # (board, this rank) inside a forked rank
-_AT_START: list = []         # called in every rank before fn (modules below register, see at_rank_start)
+_BOARD: list = [None, 0]  # (board, this rank) inside a forked rank
+_AT_START: list = []  # called in every rank before fn (modules below register, see at_rank_start)
 
 
 def at_rank_start(fn) -> None:
     """Call `fn()` in every rank before the launched function (the trace resets itself so)."""
     _AT_START.append(fn)
-_STOP = [0]                  # the signal that asked this rank to stop, or 0
+
+
+_STOP = [0]  # the signal that asked this rank to stop, or 0
 
 
 @contextmanager
@@ -183,9 +201,17 @@ def check_launch(world_size, timeout, deadline, grace, progress_timeout, deadloc
     p.raise_if_any("launch cannot start")
 
 
-def launch(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT, deadline: float | None = None,
-           progress_timeout: float | None = None, grace: float | None = None,
-           deadlock_after: float = DEADLOCK_AFTER, **kwargs) -> list:
+def launch(
+    fn,
+    world_size: int,
+    *args,
+    timeout: float = DEFAULT_TIMEOUT,
+    deadline: float | None = None,
+    progress_timeout: float | None = None,
+    grace: float | None = None,
+    deadlock_after: float = DEADLOCK_AFTER,
+    **kwargs,
+) -> list:
     """Run `fn(*args, **kwargs)` on `world_size` ranks; return their results in rank order.
 
     timeout: seconds any collective may wait (gloo/NCCL's own limit). deadline: seconds the
@@ -196,8 +222,13 @@ def launch(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT, deadlin
     if not callable(fn):
         raise TypeError(f"launch needs a callable as its first argument, got {type(fn).__name__}")
     check_launch(world_size, timeout, deadline, grace, progress_timeout, deadlock_after)
-    limits = dict(timeout=timeout, deadline=deadline, progress_timeout=progress_timeout, grace=grace,
-                  deadlock_after=deadlock_after)
+    limits = dict(
+        timeout=timeout,
+        deadline=deadline,
+        progress_timeout=progress_timeout,
+        grace=grace,
+        deadlock_after=deadlock_after,
+    )
     if is_torchrun():
         return _launch_torchrun(fn, world_size, args, kwargs, limits)
     for _ in range(RENDEZVOUS_TRIES):
@@ -205,8 +236,11 @@ def launch(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT, deadlin
             return _launch_local(fn, world_size, args, kwargs, limits)
         except _RendezvousFailed as e:  # nothing ran yet: start over with fresh processes
             failed = e
-    raise RankError(failed.rank, f"could not connect the {world_size} ranks after {RENDEZVOUS_TRIES} tries; "
-                                 f"the last error:\n{failed.tb}")
+    raise RankError(
+        failed.rank,
+        f"could not connect the {world_size} ranks after {RENDEZVOUS_TRIES} tries; "
+        f"the last error:\n{failed.tb}",
+    )
 
 
 class _RendezvousFailed(Exception):
@@ -234,7 +268,7 @@ def _child(fn, args, kwargs, r, n, limits, conn, board, dump_path) -> None:
     faulthandler.register(signal.SIGUSR1, file=dump, all_threads=True)
     _BOARD[:] = [board, r]
     _STOP[0] = 0
-    for sig in (signal.SIGINT, signal.SIGTERM):   # graceful: stop at a safe point; else the parent kills us
+    for sig in (signal.SIGINT, signal.SIGTERM):  # graceful: stop at a safe point; else the parent kills us
         signal.signal(sig, _request_stop if limits["grace"] is not None else signal.SIG_DFL)
     os.environ.update(RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r))
     timeout = timedelta(seconds=limits["timeout"])
@@ -247,7 +281,7 @@ def _child(fn, args, kwargs, r, n, limits, conn, board, dump_path) -> None:
         os._exit(0)
     heartbeat()
     try:
-        for start in _AT_START:   # e.g. the trace: a forked rank starts empty, not with the parent's events
+        for start in _AT_START:  # e.g. the trace: a forked rank starts empty, not with the parent's events
             start()
         out = fn(*args, **kwargs)
         payload = ("ok", pickle.dumps(out))
@@ -270,8 +304,15 @@ def _kill(procs) -> None:
         p.join(timeout=5)
 
 
-_SKIP = (os.sep + "torch" + os.sep, os.sep + "multiprocessing" + os.sep, "threading.py", "selectors.py",
-         os.path.join("minipar", "runtime.py"), os.path.join("minipar", "comm.py"), os.path.join("minipar", "mappings.py"))
+_SKIP = (
+    os.sep + "torch" + os.sep,
+    os.sep + "multiprocessing" + os.sep,
+    "threading.py",
+    "selectors.py",
+    os.path.join("minipar", "runtime.py"),
+    os.path.join("minipar", "comm.py"),
+    os.path.join("minipar", "mappings.py"),
+)
 
 
 def _innermost(stack: str) -> str:
@@ -280,7 +321,7 @@ def _innermost(stack: str) -> str:
     for line in stack.splitlines():
         line = line.strip()
         if line.startswith('File "') and not any(s in line for s in _SKIP):
-            path, rest = line[6:].split('", line ', 1)   # 'File "p.py", line 12 in f'
+            path, rest = line[6:].split('", line ', 1)  # 'File "p.py", line 12 in f'
             return f"{path}:{rest}"
     return ""
 
@@ -308,7 +349,9 @@ def _stacks(procs, pending, dump_paths, board) -> tuple[dict, dict]:
                 dump = f.read()
         except OSError:
             dump = ""
-        stacks[r] = _main_thread_stack(dump, procs[r].ident_main) if dump else "(no stack: the process is gone)"
+        stacks[r] = (
+            _main_thread_stack(dump, procs[r].ident_main) if dump else "(no stack: the process is gone)"
+        )
         line = _innermost(stacks[r])
         waits = board.what(r) if board.since[r] else ""
         where[r] = ", ".join(x for x in (waits and f"waiting in {waits}", line and f"at {line}") if x)
@@ -323,7 +366,7 @@ def _watch(procs, conns, board, dump_paths, limits, started) -> dict:
     stop = {"signal": 0, "until": None}
     grace = limits["grace"]
 
-    def on_signal(signum, frame):   # first signal: tell the ranks; a second one: stop now
+    def on_signal(signum, frame):  # first signal: tell the ranks; a second one: stop now
         if stop["signal"]:
             raise KeyboardInterrupt
         stop["signal"], stop["until"] = signum, time.monotonic() + grace
@@ -340,8 +383,11 @@ def _watch(procs, conns, board, dump_paths, limits, started) -> dict:
                 if obj in sentinels:  # a process exited; did it report first?
                     r = sentinels.pop(obj)
                     if r in pending and not pending[r].poll(0.5):
-                        raise RankError(r, f"process exited with code {procs[r].exitcode} "
-                                           "without reporting (killed, or crashed in C code)")
+                        raise RankError(
+                            r,
+                            f"process exited with code {procs[r].exitcode} "
+                            "without reporting (killed, or crashed in C code)",
+                        )
                     continue
                 r = next(k for k, c in pending.items() if c is obj)
                 try:
@@ -368,13 +414,19 @@ def _check_progress(procs, pending, board, dump_paths, limits, started, stop) ->
         raise KeyboardInterrupt(f"the ranks did not stop within {limits['grace']:g} s of the signal")
     if limits["deadline"] is not None and now - started > limits["deadline"]:
         stacks, where = _stacks(procs, pending, dump_paths, board)
-        raise DeadlineExceeded(f"did not finish within {limits['deadline']:g} s; where each rank was:", stacks, where)
+        raise DeadlineExceeded(
+            f"did not finish within {limits['deadline']:g} s; where each rank was:", stacks, where
+        )
     if limits["progress_timeout"] is not None:
         stale = [r for r in pending if now - max(board.beat[r], started) > limits["progress_timeout"]]
         if stale:
             stacks, where = _stacks(procs, pending, dump_paths, board)
-            raise DeadlineExceeded(f"rank {stale[0]} made no progress for {limits['progress_timeout']:g} s "
-                                   "(no step finished); where each rank was:", stacks, where)
+            raise DeadlineExceeded(
+                f"rank {stale[0]} made no progress for {limits['progress_timeout']:g} s "
+                "(no step finished); where each rank was:",
+                stacks,
+                where,
+            )
     since = [board.since[r] for r in pending]
     if all(since) and now - max(since) > limits["deadlock_after"]:
         # All blocked at once can only be a slow collective if they all wait in the same one;
@@ -382,8 +434,12 @@ def _check_progress(procs, pending, board, dump_paths, limits, started, stop) ->
         whats = {board.what(r).split(" ", 1)[0] for r in pending}
         if len(whats) > 1 or any(w in ("send", "recv") for w in whats):
             stacks, where = _stacks(procs, pending, dump_paths, board)
-            raise Deadlock(f"deadlock: every rank has been waiting for another for "
-                           f"{now - max(since):.1f} s, so none can proceed:", stacks, where)
+            raise Deadlock(
+                f"deadlock: every rank has been waiting for another for "
+                f"{now - max(since):.1f} s, so none can proceed:",
+                stacks,
+                where,
+            )
 
 
 def _launch_local(fn, world_size: int, args, kwargs, limits) -> list:
@@ -392,6 +448,7 @@ def _launch_local(fn, world_size: int, args, kwargs, limits) -> list:
     # seconds; importing it once here means every forked rank starts with it loaded.
     # (Lazy on purpose: importing it with minipar would cost every `import minipar` 2.6 s.)
     import torch._dynamo  # noqa: F401, PLC0415
+
     ctx = get_context("fork")
     board = _Board(ctx, world_size)
     dumps = tempfile.mkdtemp(prefix="minipar-stacks-")
@@ -400,10 +457,14 @@ def _launch_local(fn, world_size: int, args, kwargs, limits) -> list:
     started = time.monotonic()
     for r in range(world_size):
         parent_end, child_end = ctx.Pipe(duplex=True)
-        p = ctx.Process(target=_child, args=(fn, args, kwargs, r, world_size, limits, child_end, board,
-                                             dump_paths[r]), daemon=True, name=f"minipar-rank{r}")
+        p = ctx.Process(
+            target=_child,
+            args=(fn, args, kwargs, r, world_size, limits, child_end, board, dump_paths[r]),
+            daemon=True,
+            name=f"minipar-rank{r}",
+        )
         p.start()
-        p.ident_main = threading.get_ident()   # a forked child's only thread keeps the forking thread's id
+        p.ident_main = threading.get_ident()  # a forked child's only thread keeps the forking thread's id
         child_end.close()
         procs.append(p)
         conns.append(parent_end)
@@ -411,8 +472,14 @@ def _launch_local(fn, world_size: int, args, kwargs, limits) -> list:
         # The parent hosts the rendezvous store on a port the OS hands it atomically (picking a free
         # port for rank 0 to bind later races with every other process on the host). It starts only
         # after every fork, so no child inherits the store's server thread mid-request.
-        store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
-                              timeout=timedelta(seconds=limits["timeout"]))
+        store = dist.TCPStore(
+            "127.0.0.1",
+            0,
+            world_size,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=timedelta(seconds=limits["timeout"]),
+        )
         for c in conns:
             c.send(store.port)
         results = _watch(procs, conns, board, dump_paths, limits, started)
@@ -428,20 +495,23 @@ def _launch_local(fn, world_size: int, args, kwargs, limits) -> list:
 def _launch_torchrun(fn, n, args, kwargs, limits):
     if int(os.environ["WORLD_SIZE"]) != n:
         p = Problems()
-        p.add(f"launch(world_size={n}) under torchrun with WORLD_SIZE={os.environ['WORLD_SIZE']}: "
-              "pass --nproc_per_node (times --nnodes) so that the two agree")
+        p.add(
+            f"launch(world_size={n}) under torchrun with WORLD_SIZE={os.environ['WORLD_SIZE']}: "
+            "pass --nproc_per_node (times --nnodes) so that the two agree"
+        )
         p.raise_if_any("launch cannot start")
     if not dist.is_initialized():
         use_cuda = torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if use_cuda else "gloo",
-                                timeout=timedelta(seconds=max(limits["timeout"], 300)))
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo", timeout=timedelta(seconds=max(limits["timeout"], 300))
+        )
     _STOP[0] = 0
     if limits["grace"] is not None and threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):   # torchrun's agent forwards both to its workers
+        for sig in (signal.SIGINT, signal.SIGTERM):  # torchrun's agent forwards both to its workers
             signal.signal(sig, _request_stop)
-    if limits["deadline"] is not None:   # no parent watches us here: dump every stack and exit
+    if limits["deadline"] is not None:  # no parent watches us here: dump every stack and exit
         faulthandler.dump_traceback_later(limits["deadline"], exit=True)
     for start in _AT_START:
         start()

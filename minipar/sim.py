@@ -13,6 +13,7 @@ run's trace (the "modeled clock"), and the planner builds them from formulas.
 If no lane can make progress the op graph has a cycle: `Deadlock` names the ops
 that wait on each other (the pipeline validator uses this to reject schedules).
 """
+
 from __future__ import annotations
 
 import re
@@ -27,13 +28,13 @@ __all__ = ["Op", "Deadlock", "run", "retime"]
 
 @dataclass
 class Op:
-    key: Hashable                       # unique name, e.g. (rank, "0F1")
-    lane: Hashable                      # ops on one lane run one at a time, in list order
+    key: Hashable  # unique name, e.g. (rank, "0F1")
+    lane: Hashable  # ops on one lane run one at a time, in list order
     duration: float
-    deps: tuple = ()                    # keys, or (key, delay) pairs (so no key may itself be a (x, number) pair)
+    deps: tuple = ()  # keys, or (key, delay) pairs (so no key may itself be a (x, number) pair)
     start: float = field(default=0.0, compare=False)
     end: float = field(default=0.0, compare=False)
-    data: object = field(default=None, compare=False)   # whatever the caller wants back (e.g. the Event)
+    data: object = field(default=None, compare=False)  # whatever the caller wants back (e.g. the Event)
 
 
 class Deadlock(RuntimeError):
@@ -42,8 +43,15 @@ class Deadlock(RuntimeError):
 
 def _deps(op: Op) -> list:
     """Dependencies as (key, delay) pairs."""
-    return [d if isinstance(d, tuple) and len(d) == 2 and isinstance(d[1], (int, float)) and not isinstance(d[1], bool)
-            else (d, 0.0) for d in op.deps]
+    return [
+        d
+        if isinstance(d, tuple)
+        and len(d) == 2
+        and isinstance(d[1], (int, float))
+        and not isinstance(d[1], bool)
+        else (d, 0.0)
+        for d in op.deps
+    ]
 
 
 def run(lanes: dict[Hashable, list[Op]]) -> dict[Hashable, Op]:
@@ -69,8 +77,10 @@ def run(lanes: dict[Hashable, list[Op]]) -> dict[Hashable, Op]:
                 progress = True
         if not progress:
             stuck = [ops[pos[lane]] for lane, ops in lanes.items() if pos[lane] < len(ops)]
-            lines = [f"{op.key} on lane {op.lane} waits for {[k for k, _ in _deps(op) if k not in done]}"
-                     for op in stuck]
+            lines = [
+                f"{op.key} on lane {op.lane} waits for {[k for k, _ in _deps(op) if k not in done]}"
+                for op in stuck
+            ]
             raise Deadlock("no lane can make progress (a dependency cycle):\n  " + "\n  ".join(lines))
     return done
 
@@ -121,32 +131,40 @@ def retime(events: list, costs, p2p=0.0) -> list:
     for e in events:
         by_rank[e.rank].append(e)
     lanes: dict = {}
-    sends, recvs = defaultdict(list), defaultdict(list)     # (src, dst) -> [op key], in posting order
-    after_recv = defaultdict(list)                          # compute key -> recv keys it waits on
+    sends, recvs = defaultdict(list), defaultdict(list)  # (src, dst) -> [op key], in posting order
+    after_recv = defaultdict(list)  # compute key -> recv keys it waits on
     for r, evs in by_rank.items():
-        seq = sorted((e for e in evs if e.cat != "comm" or e.name not in ("send", "recv")), key=lambda e: e.start)
+        seq = sorted(
+            (e for e in evs if e.cat != "comm" or e.name not in ("send", "recv")), key=lambda e: e.start
+        )
         lanes[r] = [Op(("op", r, i), r, _cost(costs, e), data=e) for i, e in enumerate(seq)]
         starts, ends = [e.start for e in seq], [e.end for e in seq]
         named = {tuple(src): i for i, e in enumerate(seq) for src in _named_recvs(e)}
-        for j, e in enumerate(sorted((e for e in evs if e.name == "send" and e.cat == "comm"), key=lambda e: e.start)):
+        for j, e in enumerate(
+            sorted((e for e in evs if e.name == "send" and e.cat == "comm"), key=lambda e: e.start)
+        ):
             before = [i for i, t in enumerate(ends) if t <= e.start]
             key = ("send", r, j)
             lanes[key] = [Op(key, key, xfer(e.bytes), (("op", r, before[-1]),) if before else (), data=e)]
             sends[(r, e.meta.get("peer"))].append(key)
-        for j, e in enumerate(sorted((e for e in evs if e.name == "recv" and e.cat == "comm"), key=lambda e: e.start)):
+        for j, e in enumerate(
+            sorted((e for e in evs if e.name == "recv" and e.cat == "comm"), key=lambda e: e.start)
+        ):
             key, peer = ("recv", r, j), e.meta.get("peer")
             lanes[key] = [Op(key, key, 0.0, data=e)]
             recvs[peer, r].append(key)
-            k = len(recvs[peer, r]) - 1                     # this is the k-th receive from peer
+            k = len(recvs[peer, r]) - 1  # this is the k-th receive from peer
             nxt = [named[peer, k]] if (peer, k) in named else [i for i, t in enumerate(starts) if t >= e.end]
             if nxt:
                 after_recv[("op", r, nxt[0])].append(key)
     for pair, keys in recvs.items():
         if len(keys) != len(sends.get(pair, [])):
-            raise ValueError(f"retime: {len(sends.get(pair, []))} sends but {len(keys)} recvs between ranks {pair}; "
-                             "pass the events of every rank (trace.gather())")
+            raise ValueError(
+                f"retime: {len(sends.get(pair, []))} sends but {len(keys)} recvs between ranks {pair}; "
+                "pass the events of every rank (trace.gather())"
+            )
         for rk, sk in zip(keys, sends[pair]):
-            lanes[rk][0].deps = (sk,)           # completes when the send's transfer ends
+            lanes[rk][0].deps = (sk,)  # completes when the send's transfer ends
     for lane in lanes.values():
         for op in lane:
             if op.key in after_recv:
@@ -156,6 +174,18 @@ def retime(events: list, costs, p2p=0.0) -> list:
     for op in done.values():
         e = op.data
         start = op.start if e.name != "recv" else done[op.deps[0]].start
-        out.append(Event(e.rank, e.name, e.cat, start, op.end, axis=e.axis, bytes=e.bytes,
-                         wire_bytes=e.wire_bytes, flops=e.flops, meta=dict(e.meta)))
+        out.append(
+            Event(
+                e.rank,
+                e.name,
+                e.cat,
+                start,
+                op.end,
+                axis=e.axis,
+                bytes=e.bytes,
+                wire_bytes=e.wire_bytes,
+                flops=e.flops,
+                meta=dict(e.meta),
+            )
+        )
     return sorted(out, key=lambda e: (e.rank, e.start))

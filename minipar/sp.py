@@ -29,6 +29,7 @@ The paper's formulas (2-byte activations, 1-byte dropout masks, a heads):
       TP:      sbh (10 + 24/t + 5as/(ht))        TP+SP:  sbh (34/t + 5as/(ht))
 Adapted to this model (fp32 = 4 bytes, no dropout, fused SDPA): see `activation_bytes`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,6 +42,7 @@ from .runtime import device
 from .tp import ParallelBlock
 
 __all__ = ["activation_bytes", "korthikanti_bytes", "comm_per_layer", "comm_per_step", "measure_layer"]
+
 
 def korthikanti_bytes(s, b, h, a, t, sp=False) -> float:
     """The paper's per-layer activation bytes (Sec. 4.2, eqs. 2-4: 2-byte activations, dropout, unfused attention)."""
@@ -113,8 +115,14 @@ def measure_layer(cfg, batch_size: int, group="tp", sequence_parallel=False, reg
                 c, b = counts.get(e.name, (0, 0))
                 counts[e.name] = (c + 1, b + e.bytes)
         return counts
-    return {"activation_bytes": meter.bytes, "comm": tally(evs), "comm_forward": tally(evs[:n_forward]),
-            "events": evs, "saved": meter.tensors}
+
+    return {
+        "activation_bytes": meter.bytes,
+        "comm": tally(evs),
+        "comm_forward": tally(evs[:n_forward]),
+        "events": evs,
+        "saved": meter.tensors,
+    }
 
 
 def comm_per_step(cfg, batch_size: int, t: int, sp=False, regather=True, nbytes=4) -> dict:
@@ -132,11 +140,11 @@ def comm_per_step(cfg, batch_size: int, t: int, sp=False, regather=True, nbytes=
         c, n = out.get(op, (0, 0))
         out[op] = (c + count, n + count * payload)
 
-    add("all_reduce", 3, tokens)                      # cross-entropy: max, target logit, sum of exps
+    add("all_reduce", 3, tokens)  # cross-entropy: max, target logit, sum of exps
     if not sp:
-        add("all_reduce", 2, M)                       # embedding's g (fwd), head's f (bwd)
+        add("all_reduce", 2, M)  # embedding's g (fwd), head's f (bwd)
     else:
-        add("reduce_scatter", 2, M)                   # embedding (fwd), head's input gradient (bwd)
-        add("all_gather", 2 + regather, M)            # embedding (bwd), head (fwd, + regather in bwd)
+        add("reduce_scatter", 2, M)  # embedding (fwd), head's input gradient (bwd)
+        add("all_gather", 2 + regather, M)  # embedding (bwd), head (fwd, + regather in bwd)
         add("all_reduce", 1, (s * h + 6 * L * h + 2 * h) * nbytes)  # wpe, LayerNorms, row biases
     return out

@@ -24,6 +24,7 @@ On the CPU (gloo) none of this applies: `active()` is None and `minipar.comm` ke
 timing (gloo runs collectives on its own threads and stamps their completion). Tests replace the
 CUDA calls with fakes through `override(...)`, so the same path runs on a CPU-only machine.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager

@@ -8,6 +8,7 @@ one is in flight), so two kinds sharing a lane would hide each other. Colours ar
 kind across every notebook and figure (see `COLORS`). Pipeline actions ("0F1", "1B0", "0W2",
 "F", "B", ...) are coloured by their kind letter.
 """
+
 from __future__ import annotations
 
 import re
@@ -19,18 +20,34 @@ __all__ = ["COLORS", "AXIS_COLORS", "COMM_LANES", "color_of", "lanes_of", "plot_
 
 COLORS = {
     # compute
-    "F": "#4C72B0", "B": "#55A868", "I": "#8FD19E", "W": "#8172B2", "compute": "#4C72B0",
-    "opt": "#B4B4B4", "recompute": "#E3C16F",
+    "F": "#4C72B0",
+    "B": "#55A868",
+    "I": "#8FD19E",
+    "W": "#8172B2",
+    "compute": "#4C72B0",
+    "opt": "#B4B4B4",
+    "recompute": "#E3C16F",
     # communication
-    "all_reduce": "#C44E52", "all_gather": "#DD8452", "reduce_scatter": "#937860",
-    "all_to_all": "#DA8BC3", "broadcast": "#CCB974", "send": "#8C8C8C", "recv": "#BDBDBD",
+    "all_reduce": "#C44E52",
+    "all_gather": "#DD8452",
+    "reduce_scatter": "#937860",
+    "all_to_all": "#DA8BC3",
+    "broadcast": "#CCB974",
+    "send": "#8C8C8C",
+    "recv": "#BDBDBD",
 }
 # communication coloured by mesh axis instead of by op (plot_timeline(color_by="axis"))
-AXIS_COLORS = {"tp": "#C44E52", "cp": "#DA8BC3", "ep": "#8172B2", "dp": "#DD8452", "pp": "#8C8C8C",
-               "world": "#CCB974"}
+AXIS_COLORS = {
+    "tp": "#C44E52",
+    "cp": "#DA8BC3",
+    "ep": "#8172B2",
+    "dp": "#DD8452",
+    "pp": "#8C8C8C",
+    "world": "#CCB974",
+}
 COMM_LANES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "send", "recv")
 _ACTION = re.compile(r"^\d*([FBIW])\d*$")
-_BAND = 0.84          # the height of one rank's row that its lanes share (the rest is the gap)
+_BAND = 0.84  # the height of one rank's row that its lanes share (the rest is the gap)
 
 
 def color_of(ev) -> str:
@@ -74,8 +91,17 @@ def _geometry(lanes: list[str]) -> dict[str, tuple[float, float]]:
     return {"compute": (0.0, top), **{k: (top + i * rest, rest) for i, k in enumerate(comm)}}
 
 
-def plot_timeline(events, ax=None, title: str | None = None, unit: str = "ms", label: bool = True,
-                  ranks=None, legend: bool = True, clock: str = "wall", color_by: str = "op"):
+def plot_timeline(
+    events,
+    ax=None,
+    title: str | None = None,
+    unit: str = "ms",
+    label: bool = True,
+    ranks=None,
+    legend: bool = True,
+    clock: str = "wall",
+    color_by: str = "op",
+):
     """Draw `events` (trace.Event-like: rank, name, cat, start, end in seconds).
 
     `clock` only labels the x axis: "wall" for measured time, "modeled" for a
@@ -102,10 +128,18 @@ def plot_timeline(events, ax=None, title: str | None = None, unit: str = "ms", l
         ax.broken_barh([(e.start * scale, w)], (y0, h), facecolors=c, edgecolor="white", linewidth=0.4)
         used[f"{e.axis} comm" if comm and color_by == "axis" else _legend_key(e)] = c
         if label and not comm and w > end / 60:
-            ax.text(e.start * scale + w / 2, y0 + h / 2, e.name, ha="center", va="center", fontsize=7, color="white")
+            ax.text(
+                e.start * scale + w / 2,
+                y0 + h / 2,
+                e.name,
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white",
+            )
     center = lambda r, k: row[r] - _BAND / 2 + geo[k][0] + geo[k][1] / 2  # noqa: E731
     ax.set_yticks([center(r, "compute") for r in ranks], [f"rank {r}" for r in ranks])
-    if len(lanes) > 1 and len(ranks) <= 8:   # name the communication lanes, small, under each rank's name
+    if len(lanes) > 1 and len(ranks) <= 8:  # name the communication lanes, small, under each rank's name
         minor = [(center(r, k), k.replace("_", "-")) for r in ranks for k in lanes[1:]]
         ax.set_yticks([y for y, _ in minor], [n for _, n in minor], minor=True)
         ax.tick_params(axis="y", which="minor", labelsize=6, length=0, labelcolor="#555555")
@@ -116,6 +150,8 @@ def plot_timeline(events, ax=None, title: str | None = None, unit: str = "ms", l
     if title:
         ax.set_title(title)
     if legend and used:
-        handles = [Patch(color=c, label=k) for k, c in sorted(used.items()) if k != "compute" or len(used) > 1]
+        handles = [
+            Patch(color=c, label=k) for k, c in sorted(used.items()) if k != "compute" or len(used) > 1
+        ]
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     return ax

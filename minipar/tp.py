@@ -24,6 +24,7 @@ Each parameter carries `tp_dim` (the dimension it is split along, or None) so
 shards can be put back together, and `sequence_parallel` when SP leaves its gradient
 partial on each rank (see `mappings.sync_sequence_parallel_grads`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,13 +41,31 @@ from .result import TrainResult
 from .runtime import device, launch
 from .validation import ConfigError, Problems
 
-__all__ = ["check_tp", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
-           "vocab_parallel_cross_entropy", "column_parallel", "ParallelAttention", "ParallelMLP",
-           "ParallelBlock", "TPGPT", "train_tp", "run_tp", "unshard", "shards_of"]
+__all__ = [
+    "check_tp",
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "vocab_parallel_cross_entropy",
+    "column_parallel",
+    "ParallelAttention",
+    "ParallelMLP",
+    "ParallelBlock",
+    "TPGPT",
+    "train_tp",
+    "run_tp",
+    "unshard",
+    "shards_of",
+]
 
 
-def check_tp(cfg: GPTConfig, t: int, sequence_parallel: bool = False, batch_seq: int | None = None,
-             problems: Problems | None = None) -> None:
+def check_tp(
+    cfg: GPTConfig,
+    t: int,
+    sequence_parallel: bool = False,
+    batch_seq: int | None = None,
+    problems: Problems | None = None,
+) -> None:
     """Megatron's rules for splitting `cfg` over t ranks, each with its reason; raises a
     ConfigError listing every problem (or adds them to `problems`, as `compose.check` does).
 
@@ -56,12 +75,22 @@ def check_tp(cfg: GPTConfig, t: int, sequence_parallel: bool = False, batch_seq:
     p = Problems() if problems is None else problems
     if p.integer("tp", t, low=1):
         p.divides("tp", t, "heads", cfg.heads, "each tensor-parallel rank holds whole attention heads")
-        p.divides("tp", t, "vocab", cfg.vocab, "the vocab-parallel embedding and head hold V/tp rows each; "
-                  "we do not pad the vocabulary")
+        p.divides(
+            "tp",
+            t,
+            "vocab",
+            cfg.vocab,
+            "the vocab-parallel embedding and head hold V/tp rows each; we do not pad the vocabulary",
+        )
         p.divides("tp", t, "mlp_hidden", cfg.mlp_ratio * cfg.hidden, "the MLP's columns split evenly")
-        if sequence_parallel:   # SP cuts each rank's sequence into tp equal slices
-            p.divides("tp", t, "seq", cfg.seq if batch_seq is None else batch_seq,
-                      "sequence parallelism splits the sequence over tp")
+        if sequence_parallel:  # SP cuts each rank's sequence into tp equal slices
+            p.divides(
+                "tp",
+                t,
+                "seq",
+                cfg.seq if batch_seq is None else batch_seq,
+                "sequence parallelism splits the sequence over tp",
+            )
     if problems is None:
         p.raise_if_any(f"tensor parallelism over {t} ranks cannot split this model")
 
@@ -132,7 +161,8 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, idx):
         local = idx - self.lo
         mine = (local >= 0) & (local < self.weight.shape[0])
-        y = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight).masked_fill(~mine[..., None], 0.0)
+        y = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
+        y = y.masked_fill(~mine[..., None], 0.0)  # another rank's tokens: zero here, its rows come in the sum
         return mappings.reduce_scatter_along(y, SEQ, self.group) if self.sp else mappings.g(y, self.group)
 
 
@@ -182,8 +212,10 @@ class ParallelAttention(nn.Module):
         return x.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
 
     def forward(self, x):
-        q, k, v = (self.heads(y) for y in column_parallel(x, [self.q, self.k, self.v], self.group,
-                                                          self.sp, self.regather))
+        q, k, v = (
+            self.heads(y)
+            for y in column_parallel(x, [self.q, self.k, self.v], self.group, self.sp, self.regather)
+        )
         y = self.attn_fn(q, k, v)
         return self.proj(y.transpose(1, 2).flatten(2))
 
@@ -257,8 +289,10 @@ class TPGPT(nn.Module):
 
 def shards_of(model: nn.Module, what: str = "param") -> dict:
     """{name: (this rank's tensor, tp_dim)} of parameters ("param") or gradients ("grad")."""
-    return {n: ((p if what == "param" else p.grad).detach().cpu().clone(), p.tp_dim)
-            for n, p in model.named_parameters()}
+    return {
+        n: ((p if what == "param" else p.grad).detach().cpu().clone(), p.tp_dim)
+        for n, p in model.named_parameters()
+    }
 
 
 def unshard(per_rank: list) -> dict:
@@ -270,8 +304,16 @@ def unshard(per_rank: list) -> dict:
     return out
 
 
-def train_tp(cfg: GPTConfig, steps: int = 5, batch_size: int = 8, seed: int = 0, group="tp",
-             sequence_parallel: bool = False, regather: bool = True, **optim) -> TrainResult:
+def train_tp(
+    cfg: GPTConfig,
+    steps: int = 5,
+    batch_size: int = 8,
+    seed: int = 0,
+    group="tp",
+    sequence_parallel: bool = False,
+    regather: bool = True,
+    **optim,
+) -> TrainResult:
     """The reference training loop on one TP rank (call inside `launch`, with a Mesh holding `group`).
 
     Every rank of the group sees the same batch. Returns this rank's losses, final logits on step
@@ -295,7 +337,9 @@ def train_tp(cfg: GPTConfig, steps: int = 5, batch_size: int = 8, seed: int = 0,
         opt.step()
     with torch.no_grad():
         logits = model(data.batch(0, batch_size)[0].to(device())).cpu()
-    return TrainResult(losses, first_grads=first, grads=grads, params=shards_of(model), extra=dict(logits=logits))
+    return TrainResult(
+        losses, first_grads=first, grads=grads, params=shards_of(model), extra=dict(logits=logits)
+    )
 
 
 def _train_rank(t, cfg, kw):
@@ -303,16 +347,34 @@ def _train_rank(t, cfg, kw):
     return train_tp(cfg, group="tp", **kw)
 
 
-def run_tp(cfg: GPTConfig, t: int, steps: int = 5, batch_size: int = 8, seed: int = 0,
-           sequence_parallel: bool = False, regather: bool = True, **optim) -> TrainResult:
+def run_tp(
+    cfg: GPTConfig,
+    t: int,
+    steps: int = 5,
+    batch_size: int = 8,
+    seed: int = 0,
+    sequence_parallel: bool = False,
+    regather: bool = True,
+    **optim,
+) -> TrainResult:
     """Check the sizes, then `train_tp` on t simulated ranks; return rank 0's losses and the
     full logits, gradients (first and last step) and parameters put back together from every rank's shards."""
     check_tp(cfg, t, sequence_parallel)  # before any process starts
     if cfg.experts:
         raise ConfigError(["TPGPT covers dense blocks: set experts=0 (minipar.train composes MoE with tp)"])
-    kw = dict(steps=steps, batch_size=batch_size, seed=seed, sequence_parallel=sequence_parallel, regather=regather,
-              **optim)
+    kw = dict(
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        sequence_parallel=sequence_parallel,
+        regather=regather,
+        **optim,
+    )
     out = launch(_train_rank, t, t, cfg, kw)
-    return TrainResult(out[0].losses, first_grads=unshard([o.first_grads for o in out]),
-                       grads=unshard([o.grads for o in out]), params=unshard([o.params for o in out]),
-                       extra=dict(logits=torch.cat([o["logits"] for o in out], -1)))
+    return TrainResult(
+        out[0].losses,
+        first_grads=unshard([o.first_grads for o in out]),
+        grads=unshard([o.grads for o in out]),
+        params=unshard([o.params for o in out]),
+        extra=dict(logits=torch.cat([o["logits"] for o in out], -1)),
+    )

@@ -14,6 +14,7 @@ maximum (one all-gather of two numbers per sequence).
 Modeled per-token latency on GPUs (the roofline, with the KV cache's bytes and each GPU's
 HBM and NVLink from the planner's hardware table) is `minipar.plan.serving.token_latency`.
 """
+
 from __future__ import annotations
 
 import time
@@ -33,7 +34,9 @@ def vocab_parallel_argmax(logits_local, group="tp"):
     """[b, V/t] -> [b] global token ids; ties go to the lowest id, as torch.argmax does."""
     val, idx = logits_local.max(-1)
     idx = idx + comm.local_rank(group) * logits_local.shape[-1]
-    both = comm.all_gather(torch.stack([val, idx.to(val.dtype)], -1)[:, None], dim=1, group=group)  # [b, t, 2]
+    both = comm.all_gather(
+        torch.stack([val, idx.to(val.dtype)], -1)[:, None], dim=1, group=group
+    )  # [b, t, 2]
     best = both[..., 0].argmax(-1)  # first rank holding the maximum = lowest id among ties
     return both[torch.arange(len(best), device=best.device), best, 1].long()
 
@@ -62,11 +65,15 @@ def generate(model: TPGPT, idx, new_tokens: int, timings: list | None = None):
     """Greedy decoding, token-identical to `GPT.generate` while the text fits in cfg.seq.
     If `timings` is a list, the seconds of each decode step (not the prefill) are appended."""
     if model.sp:
-        raise ValueError("build the TPGPT with sequence_parallel=False for decoding: "
-                         "a single new token has no sequence to split")
+        raise ValueError(
+            "build the TPGPT with sequence_parallel=False for decoding: "
+            "a single new token has no sequence to split"
+        )
     if idx.shape[1] + new_tokens > model.cfg.seq:
-        raise ValueError(f"prompt ({idx.shape[1]}) + new_tokens ({new_tokens}) exceeds cfg.seq={model.cfg.seq}: the "
-                         f"positions run out (GPT.generate would slide its window); use fewer tokens or a larger seq")
+        raise ValueError(
+            f"prompt ({idx.shape[1]}) + new_tokens ({new_tokens}) exceeds cfg.seq={model.cfg.seq}: the "
+            f"positions run out (GPT.generate would slide its window); use fewer tokens or a larger seq"
+        )
     caches = [{} for _ in model.blocks]
     logits = _forward_cached(model, idx, 0, caches)
     for i in range(new_tokens):

@@ -17,6 +17,7 @@ collectives are stamped with CUDA events on the stream that runs them (`now()`),
 turned into host seconds after the step by `resolve()` (`events()` and `gather()` call it): one
 wait for the device per step, none per call (see `minipar.streams`).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,18 +30,33 @@ import torch.distributed as dist
 
 from . import runtime, streams
 
-__all__ = ["Event", "span", "now", "record", "record_span", "record_timed", "resolve", "events", "reset",
-           "enabled", "gather", "merge", "summary", "format_summary", "to_chrome_trace"]
+__all__ = [
+    "Event",
+    "span",
+    "now",
+    "record",
+    "record_span",
+    "record_timed",
+    "resolve",
+    "events",
+    "reset",
+    "enabled",
+    "gather",
+    "merge",
+    "summary",
+    "format_summary",
+    "to_chrome_trace",
+]
 
 
 @dataclass
 class Event:
     rank: int
-    name: str           # op ("all_reduce", "send", ...) or compute label ("F", "0F1", "attn")
-    cat: str            # "comm" or "compute"
-    start: float        # seconds, on the host's monotonic clock
+    name: str  # op ("all_reduce", "send", ...) or compute label ("F", "0F1", "attn")
+    cat: str  # "comm" or "compute"
+    start: float  # seconds, on the host's monotonic clock
     end: float
-    axis: str = ""      # mesh axis or group name for comm ("dp", "tp", "world", ...)
+    axis: str = ""  # mesh axis or group name for comm ("dp", "tp", "world", ...)
     bytes: int = 0
     wire_bytes: float = 0.0
     flops: float = 0.0
@@ -52,7 +68,7 @@ class Event:
 
 
 _events: list[Event] = []
-_pending: list = []          # (Event, start event, end event, streams): device times not yet read
+_pending: list = []  # (Event, start event, end event, streams): device times not yet read
 _enabled = [True]
 
 
@@ -110,8 +126,11 @@ def record_timed(ev: Event, start, end, dev=None) -> None:
 
 def record_span(name: str, start, end=None, flops: float = 0.0, **meta) -> None:
     """A compute span from `start` (a `now()`) to `end` (default: now)."""
-    record_timed(Event(_rank(), name, "compute", 0.0, 0.0, flops=flops, meta=meta), start,
-                 now() if end is None else end)
+    record_timed(
+        Event(_rank(), name, "compute", 0.0, 0.0, flops=flops, meta=meta),
+        start,
+        now() if end is None else end,
+    )
 
 
 @contextmanager
@@ -138,7 +157,7 @@ def resolve() -> None:
     anchor.synchronize()
     t = time.perf_counter()
     for ev, start, end, _ in _pending:
-        ev.start = t - start.elapsed_time(anchor) / 1e3     # elapsed_time is in milliseconds
+        ev.start = t - start.elapsed_time(anchor) / 1e3  # elapsed_time is in milliseconds
         ev.end = t - end.elapsed_time(anchor) / 1e3
         _events.append(ev)
     _pending.clear()
@@ -150,8 +169,10 @@ def merge(per_rank: list[list[Event]]) -> list[Event]:
     if not flat:
         return []
     t0 = min(e.start for e in flat)
-    return sorted((Event(**{**asdict(e), "start": e.start - t0, "end": e.end - t0}) for e in flat),
-                  key=lambda e: (e.rank, e.start))
+    return sorted(
+        (Event(**{**asdict(e), "start": e.start - t0, "end": e.end - t0}) for e in flat),
+        key=lambda e: (e.rank, e.start),
+    )
 
 
 def gather(group=None) -> list[Event]:
@@ -165,7 +186,9 @@ def gather(group=None) -> list[Event]:
 
 def summary(evs: list[Event]) -> dict:
     """{rank: {(op, axis): {"count", "bytes", "wire_bytes", "seconds"}}} over comm events."""
-    out: dict = defaultdict(lambda: defaultdict(lambda: {"count": 0, "bytes": 0, "wire_bytes": 0, "seconds": 0.0}))
+    out: dict = defaultdict(
+        lambda: defaultdict(lambda: {"count": 0, "bytes": 0, "wire_bytes": 0, "seconds": 0.0})
+    )
     for e in evs:
         if e.cat != "comm":
             continue
@@ -195,9 +218,18 @@ def to_chrome_trace(evs: list[Event], path: str | None = None) -> dict:
         out.append({"ph": "M", "name": "thread_name", "pid": r, "tid": 1, "args": {"name": "comm"}})
     for e in evs:
         args = {"axis": e.axis, "bytes": e.bytes, "wire_bytes": e.wire_bytes, "flops": e.flops, **e.meta}
-        out.append({"ph": "X", "name": e.name, "cat": e.cat, "pid": e.rank, "tid": 0 if e.cat == "compute" else 1,
-                    "ts": e.start * 1e6, "dur": max(e.duration, 0.0) * 1e6,
-                    "args": {k: v for k, v in args.items() if isinstance(v, (int, float, str, bool))}})
+        out.append(
+            {
+                "ph": "X",
+                "name": e.name,
+                "cat": e.cat,
+                "pid": e.rank,
+                "tid": 0 if e.cat == "compute" else 1,
+                "ts": e.start * 1e6,
+                "dur": max(e.duration, 0.0) * 1e6,
+                "args": {k: v for k, v in args.items() if isinstance(v, (int, float, str, bool))},
+            }
+        )
     trace = {"traceEvents": out, "displayTimeUnit": "ms"}
     if path:
         with open(path, "w") as f:
@@ -205,4 +237,4 @@ def to_chrome_trace(evs: list[Event], path: str | None = None) -> dict:
     return trace
 
 
-runtime.at_rank_start(reset)   # every launched rank starts with an empty trace
+runtime.at_rank_start(reset)  # every launched rank starts with an empty trace

@@ -21,6 +21,7 @@ when SIGINT/SIGTERM stops the run: exit code 130/143). --max-restarts K restarts
 rank died (an exception, a kill, or no progress within --timeout) from its newest checkpoint.
 Every bad flag is refused before any rank starts, one line per problem, with exit code 2.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,13 +50,14 @@ from .validation import exit_on_error
 
 __all__ = ["main", "parse_args", "configs", "validate", "RunConfig", "train_rank", "save"]
 
-configs = validate   # the name notebooks and tests know
+configs = validate  # the name notebooks and tests know
 
 
 def parse_args(argv=None):
     return config.parse_args(argv, description=__doc__)
 
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}   # 128 + the signal, as a shell reports it
+
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as a shell reports it
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -84,36 +86,56 @@ def save(directory, step, cfg, pc, mesh, named, opt, seed, losses=()) -> None:
                 shards[f"exp_avg/{n}"] = (moments[n][0], _piece(p, pc))
                 shards[f"exp_avg_sq/{n}"] = (moments[n][1], _piece(p, pc))
     with trace.enabled(False):
-        checkpoint.save(directory, step, shards, meta={"config": cfg.to_dict(), "seed": seed, "losses": list(losses)},
-                        layout=pc.to_dict())
+        checkpoint.save(
+            directory,
+            step,
+            shards,
+            meta={"config": cfg.to_dict(), "seed": seed, "losses": list(losses)},
+            layout=pc.to_dict(),
+        )
 
 
 # ----------------------------------------------------------------------------- one rank
-def train_rank(cfg: GPTConfig, pc: ParallelConfig, run: RunConfig, attempt: int = 0, resume_from: str | None = None) -> TrainResult:
+def train_rank(
+    cfg: GPTConfig, pc: ParallelConfig, run: RunConfig, attempt: int = 0, resume_from: str | None = None
+) -> TrainResult:
     """One rank's training loop (inside `launch` or under torchrun). `resume_from`: a checkpoint
     directory (its newest step, or run.resume_step); `attempt` counts restarts (faults are
     injected on attempt 0 only)."""
     torch.manual_seed(run.seed)
     mesh = Mesh(**pc.axes())
     dev = runtime.device()
-    schedule = build_schedule(pc.schedule, pc.pp, pc.microbatches, pc.chunks) if pc.pp > 1 or pc.chunks > 1 else None
+    schedule = (
+        build_schedule(pc.schedule, pc.pp, pc.microbatches, pc.chunks) if pc.pp > 1 or pc.chunks > 1 else None
+    )
     state, start, history = None, 0, []
     if resume_from:
         ck = checkpoint.load(resume_from, run.resume_step if attempt == 0 else None)
         ck.check_meta(config=cfg.to_dict())
-        start, history = ck.step, list(ck.meta.get("losses", []))[:ck.step]
+        start, history = ck.step, list(ck.meta.get("losses", []))[: ck.step]
         state = {k.split("/", 1)[1]: ck.full(k) for k in ck.keys() if k.startswith("param/")}
     stages = {s: st.to(dev) for s, st in build_stages(cfg, pc, mesh, run.seed, state, schedule).items()}
     named = [(n, p) for st in stages.values() for n, p in st.named_parameters()]
-    if run.compile:   # each block on its own: the pipeline and ZeRO hooks stay outside the graphs
+    if run.compile:  # each block on its own: the pipeline and ZeRO hooks stay outside the graphs
         for st in stages.values():
             for blk in st.blocks.values():
                 blk.compile()
-    opt = Optimizer(named, pc, module=stages, kind=run.optimizer, **({"fused": True} if run.fused else {}),
-                    mirror=mirror_group(mesh, pc.pp) if pc.schedule == "dualpipe" and schedule else None)
+    opt = Optimizer(
+        named,
+        pc,
+        module=stages,
+        kind=run.optimizer,
+        **({"fused": True} if run.fused else {}),
+        mirror=mirror_group(mesh, pc.pp) if pc.schedule == "dualpipe" and schedule else None,
+    )
     if resume_from and run.optimizer == "adamw":
-        opt.load_moments({n: tuple(_local_slice(ck.full(f"{k}/{n}"), p, pc) for k in ("exp_avg", "exp_avg_sq"))
-                          for n, p in named}, start)
+        opt.load_moments(
+            {
+                n: tuple(_local_slice(ck.full(f"{k}/{n}"), p, pc) for k in ("exp_avg", "exp_avg_sq"))
+                for n, p in named
+            },
+            start,
+        )
         del ck, state
     data = SyntheticData(cfg.vocab, cfg.seq, run.seed)
     shards, shard = pc.dp * pc.ep, mesh.index("dp") * pc.ep + mesh.index("ep")
@@ -123,16 +145,24 @@ def train_rank(cfg: GPTConfig, pc: ParallelConfig, run: RunConfig, attempt: int 
     if schedule is not None:
         coords = mesh.coords()
         seq_local = cfg.seq // pc.cp // (pc.tp if pc.sp else 1)
-        runner = StepRunner(schedule, validate_schedule(schedule)[mesh.index("pp")], stages,
-                            lambda mb: (run.batch // shards // m, seq_local, cfg.hidden),
-                            rank=mesh.index("pp"), peer=lambda r: mesh.rank_of(**{**coords, "pp": r}),
-                            loss=lambda logits, y: loss_of(logits, y, pc), group="pp")
+        runner = StepRunner(
+            schedule,
+            validate_schedule(schedule)[mesh.index("pp")],
+            stages,
+            lambda mb: (run.batch // shards // m, seq_local, cfg.hidden),
+            rank=mesh.index("pp"),
+            peer=lambda r: mesh.rank_of(**{**coords, "pp": r}),
+            loss=lambda logits, y: loss_of(logits, y, pc),
+            group="pp",
+        )
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=pc.precision == "bf16")
     losses, times, peaks, stopped, saved, first_grads = list(history), [], [], 0, None, {}
     metrics = open(run.metrics, "a") if run.metrics and runtime.rank() == 0 else None
-    for step in tqdm(range(start, run.steps), disable=runtime.rank() != 0, desc=_describe(pc), file=sys.stdout):
+    for step in tqdm(
+        range(start, run.steps), disable=runtime.rank() != 0, desc=_describe(pc), file=sys.stdout
+    ):
         if run.inject_fault == (runtime.rank(), step + 1) and attempt == 0:
-            os.kill(os.getpid(), signal.SIGKILL)   # the fault a test asked for: this rank dies here
+            os.kill(os.getpid(), signal.SIGKILL)  # the fault a test asked for: this rank dies here
         t0 = time.perf_counter()
         with trace.enabled(step == run.steps - 1):  # the timeline shows the last step
             x, y = (t.chunk(shards)[shard] for t in data.batch(step, run.batch))
@@ -144,7 +174,7 @@ def train_rank(cfg: GPTConfig, pc: ParallelConfig, run: RunConfig, attempt: int 
                 aux = 0.0
                 if runner is not None:
                     local = runner.run(xs, ys)
-                    aux = runner.aux_sum   # MoE stages' load-balancing losses, on every stage
+                    aux = runner.aux_sum  # MoE stages' load-balancing losses, on every stage
                 else:
                     local, stage = 0.0, stages[0]
                     for mb, (xm, ym) in enumerate(zip(xs, ys)):
@@ -167,15 +197,28 @@ def train_rank(cfg: GPTConfig, pc: ParallelConfig, run: RunConfig, attempt: int 
         book = torch.tensor([mine, runtime.stop_requested()], dtype=torch.float64)
         with trace.enabled(False):
             total = comm.all_reduce(book[:1].clone()).item() / (shards * pc.cp)
-            stop = int(comm.all_reduce(book[1:].clone(), op="max").item())   # every rank stops at the same step
+            stop = int(
+                comm.all_reduce(book[1:].clone(), op="max").item()
+            )  # every rank stops at the same step
             peak = comm.all_gather(torch.tensor([_peak_mb()], dtype=torch.float64))
         losses.append(total)
         peaks.append(peak.tolist())
         times.append(time.perf_counter() - t0)
         runtime.heartbeat()
         if metrics is not None:
-            metrics.write(json.dumps({"step": step + 1, "loss": total, "tokens_per_s": run.batch * cfg.seq / times[-1],
-                                      "step_time_s": times[-1], "peak_mem_mb": peaks[-1], "attempt": attempt}) + "\n")
+            metrics.write(
+                json.dumps(
+                    {
+                        "step": step + 1,
+                        "loss": total,
+                        "tokens_per_s": run.batch * cfg.seq / times[-1],
+                        "step_time_s": times[-1],
+                        "peak_mem_mb": peaks[-1],
+                        "attempt": attempt,
+                    }
+                )
+                + "\n"
+            )
             metrics.flush()
         last = step + 1 == run.steps
         if run.save and (last or stop or (run.save_every and (step + 1) % run.save_every == 0)):
@@ -188,9 +231,21 @@ def train_rank(cfg: GPTConfig, pc: ParallelConfig, run: RunConfig, attempt: int 
         metrics.close()
     with trace.enabled(False):
         params = full_tensors(opt.values(), named, mesh) if run.capture else {}
-    return TrainResult(losses, first_grads=first_grads, params=params,
-                       extra=dict(times=times, peaks=peaks, start=start, events=trace.gather(),
-                                  state_bytes=opt.state_bytes(), coords=mesh.coords(), stopped=stopped, saved=saved))
+    return TrainResult(
+        losses,
+        first_grads=first_grads,
+        params=params,
+        extra=dict(
+            times=times,
+            peaks=peaks,
+            start=start,
+            events=trace.gather(),
+            state_bytes=opt.state_bytes(),
+            coords=mesh.coords(),
+            stopped=stopped,
+            saved=saved,
+        ),
+    )
 
 
 def full_tensors(local: dict, named, mesh: Mesh) -> dict:
@@ -217,7 +272,7 @@ def _peak_mb() -> float:
 
 
 def _rss_peak_mb() -> float:
-    with open(f"/proc/{os.getpid()}/status") as f:   # VmHWM: the process's peak resident memory
+    with open(f"/proc/{os.getpid()}/status") as f:  # VmHWM: the process's peak resident memory
         for line in f:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
@@ -247,14 +302,24 @@ def main(argv=None) -> int:
     if run.metrics:
         os.makedirs(os.path.dirname(os.path.abspath(run.metrics)), exist_ok=True)
         if not resume and (not runtime.is_torchrun() or os.environ["RANK"] == "0"):
-            open(run.metrics, "w").close()   # a fresh run starts a fresh file; a resumed one appends
+            open(run.metrics, "w").close()  # a fresh run starts a fresh file; a resumed one appends
     if a.sp and a.tp == 1:
         print("note: --sp has no effect with --tp 1 (Megatron-LM turns it off likewise)")
     attempt, t = 0, time.time()
     while True:
         try:
-            res = runtime.launch(train_rank, pc.world_size, cfg, pc, run, attempt, resume, timeout=run.timeout,
-                                 progress_timeout=run.timeout, grace=run.timeout)
+            res = runtime.launch(
+                train_rank,
+                pc.world_size,
+                cfg,
+                pc,
+                run,
+                attempt,
+                resume,
+                timeout=run.timeout,
+                progress_timeout=run.timeout,
+                grace=run.timeout,
+            )
             break
         except runtime.RankError as e:
             reason = _one_line(e)
@@ -264,8 +329,11 @@ def main(argv=None) -> int:
             attempt += 1
             resume = _newest(run.save)
             step = checkpoint.read_metadata(resume)["step"] if resume else 0
-            print(f"\nrestart {attempt} of {run.max_restarts}: {reason}; resuming from "
-                  + (f"step {step} ({resume})" if resume else "the start (no checkpoint)"), flush=True)
+            print(
+                f"\nrestart {attempt} of {run.max_restarts}: {reason}; resuming from "
+                + (f"step {step} ({resume})" if resume else "the start (no checkpoint)"),
+                flush=True,
+            )
             _record(run, {"event": "restart", "attempt": attempt, "reason": reason, "resume_step": step})
         except KeyboardInterrupt:
             print("\ninterrupted: the ranks did not stop in time and were killed", file=sys.stderr)
@@ -277,8 +345,10 @@ def main(argv=None) -> int:
     report(run, cfg, pc, r0, wall, attempt)
     if r0["stopped"]:
         sig = signal.Signals(r0["stopped"])
-        print(f"stopped by {sig.name} after step {r0['start'] + len(r0['times'])}"
-              + (f"; saved it to {run.save}" if r0["saved"] else " (no --save: nothing kept)"))
+        print(
+            f"stopped by {sig.name} after step {r0['start'] + len(r0['times'])}"
+            + (f"; saved it to {run.save}" if r0["saved"] else " (no --save: nothing kept)")
+        )
         return EXIT_SIGNAL.get(sig, 128 + sig)
     if run.check:
         ref = train_reference(cfg, steps=run.steps, batch_size=run.batch, seed=run.seed)
@@ -295,17 +365,23 @@ def _one_line(e: runtime.RankError) -> str:
     return f"rank {e.rank}: " + (last[-1].strip() if last else "failed")
 
 
-def report(run: RunConfig, cfg: GPTConfig, pc: ParallelConfig, r0: dict, wall: float, restarts: int = 0) -> None:
+def report(
+    run: RunConfig, cfg: GPTConfig, pc: ParallelConfig, r0: dict, wall: float, restarts: int = 0
+) -> None:
     if not r0["times"]:
         return
     tokens = run.batch * cfg.seq
     step_time = sorted(r0["times"])[len(r0["times"]) // 2]
-    print(f"\nminipar.train: GPT {cfg.layers}x{cfg.hidden} on {pc.world_size} ranks ({_describe(pc)}, "
-          f"zero={pc.zero}{', sp' if pc.sp else ''}{', ' + pc.schedule if pc.pp > 1 else ''}), "
-          f"{len(r0['losses'])} steps in {wall:.1f}s" + (f" with {restarts} restart(s)" if restarts else ""))
-    print(f"loss {r0['losses'][0]:.4f} -> {r0['losses'][-1]:.4f}; median step {step_time * 1e3:.1f} ms, "
-          f"{tokens / step_time:,.0f} tokens/s; peak memory per rank (MB): "
-          f"{[round(x) for x in r0['peaks'][-1]]}")
+    print(
+        f"\nminipar.train: GPT {cfg.layers}x{cfg.hidden} on {pc.world_size} ranks ({_describe(pc)}, "
+        f"zero={pc.zero}{', sp' if pc.sp else ''}{', ' + pc.schedule if pc.pp > 1 else ''}), "
+        f"{len(r0['losses'])} steps in {wall:.1f}s" + (f" with {restarts} restart(s)" if restarts else "")
+    )
+    print(
+        f"loss {r0['losses'][0]:.4f} -> {r0['losses'][-1]:.4f}; median step {step_time * 1e3:.1f} ms, "
+        f"{tokens / step_time:,.0f} tokens/s; peak memory per rank (MB): "
+        f"{[round(x) for x in r0['peaks'][-1]]}"
+    )
     if runtime.device().type == "cuda":
         print(gpu_utilization(cfg, pc, run, step_time))
     evs = r0["events"]
@@ -313,7 +389,9 @@ def report(run: RunConfig, cfg: GPTConfig, pc: ParallelConfig, r0: dict, wall: f
     print(trace.format_summary([e for e in evs if e.rank == 0]))
     trace.to_chrome_trace(evs, os.path.join(run.out, "trace.json"))
     matplotlib.use("Agg")
-    ax = plot_timeline(evs, title=f"last step, {_describe(pc)} (wall clock, {pc.world_size} ranks on this machine)")
+    ax = plot_timeline(
+        evs, title=f"last step, {_describe(pc)} (wall clock, {pc.world_size} ranks on this machine)"
+    )
     png = os.path.join(run.out, "timeline.png")
     ax.figure.tight_layout()
     ax.figure.savefig(png, dpi=110)
@@ -323,13 +401,15 @@ def report(run: RunConfig, cfg: GPTConfig, pc: ParallelConfig, r0: dict, wall: f
 
 def gpu_utilization(cfg, pc, run, step_time) -> str:
     """MFU on a GPU: Megatron-LM's model FLOPs (Narayanan et al. 2021, eq. 3) over the bf16 peak."""
-    name = torch.cuda.get_device_name().lower()   # e.g. "nvidia h100 80gb hbm3"
+    name = torch.cuda.get_device_name().lower()  # e.g. "nvidia h100 80gb hbm3"
     known = [k for k in GPUS if k in name]
     if not known:
         return f"MFU: {name!r} is not in minipar.plan.hardware (add it with plan.add_gpu)"
     f = model_flops(cfg.layers, cfg.hidden, cfg.vocab, cfg.seq, run.batch)
-    return (f"MFU {mfu(f, step_time, pc.world_size, get_gpu(known[0]).peak_flops):.1%} (Megatron-LM model "
-            f"FLOPs over the {known[0]}'s bf16 dense peak)")
+    return (
+        f"MFU {mfu(f, step_time, pc.world_size, get_gpu(known[0]).peak_flops):.1%} (Megatron-LM model "
+        f"FLOPs over the {known[0]}'s bf16 dense peak)"
+    )
 
 
 if __name__ == "__main__":

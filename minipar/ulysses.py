@@ -10,6 +10,7 @@ Against ring attention (`minipar/cp.py`): Ulysses moves Q, K, V and O once each 
 passing KV blocks around a ring, so its bytes per rank fall as 1/cp while the ring's stay flat;
 but cp cannot exceed the head count, and the attention core is untouched (any kernel works).
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,14 +25,18 @@ __all__ = ["ulysses_attention", "ulysses_bytes"]
 def _seq_to_heads(x, group):
     """[b, h, N/cp, d] -> [b, h/cp, N, d]: send head group j to rank j, receive every rank's tokens."""
     n = comm.size(group)
-    x = mappings.all_to_all_autograd(rearrange(x, "b (n hh) s d -> n b hh s d", n=n).contiguous(), group=group)
+    x = mappings.all_to_all_autograd(
+        rearrange(x, "b (n hh) s d -> n b hh s d", n=n).contiguous(), group=group
+    )
     return rearrange(x, "n b hh s d -> b hh (n s) d")
 
 
 def _heads_to_seq(y, group):
     """[b, h/cp, N, d] -> [b, h, N/cp, d]: the inverse all-to-all."""
     n = comm.size(group)
-    y = mappings.all_to_all_autograd(rearrange(y, "b hh (n s) d -> n b hh s d", n=n).contiguous(), group=group)
+    y = mappings.all_to_all_autograd(
+        rearrange(y, "b hh (n s) d -> n b hh s d", n=n).contiguous(), group=group
+    )
     return rearrange(y, "n b hh s d -> b (n hh) s d")
 
 
@@ -40,11 +45,15 @@ def ulysses_attention(q, k, v, causal: bool = True, group=None) -> torch.Tensor:
     q, k, v: local contiguous shards [b, h, N/cp, d]; returns the local output shard; differentiable."""
     n, h, h_kv = comm.size(group), q.shape[1], k.shape[1]
     if h % n:
-        raise ValueError(f"Ulysses gives each of the {n} ranks h/cp heads, but h={h} is not divisible by cp={n}; "
-                         f"use a head count divisible by {n}, or ring attention")
+        raise ValueError(
+            f"Ulysses gives each of the {n} ranks h/cp heads, but h={h} is not divisible by cp={n}; "
+            f"use a head count divisible by {n}, or ring attention"
+        )
     if h_kv % n:
-        raise ValueError(f"grouped-query attention with {h_kv} KV heads cannot be split over cp={n} ranks; repeat "
-                         f"the KV heads (k.repeat_interleave({h // h_kv}, dim=1)) or use ring attention")
+        raise ValueError(
+            f"grouped-query attention with {h_kv} KV heads cannot be split over cp={n} ranks; repeat "
+            f"the KV heads (k.repeat_interleave({h // h_kv}, dim=1)) or use ring attention"
+        )
     q, k, v = (_seq_to_heads(t, group) for t in (q, k, v))
     with trace.span("attn", flops=4 * q.shape[0] * q.shape[1] * q.shape[2] ** 2 * q.shape[3]):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=h_kv != h)

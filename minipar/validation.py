@@ -17,6 +17,7 @@ problem on stderr and exit code 2 (argparse's own convention for bad usage).
 Values that argparse could not convert arrive as `Invalid` (see `Int`, `Float`), so that a
 command line with three mistakes is told about all three at once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,18 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-__all__ = ["ConfigError", "Problems", "Invalid", "Int", "Float", "ArgumentParser", "exit_on_error",
-           "nearest_existing", "writable_dir_problem", "free_memory_bytes"]
+__all__ = [
+    "ConfigError",
+    "Problems",
+    "Invalid",
+    "Int",
+    "Float",
+    "ArgumentParser",
+    "exit_on_error",
+    "nearest_existing",
+    "writable_dir_problem",
+    "free_memory_bytes",
+]
 
 
 class ConfigError(ValueError):
@@ -40,6 +51,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Invalid:
     """A command-line value that did not convert (kept so that every problem is listed)."""
+
     text: str
     kind: str
 
@@ -109,13 +121,23 @@ class Problems:
             self.add(f"{self.show(field, value)} must be a whole number" + _range(low, high))
             return False
         if (low is not None and value < low) or (high is not None and value > high):
-            self.add(f"{self.show(field, value)} must be" + _range(low, high).replace(",", "", 1)
-                     + (f": {why}" if why else ""))
+            self.add(
+                f"{self.show(field, value)} must be"
+                + _range(low, high).replace(",", "", 1)
+                + (f": {why}" if why else "")
+            )
             return False
         return True
 
-    def number(self, field: str, value, low: float | None = None, high: float | None = None,
-               low_open: bool = False, why: str = "") -> bool:
+    def number(
+        self,
+        field: str,
+        value,
+        low: float | None = None,
+        high: float | None = None,
+        low_open: bool = False,
+        why: str = "",
+    ) -> bool:
         """A finite number within [low, high] (or (low, high] with low_open)."""
         if isinstance(value, Invalid) or not _is_number(value):
             self.add(f"{self.show(field, value)} must be a finite number")
@@ -123,7 +145,9 @@ class Problems:
         below = low is not None and (value <= low if low_open else value < low)
         if below or (high is not None and value > high):
             lo = f"> {low}" if low_open else f">= {low}"
-            rng = " and ".join(s for s in ((lo if low is not None else ""), (f"<= {high}" if high is not None else "")) if s)
+            rng = " and ".join(
+                s for s in ((lo if low is not None else ""), (f"<= {high}" if high is not None else "")) if s
+            )
             self.add(f"{self.show(field, value)} must be {rng}" + (f": {why}" if why else ""))
             return False
         return True
@@ -139,8 +163,10 @@ class Problems:
         if _is_int(divisor) and _is_int(value) and divisor >= 1 and value % divisor:
             below, above = value // divisor * divisor, (value // divisor + 1) * divisor
             near = f"{below} or {above}" if below else f"{above}"
-            self.add(f"{self.show(of_field, value)} must be divisible by {self.name(field)}={divisor} (try {near})"
-                     + (f": {why}" if why else ""))
+            self.add(
+                f"{self.show(of_field, value)} must be divisible by {self.name(field)}={divisor} (try {near})"
+                + (f": {why}" if why else "")
+            )
             return False
         return True
 
@@ -179,7 +205,7 @@ class Problems:
         except ConfigError as e:
             self.items += e.problems
             return False
-        except ValueError as e:   # a multi-line message lists its problems as "  - ..." lines
+        except ValueError as e:  # a multi-line message lists its problems as "  - ..." lines
             lines = [ln.strip()[2:] for ln in str(e).splitlines() if ln.strip().startswith("- ")]
             self.items += lines or [str(e)]
             return False
@@ -243,6 +269,7 @@ def free_memory_bytes() -> int | None:
 def exit_on_error(main):
     """Wrap a command line's `main(argv) -> int`: a ConfigError prints one line per problem
     on stderr and returns 2, with no traceback."""
+
     def wrapped(argv=None) -> int:
         try:
             return main(argv)
@@ -250,6 +277,7 @@ def exit_on_error(main):
             for line in e.problems:
                 print(f"error: {line}", file=sys.stderr)
             return 2
+
     wrapped.__wrapped__ = main
     wrapped.__doc__ = main.__doc__
     return wrapped

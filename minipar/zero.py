@@ -33,6 +33,7 @@ does), so `no_sync()` changes nothing for them. A unit does so when its last gra
 arrives or, if `late` (an MoE block: an expert without tokens gets no gradient), at the end
 of each backward that reached it, in unit order, so every rank issues the same collectives.
 """
+
 from __future__ import annotations
 
 import time
@@ -67,8 +68,11 @@ def stage_of(strategy) -> int:
 def gpt_units(model: GPT) -> list[tuple[str, list[nn.Module]]]:
     """FSDP's usual wrapping of a transformer: embeddings, one unit per block, the head.
     Modules are listed in the order the forward calls them."""
-    return ([("embed", [model.wte, model.wpe])] + [(f"block{i}", [b]) for i, b in enumerate(model.blocks)]
-            + [("head", [model.ln_f, model.head])])
+    return (
+        [("embed", [model.wte, model.wpe])]
+        + [(f"block{i}", [b]) for i, b in enumerate(model.blocks)]
+        + [("head", [model.ln_f, model.head])]
+    )
 
 
 class Unit:
@@ -84,17 +88,21 @@ class Unit:
         off = 0
         with torch.no_grad():
             for p in self.params:
-                self.flat[off:off + p.numel()].copy_(p.flatten())
-                p.data = self.flat[off:off + p.numel()].view_as(p)  # the module now computes on the flat buffer
+                self.flat[off : off + p.numel()].copy_(p.flatten())
+                p.data = self.flat[off : off + p.numel()].view_as(
+                    p
+                )  # the module now computes on the flat buffer
                 off += p.numel()
-        mine = self.flat[r * self.shard_numel:(r + 1) * self.shard_numel]
+        mine = self.flat[r * self.shard_numel : (r + 1) * self.shard_numel]
         self.shard = mine.clone() if stage == 3 else mine  # stage 3 owns its shard apart from the buffer
         # stage 1 accumulates full gradients in one flat buffer (p.grad are views into it, so autograd
         # adds in place); stages 2 and 3 keep only their reduce-scattered shard
         self.flat_grad = self.grad_shard = None
         if stage == 1:
             self.flat_grad = torch.zeros_like(self.flat)
-            self.grad_views = [self.flat_grad[o:o + p.numel()].view_as(p) for o, p in zip(self.offsets(), self.params)]
+            self.grad_views = [
+                self.flat_grad[o : o + p.numel()].view_as(p) for o, p in zip(self.offsets(), self.params)
+            ]
         else:
             self.grad_shard = torch.zeros(self.shard_numel, dtype=mp.reduce_dtype, device=device())
         self.gather_handle, self.rs_handles = None, []
@@ -119,9 +127,20 @@ class ZeRO(nn.Module):
     late: names of units that reduce at the end of backward (see above). Call zero_grad(), the
     model, backward(loss), step()."""
 
-    def __init__(self, model: nn.Module, stage=3, group=None, units=None, offload=False, precision=None,
-                 prefetch: bool = True, spans: bool = True, late=(), nvme_dir: str | None = None,
-                 optim: dict | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        stage=3,
+        group=None,
+        units=None,
+        offload=False,
+        precision=None,
+        prefetch: bool = True,
+        spans: bool = True,
+        late=(),
+        nvme_dir: str | None = None,
+        optim: dict | None = None,
+    ):
         super().__init__()
         self.stage = stage_of(stage)
         if self.stage == 0:
@@ -130,8 +149,10 @@ class ZeRO(nn.Module):
         self.mp = precision or MixedPrecision()
         n, r = comm.size(self.group), comm.local_rank(self.group)
         specs = units or (gpt_units(model) if isinstance(model, GPT) else [("model", [model])])
-        self.units = [Unit(i, name, mods, n, r, self.stage, self.mp, self.stage >= 2 and name in late)
-                      for i, (name, mods) in enumerate(specs)]
+        self.units = [
+            Unit(i, name, mods, n, r, self.stage, self.mp, self.stage >= 2 and name in late)
+            for i, (name, mods) in enumerate(specs)
+        ]
         covered = {id(p) for u in self.units for p in u.params}
         missing = [name for name, p in model.named_parameters() if id(p) not in covered]
         if missing:
@@ -147,7 +168,7 @@ class ZeRO(nn.Module):
             for m in u.modules:
                 if self.stage == 3:
                     m.register_forward_pre_hook(self._pre_forward(u))
-                if self.stage == 3 or u.late:   # a late unit's _pre_backward marks it reached
+                if self.stage == 3 or u.late:  # a late unit's _pre_backward marks it reached
                     m.register_forward_hook(self._post_forward(u))
             if self.stage == 3:
                 u.free()
@@ -169,7 +190,9 @@ class ZeRO(nn.Module):
 
     def _log_gathered(self):
         """(time, bytes of full parameters alive): stage 3's memory over time."""
-        self.gathered_log.append((time.perf_counter(), sum(u.flat.untyped_storage().nbytes() for u in self.units)))
+        self.gathered_log.append(
+            (time.perf_counter(), sum(u.flat.untyped_storage().nbytes() for u in self.units))
+        )
 
     @torch.no_grad()
     def _wait(self, u: Unit):
@@ -185,6 +208,7 @@ class ZeRO(nn.Module):
                 u.t0 = trace.now()
             if self.prefetch and u.index + 1 < len(self.units):  # overlaps this unit's compute
                 self._gather(self.units[u.index + 1])
+
         return hook
 
     def _post_forward(self, u: Unit):
@@ -199,12 +223,13 @@ class ZeRO(nn.Module):
                 if self.stage == 3:
                     _span(f"F{u.index}", u.t0 if self.spans else None)
                     self._free(u)
+
         return hook
 
     def _pre_backward(self, u: Unit):
         def hook(grad):
             self._queue_finish()
-            u.touched = True   # backward reached this unit: a late one reduces at the end
+            u.touched = True  # backward reached this unit: a late one reduces at the end
             if self.stage < 3:
                 return grad
             self._wait(u)
@@ -213,6 +238,7 @@ class ZeRO(nn.Module):
             if self.prefetch and u.index > 0:  # backward runs the units in reverse
                 self._gather(self.units[u.index - 1])
             return grad
+
         return hook
 
     # ------------------------------------------------------------------ stages 2, 3: reduce-scatter
@@ -220,9 +246,10 @@ class ZeRO(nn.Module):
         def hook(p):
             self._queue_finish()
             u.grads_ready += not u.late
-            if u.grads_ready == len(u.params):   # the unit's last gradient is in
+            if u.grads_ready == len(u.params):  # the unit's last gradient is in
                 u.grads_ready = 0
                 self._reduce_scatter(u)
+
         return hook
 
     def _reduce_scatter(self, u: Unit):
@@ -290,14 +317,18 @@ class ZeRO(nn.Module):
         other axes, such as `minipar.optim`, does it on these shards before `apply`.)"""
         if self.stage >= 2:
             return [u.grad_shard for u in self.units]
-        for u in self.units:   # a gradient someone replaced (a pipeline's W step adds out of place) goes back in
+        for (
+            u
+        ) in self.units:  # a gradient someone replaced (a pipeline's W step adds out of place) goes back in
             for p, view in zip(u.params, u.grad_views):
                 if p.grad is None:
                     view.zero_()
                 elif p.grad.data_ptr() != view.data_ptr():
                     view.copy_(p.grad)
-        return [comm.reduce_scatter(u.flat_grad.to(self.mp.reduce_dtype), op="avg", group=self.group)
-                for u in self.units]
+        return [
+            comm.reduce_scatter(u.flat_grad.to(self.mp.reduce_dtype), op="avg", group=self.group)
+            for u in self.units
+        ]
 
     @torch.no_grad()
     def apply(self, grads: list[torch.Tensor]) -> bool:
@@ -319,14 +350,19 @@ class ZeRO(nn.Module):
     def model_state_bytes(self) -> dict:
         """Bytes this rank holds now: parameters (flat buffers and owned shards; a freed
         buffer counts 0), gradients, optimizer state (see ShardOptimizer.state_bytes)."""
-        return dict(params=held_bytes([u.flat for u in self.units] + [u.shard for u in self.units]),
-                    grads=held_bytes(self.local_grads()), **self.optim.state_bytes(),
-                    padding=sum(u.padded - u.numel for u in self.units))
+        return dict(
+            params=held_bytes([u.flat for u in self.units] + [u.shard for u in self.units]),
+            grads=held_bytes(self.local_grads()),
+            **self.optim.state_bytes(),
+            padding=sum(u.padded - u.numel for u in self.units),
+        )
 
     @torch.no_grad()
     def full_parameters(self) -> dict[str, torch.Tensor]:
         """{name: full fp32 parameter}, gathered (untraced: it is not part of training)."""
-        return self._by_name([u.shard for u in self.units] if self.stage == 3 else [u.flat for u in self.units])
+        return self._by_name(
+            [u.shard for u in self.units] if self.stage == 3 else [u.flat for u in self.units]
+        )
 
     @torch.no_grad()
     def full_gradients(self, grads: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -343,15 +379,17 @@ class ZeRO(nn.Module):
                     flat = comm.all_gather(flat, group=self.group)
                 off = 0
                 for p in u.params:
-                    out[self.names[id(p)]] = flat[off:off + p.numel()].view(p.shape).float().clone()
+                    out[self.names[id(p)]] = flat[off : off + p.numel()].view(p.shape).float().clone()
                     off += p.numel()
         return out
 
 
 def _flat_grad(u: Unit) -> torch.Tensor:
     """A unit's full gradient as one padded flat tensor (a parameter without one counts zeros)."""
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in u.params]
-                     + [u.flat.new_zeros(u.padded - u.numel)])
+    return torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in u.params]
+        + [u.flat.new_zeros(u.padded - u.numel)]
+    )
 
 
 def _span(name: str, t0):
@@ -359,10 +397,23 @@ def _span(name: str, t0):
         trace.record_span(name, t0)
 
 
-def train_zero(cfg: GPTConfig, stage=3, steps: int = 5, batch_size: int = 8, seed: int = 0, grad_accum: int = 1,
-               recompute=None, offload=False, precision: MixedPrecision | None = None, group=None,
-               prefetch: bool = True, inject_overflow_at: int | None = None, nvme_dir: str | None = None,
-               capture: bool = False, **optim) -> TrainResult:
+def train_zero(
+    cfg: GPTConfig,
+    stage=3,
+    steps: int = 5,
+    batch_size: int = 8,
+    seed: int = 0,
+    grad_accum: int = 1,
+    recompute=None,
+    offload=False,
+    precision: MixedPrecision | None = None,
+    group=None,
+    prefetch: bool = True,
+    inject_overflow_at: int | None = None,
+    nvme_dir: str | None = None,
+    capture: bool = False,
+    **optim,
+) -> TrainResult:
     """Run on every rank: ZeRO training of the reference GPT. Returns losses, the final
     parameters, this rank's model-state bytes (measured before the last step) and the
     loss scaler's history. `inject_overflow_at=k` puts an inf in rank 0's gradient at step k. With
@@ -375,8 +426,16 @@ def train_zero(cfg: GPTConfig, stage=3, steps: int = 5, batch_size: int = 8, see
     if recompute:
         apply_recompute(model, recompute)
     with trace.enabled(False):  # the trace holds the training steps, not the setup
-        z = ZeRO(model, stage, group, offload=offload, precision=precision, prefetch=prefetch, nvme_dir=nvme_dir,
-                 optim=optim)
+        z = ZeRO(
+            model,
+            stage,
+            group,
+            offload=offload,
+            precision=precision,
+            prefetch=prefetch,
+            nvme_dir=nvme_dir,
+            optim=optim,
+        )
     mem, first = {}, {}
 
     def step():
@@ -390,8 +449,18 @@ def train_zero(cfg: GPTConfig, stage=3, steps: int = 5, batch_size: int = 8, see
         if step == inject_overflow_at and comm.local_rank(z.group) == 0:
             z.local_grads()[0][0] = float("inf")
 
-    losses = train_steps(z, step, cfg, steps, batch_size, seed, grad_accum, spans=z.stage != 3, on_backward=inject)
-    return TrainResult(losses, first_grads=first if capture else None, params=z.full_parameters(),
-                       extra=dict(memory=mem, io=getattr(z.optim, "io", None), num_params=sum(u.numel for u in z.units),
-                                  padded_params=sum(u.padded for u in z.units),
-                                  scale_history=z.scaler.history if z.scaler else []))
+    losses = train_steps(
+        z, step, cfg, steps, batch_size, seed, grad_accum, spans=z.stage != 3, on_backward=inject
+    )
+    return TrainResult(
+        losses,
+        first_grads=first if capture else None,
+        params=z.full_parameters(),
+        extra=dict(
+            memory=mem,
+            io=getattr(z.optim, "io", None),
+            num_params=sum(u.numel for u in z.units),
+            padded_params=sum(u.padded for u in z.units),
+            scale_history=z.scaler.history if z.scaler else [],
+        ),
+    )

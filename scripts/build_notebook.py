@@ -17,6 +17,7 @@ The written notebook opens cleanly in JupyterLab: its kernelspec is the one ipyk
 build, the widgets' state is saved, and a widget's text form (what a front end shows before a
 kernel runs, or for an untrusted notebook) says to run its cell rather than `VBox(children=...`.
 """
+
 import argparse
 import glob
 import os
@@ -62,12 +63,19 @@ def build(src: str, timeout: int = 600, instructor_copy: bool = False) -> str:
     nb = jupytext.read(src)
     nb = instructor(nb, name) if instructor_copy else public(nb)
     nb = stabilize(nb)
-    out_dir = os.path.join(HERE, "instructor", "notebooks") if instructor_copy else os.path.join(HERE, "notebooks")
+    out_dir = (
+        os.path.join(HERE, "instructor", "notebooks") if instructor_copy else os.path.join(HERE, "notebooks")
+    )
     os.makedirs(out_dir, exist_ok=True)
     out = os.path.join(out_dir, name + ".ipynb")
     t = time.time()
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=True,
-                   resources={"metadata": {"path": os.path.join(HERE, "notebooks")}}).execute()
+    NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        store_widget_state=True,
+        resources={"metadata": {"path": os.path.join(HERE, "notebooks")}},
+    ).execute()
     nb = widget_placeholders(stabilize(nb))
     nbformat.write(nb, out)
     print(f"{out}: executed in {time.time() - t:.1f}s")
@@ -78,8 +86,11 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sources", nargs="*")
     ap.add_argument("--all", action="store_true", help="every notebooks/src/*.py")
-    ap.add_argument("--instructor", action="store_true",
-                    help="with the worked solutions, into instructor/notebooks/ (for the instructor only)")
+    ap.add_argument(
+        "--instructor",
+        action="store_true",
+        help="with the worked solutions, into instructor/notebooks/ (for the instructor only)",
+    )
     a = ap.parse_args()
     srcs = sorted(glob.glob(os.path.join(HERE, "notebooks", "src", "*.py"))) if a.all else a.sources
     if not srcs:

@@ -6,6 +6,7 @@
 Each figure is a small function below that runs minipar on simulated CPU ranks (or the
 simulator) and saves one PNG; all use the package's one timeline renderer and colours.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,6 +31,7 @@ def figure(name):
     def reg(fn):
         FIGURES[name] = fn
         return fn
+
     return reg
 
 
@@ -43,6 +45,7 @@ def _save(fig, name):
 
 def _ring(numel):
     from minipar.collectives import ring_all_reduce
+
     ring_all_reduce(torch.randn(numel))
     return trace.gather()
 
@@ -57,9 +60,11 @@ def ring_allreduce():
 @figure("main_job")
 def main_job():
     from minipar.train import main
+
     out = os.path.join(HERE, "runs", "figures")
     main(["--steps", "5", "--out", out, "--no-check"])
     import shutil
+
     shutil.copy(os.path.join(out, "timeline.png"), os.path.join(OUT, "main_job_timeline.png"))
 
 
@@ -71,18 +76,26 @@ def _memory_ladder(cfg, n):
     from minipar.offload import ShardOptimizer
     from minipar.precision import MixedPrecision
     from minipar.zero import train_zero
+
     model = GPT(cfg).to(torch.bfloat16)
     ddp, data = DDP(model), SyntheticData(cfg.vocab, cfg.seq)
     opt = ShardOptimizer([p.detach() for p in model.parameters()])
     for step in range(2):  # measure before the second step: Adam's moments exist
         ddp.zero_grad()
         ddp(*local_batch(data, step, 8))[1].backward()
-        mem = dict(params=held_bytes(model.parameters()), grads=held_bytes(b.buffer for b in ddp.buckets),
-                   **opt.state_bytes())
+        mem = dict(
+            params=held_bytes(model.parameters()),
+            grads=held_bytes(b.buffer for b in ddp.buckets),
+            **opt.state_bytes(),
+        )
         opt.step([p.grad for p in model.parameters()])
     out = {"DDP": (mem, sum(p.numel() for p in model.parameters()), 0)}
-    for name, kw in (("ZeRO-1", dict(stage=1)), ("ZeRO-2", dict(stage=2)), ("ZeRO-3", dict(stage=3)),
-                     ("ZeRO-3\n+ offload", dict(stage=3, offload=True))):
+    for name, kw in (
+        ("ZeRO-1", dict(stage=1)),
+        ("ZeRO-2", dict(stage=2)),
+        ("ZeRO-3", dict(stage=3)),
+        ("ZeRO-3\n+ offload", dict(stage=3, offload=True)),
+    ):
         r = train_zero(cfg, steps=2, batch_size=8, precision=MixedPrecision("bf16"), **kw)
         out[name] = (r["memory"], r["padded_params"], kw["stage"])
     return out
@@ -93,6 +106,7 @@ def memory_ladder():
     from minipar.model import GPTConfig
     from minipar.plan import model_state_bytes
     from minipar.timeline import COLORS
+
     cfg, n = GPTConfig(vocab=64, seq=64, layers=2, heads=4, hidden=64), 4
     rungs = minipar.launch(_memory_ladder, n, cfg, n)[0]
     fig, ax = plt.subplots(figsize=(8, 3.2))
@@ -100,13 +114,24 @@ def memory_ladder():
         host = m.get("where") == "host"
         bottom = 0
         for part, c in (("params", COLORS["F"]), ("grads", COLORS["B"]), ("optimizer", COLORS["opt"])):
-            ax.bar(i, m[part] / 1024, bottom=bottom, color=c, hatch="//" if host and part == "optimizer" else None,
-                   label=part if i == 0 else None)
+            ax.bar(
+                i,
+                m[part] / 1024,
+                bottom=bottom,
+                color=c,
+                hatch="//" if host and part == "optimizer" else None,
+                label=part if i == 0 else None,
+            )
             bottom += m[part] / 1024
         formula = model_state_bytes(psi, n, stage)
         assert m["params"] + m["grads"] + m["optimizer"] == formula, name
-        ax.plot([i - 0.4, i + 0.4], [formula / 1024] * 2, color="black", lw=2,
-                label="ZeRO formula (2+2+12)Ψ" if i == 0 else None)
+        ax.plot(
+            [i - 0.4, i + 0.4],
+            [formula / 1024] * 2,
+            color="black",
+            lw=2,
+            label="ZeRO formula (2+2+12)Ψ" if i == 0 else None,
+        )
     ax.set_xticks(range(len(rungs)), list(rungs))
     ax.set_ylabel("KiB per rank")
     ax.set_title(f"model states per rank (measured), Ψ = {psi:,}, N = {n}, bf16 + fp32 Adam; hatched: host")
@@ -117,14 +142,19 @@ def memory_ladder():
 # ----------------------------------------------------------------------------- tensor / sequence parallel
 def _tp_sp_layer(cfg, b):
     from minipar import Mesh, sp
+
     Mesh(tp=runtime.world_size())
-    return {name: sp.measure_layer(cfg, b, sequence_parallel=flag) for name, flag in (("TP", False), ("TP + SP", True))}
+    return {
+        name: sp.measure_layer(cfg, b, sequence_parallel=flag)
+        for name, flag in (("TP", False), ("TP + SP", True))
+    }
 
 
 @figure("tp_sp_comm")
 def tp_sp_comm():
     from minipar.model import GPTConfig
     from minipar.timeline import COLORS
+
     cfg, b, t = GPTConfig(vocab=64, seq=32, layers=1, heads=4, hidden=64), 2, 2
     res = minipar.launch(_tp_sp_layer, t, cfg, b)[0]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3))
@@ -134,7 +164,9 @@ def tp_sp_comm():
         for op in ("all_reduce", "all_gather", "reduce_scatter"):
             c, nbytes = res[name]["comm"].get(op, (0, 0))
             if nbytes:
-                a1.bar(i, nbytes / 1024, bottom=bottom, color=COLORS[op], label=None if op in labelled else op)
+                a1.bar(
+                    i, nbytes / 1024, bottom=bottom, color=COLORS[op], label=None if op in labelled else op
+                )
                 labelled.add(op)
             bottom += nbytes / 1024
     a1.set_xticks(range(len(names)), names)
@@ -144,7 +176,9 @@ def tp_sp_comm():
     a2.bar(names, [res[n]["activation_bytes"] / 1024 for n in names], color=[COLORS["F"], COLORS["B"]])
     a2.set_ylabel("KiB saved for backward")
     a2.set_title("activation memory per layer")
-    fig.suptitle(f"one transformer layer on t = {t} ranks: s = {cfg.seq}, b = {b}, h = {cfg.hidden}, fp32 (measured)")
+    fig.suptitle(
+        f"one transformer layer on t = {t} ranks: s = {cfg.seq}, b = {b}, h = {cfg.hidden}, fp32 (measured)"
+    )
     _save(fig, "tp_sp_comm")
 
 
@@ -153,6 +187,7 @@ def tp_sp_comm():
 def cp_balance():
     from minipar import cp
     from minipar.timeline import COLORS
+
     CP, heads, seq, dim = 4, 4, 256, 16
     fig, ax = plt.subplots(figsize=(6.5, 3))
     for j, (layout, c) in enumerate((("contiguous", COLORS["all_reduce"]), ("zigzag", COLORS["B"]))):
@@ -171,10 +206,15 @@ def moe_balance():
     from minipar import ep as EP
     from minipar.model import GPTConfig
     from minipar.timeline import COLORS
-    cfg = GPTConfig(vocab=64, seq=32, layers=2, heads=4, hidden=32, experts=4, top_k=2, router="sigmoid", aux_alpha=0.0)
-    runs = {"no balancing": EP.train_moe(cfg, steps=80, batch_size=16, skew=1.0),
-            "aux loss α=0.1": EP.train_moe(cfg.replace(aux_alpha=0.1), steps=80, batch_size=16, skew=1.0),
-            "aux-loss-free γ=0.01": EP.train_moe(cfg, steps=80, batch_size=16, gamma=0.01, skew=1.0)}
+
+    cfg = GPTConfig(
+        vocab=64, seq=32, layers=2, heads=4, hidden=32, experts=4, top_k=2, router="sigmoid", aux_alpha=0.0
+    )
+    runs = {
+        "no balancing": EP.train_moe(cfg, steps=80, batch_size=16, skew=1.0),
+        "aux loss α=0.1": EP.train_moe(cfg.replace(aux_alpha=0.1), steps=80, batch_size=16, skew=1.0),
+        "aux-loss-free γ=0.01": EP.train_moe(cfg, steps=80, batch_size=16, gamma=0.01, skew=1.0),
+    }
     fig, ax = plt.subplots(figsize=(7, 3))
     for (name, r), c in zip(runs.items(), (COLORS["all_reduce"], COLORS["F"], COLORS["B"])):
         ax.plot(r.imbalance(10), color=c, lw=2, label=name)
@@ -189,15 +229,22 @@ def moe_balance():
 @figure("pipeline_schedules")
 def pipeline_schedules():
     from minipar.pp import build_schedule, simulate
+
     specs = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("zb_h1", 1)]
     fig, axes = plt.subplots(len(specs), 1, figsize=(10, 1.5 * len(specs) + 0.6), sharex=True)
     longest = 0.0
     for ax, (name, v) in zip(axes, specs):
         r = simulate(build_schedule(name, 4, 8, v), 1.0, 2.0)
         longest = max(longest, r.makespan)
-        plot_timeline(r.events(), ax=ax, title=f"{name}: p = 4, m = 8, makespan {r.makespan:g} "
-                      f"(t_f = 1, t_b = 2), bubble {r.bubble_fraction:.0%}", unit="units", clock="modeled",
-                      label=False)
+        plot_timeline(
+            r.events(),
+            ax=ax,
+            title=f"{name}: p = 4, m = 8, makespan {r.makespan:g} "
+            f"(t_f = 1, t_b = 2), bubble {r.bubble_fraction:.0%}",
+            unit="units",
+            clock="modeled",
+            label=False,
+        )
     for ax in axes:  # shared axis: fit the slowest schedule
         ax.set_xlim(0, longest * 1.01)
     _save(fig, "pipeline_schedules")
@@ -208,15 +255,27 @@ def pipeline_schedules():
 def planner():
     from minipar import plan
     from minipar.timeline import COLORS
+
     p = plan.plan("70b", gpus=64, gpu="h100")
     cands = p.ranked + p.more
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.scatter([e.memory_per_gpu / 1e9 for e in cands], [e.mfu * 100 for e in cands], s=10, color=COLORS["opt"],
-               label=f"{len(cands)} layouts that fit")
+    ax.scatter(
+        [e.memory_per_gpu / 1e9 for e in cands],
+        [e.mfu * 100 for e in cands],
+        s=10,
+        color=COLORS["opt"],
+        label=f"{len(cands)} layouts that fit",
+    )
     b = p.best
     c = b.config
-    ax.scatter([b.memory_per_gpu / 1e9], [b.mfu * 100], s=60, color=COLORS["all_reduce"], zorder=3,
-               label=f"best: tp={c['tp']} pp={c['pp']} dp={c['dp']} ZeRO-{c['zero_stage']} {c['schedule']}")
+    ax.scatter(
+        [b.memory_per_gpu / 1e9],
+        [b.mfu * 100],
+        s=60,
+        color=COLORS["all_reduce"],
+        zorder=3,
+        label=f"best: tp={c['tp']} pp={c['pp']} dp={c['dp']} ZeRO-{c['zero_stage']} {c['schedule']}",
+    )
     ax.set_xlabel("memory per GPU (GB)")
     ax.set_ylabel("predicted MFU (%)")
     ax.set_title("planner: Llama-2-70B on 64 x H100, every layout that fits")

@@ -19,6 +19,7 @@ The copy's outputs are cleared. Before writing, every copy is checked: no code c
 function listed in its exercise's `reveals`, no line of the worked solution appears in it, and
 no cell uses a name that only a dropped cell defined. A copy that fails is not written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,10 @@ from minipar.exercises import load_all
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOLUTIONS = os.path.join(HERE, "instructor", "solutions")
 STUB = '    raise NotYet("write this function, then run the checker cell")'
-NOTE = ("*This cell of the full notebook shows code that the exercise below asks you to write, so it is left "
-        "out of your copy.*")
+NOTE = (
+    "*This cell of the full notebook shows code that the exercise below asks you to write, so it is left "
+    "out of your copy.*"
+)
 
 
 class LeakError(RuntimeError):
@@ -59,7 +62,7 @@ def stub_solution(source: str) -> str:
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             head_end = node.body[0].lineno - 1  # the lines of the def itself (may span several)
-            out += lines[node.lineno - 1 - len(node.decorator_list):head_end]
+            out += lines[node.lineno - 1 - len(node.decorator_list) : head_end]
             doc = ast.get_docstring(node)
             if doc:
                 out.append(f'    """{doc}"""')
@@ -114,7 +117,11 @@ def _defined(source: str) -> set:
 
 def _used(source: str) -> set:
     try:
-        return {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        return {
+            n.id
+            for n in ast.walk(ast.parse(source))
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
+        }
     except SyntaxError:
         return set()
 
@@ -125,7 +132,9 @@ def _note(cell):
     images = [o["data"]["image/png"] for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
     if images:
         md.attachments = {f"figure{i}.png": {"image/png": data} for i, data in enumerate(images)}
-        md.source += "\n\n" + "\n".join(f"![figure {i + 1}](attachment:figure{i}.png)" for i in range(len(images)))
+        md.source += "\n\n" + "\n".join(
+            f"![figure {i + 1}](attachment:figure{i}.png)" for i in range(len(images))
+        )
     return md
 
 
@@ -148,7 +157,7 @@ def solution_lines(name: str) -> list[str]:
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
             skip |= set(range(node.lineno, node.end_lineno + 1))
     lines = [line.split("#")[0].strip() for i, line in enumerate(src.splitlines(), 1) if i not in skip]
-    return [line for line in lines if len(line) >= 24]        # shorter ones are idioms, not an answer
+    return [line for line in lines if len(line) >= 24]  # shorter ones are idioms, not an answer
 
 
 def leaks(nb, name: str) -> list[str]:
@@ -159,7 +168,9 @@ def leaks(nb, name: str) -> list[str]:
     for i, c in code:
         for r in reveals:
             if _pattern(r).search(c.source):
-                problems.append(f"cell {i} names {r!r}, which shows the exercise's answer: tag that cell \"reveals\"")
+                problems.append(
+                    f'cell {i} names {r!r}, which shows the exercise\'s answer: tag that cell "reveals"'
+                )
         for line in solution_lines(name):
             if line in c.source:
                 problems.append(f"cell {i} contains the worked solution's line {line!r}")
@@ -181,7 +192,7 @@ def student_copy(nb, name: str = ""):
             cell.outputs, cell.execution_count = [], None
         kept.append(cell)
     nb.cells = kept
-    nb.metadata.pop("widgets", None)      # the saved state of widgets whose outputs are cleared
+    nb.metadata.pop("widgets", None)  # the saved state of widgets whose outputs are cleared
     defined_elsewhere = set().union(*(_defined(c.source) for c in kept if c.cell_type == "code"))
     problems = leaks(nb, name) if name else []
     for i, c in enumerate(kept):
@@ -202,7 +213,7 @@ def main(argv=None) -> list[str]:
     os.makedirs(a.out, exist_ok=True)
     written = []
     for path in a.notebooks or sorted(glob.glob(os.path.join(HERE, "notebooks", "[0-9][0-9]_*.ipynb"))):
-        name = os.path.basename(path)[:-len(".ipynb")]
+        name = os.path.basename(path)[: -len(".ipynb")]
         try:
             nb = student_copy(nbformat.read(path, as_version=4), name)
         except LeakError as e:

@@ -19,6 +19,7 @@ expert) are the same modules, initialized by name as the reference GPT's.
   aux-loss-free balancing (DeepSeek-V3 Sec. 2.1.2): after each step b_i += γ·sign(mean load − load_i)
 GShard's random routing of the second expert is left out, as minipar leaves it out.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,7 +37,9 @@ class PaperMoE(nn.Module):
         super().__init__()
         self.cfg, self.E, self.k = cfg, cfg.experts, cfg.top_k
         self.router = router if router is not None else nn.Linear(cfg.hidden, cfg.experts, bias=False)
-        self.experts = experts if experts is not None else nn.ModuleDict({str(i): MLP(cfg) for i in range(cfg.experts)})
+        self.experts = (
+            experts if experts is not None else nn.ModuleDict({str(i): MLP(cfg) for i in range(cfg.experts)})
+        )
         self.shared = shared if shared is not None else (MLP(cfg) if cfg.shared_expert else None)
         self.bias = torch.zeros(cfg.experts)
         self.aux_loss = torch.zeros(())
@@ -49,7 +52,7 @@ class PaperMoE(nn.Module):
 
     def capacity(self, S: int) -> int:
         if math.isinf(self.cfg.capacity_factor):
-            return S                      # each token reaches an expert at most once: nothing drops
+            return S  # each token reaches an expert at most once: nothing drops
         return max(self.cfg.min_capacity, math.ceil(self.k * S * self.cfg.capacity_factor / self.E))
 
     def gates(self, logits):
@@ -71,21 +74,21 @@ class PaperMoE(nn.Module):
         combine = x.new_zeros(S, E, C)
         dispatch = torch.zeros(S, E, C, dtype=torch.bool)
         keep = torch.zeros(S, self.k, dtype=torch.bool)
-        taken = torch.zeros(E, dtype=torch.long)              # slots filled by the rounds before this one
+        taken = torch.zeros(E, dtype=torch.long)  # slots filled by the rounds before this one
         for j in range(self.k):
-            mask = F.one_hot(chosen[:, j], E)                  # [S, E]
-            position = (mask.cumsum(0) - 1 + taken) * mask     # slot in its expert's buffer
+            mask = F.one_hot(chosen[:, j], E)  # [S, E]
+            position = (mask.cumsum(0) - 1 + taken) * mask  # slot in its expert's buffer
             kept = mask.bool() & (position < C)
             taken = taken + kept.sum(0)
             keep[:, j] = kept.any(-1)
-            slot = F.one_hot(position.clamp(max=C - 1), C).bool() & kept[..., None]   # [S, E, C]
+            slot = F.one_hot(position.clamp(max=C - 1), C).bool() & kept[..., None]  # [S, E, C]
             dispatch |= slot
             combine = combine + g[:, j, None, None] * slot
         expert_in = torch.einsum("sec,sm->ecm", dispatch.to(x.dtype), x)
         expert_out = torch.stack([self.experts[str(e)](expert_in[e]) for e in range(E)])
         y = torch.einsum("sec,ecm->sm", combine, expert_out)
-        f = F.one_hot(chosen[:, 0], E).to(x.dtype).mean(0)     # Switch eq. 5
-        aux = self.cfg.aux_alpha * E * (f * p.mean(0)).sum()   # Switch eq. 4, 6
+        f = F.one_hot(chosen[:, 0], E).to(x.dtype).mean(0)  # Switch eq. 5
+        aux = self.cfg.aux_alpha * E * (f * p.mean(0)).sum()  # Switch eq. 4, 6
         return y, aux, keep, chosen
 
     def forward(self, x):
@@ -134,15 +137,19 @@ def train_paper(cfg, steps: int, batch_size: int = 8, seed: int = 0, gamma: floa
         opt.zero_grad(set_to_none=True)
         _, loss = model(x, y)
         loss.backward()
-        out["first_grads"] = out["first_grads"] or {n: p.grad.clone() for n, p in model.named_parameters()
-                                                    if p.grad is not None}
+        out["first_grads"] = out["first_grads"] or {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+        }
         opt.step()
         out["losses"].append(loss.item())
         layers = paper_layers(model)
         out["dropped"].append(sum(m.dropped for m in layers) / sum(m.keep.numel() for m in layers))
-        for m in layers:     # DeepSeek-V3: after the step, nudge each bias against its expert's load
+        for m in layers:  # DeepSeek-V3: after the step, nudge each bias against its expert's load
             m.bias += gamma * torch.sign(m.load.double().mean() - m.load.double()).float()
-    out.update(params={n: p.detach().clone() for n, p in model.named_parameters()},
-               keep=[m.keep for m in paper_layers(model)], chosen=[m.chosen for m in paper_layers(model)],
-               bias=[m.bias.clone() for m in paper_layers(model)])
+    out.update(
+        params={n: p.detach().clone() for n, p in model.named_parameters()},
+        keep=[m.keep for m in paper_layers(model)],
+        chosen=[m.chosen for m in paper_layers(model)],
+        bias=[m.bias.clone() for m in paper_layers(model)],
+    )
     return out

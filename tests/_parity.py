@@ -11,6 +11,7 @@ few thousand products, computed in another order by the parallel layout (and by 
 kernel set under ATEN_CPU_CAPABILITY): measured differences are below 1e-6 of each tensor's
 scale under `default` and `avx2` alike; 1e-5 leaves a factor of 10.
 """
+
 import os
 
 GRAD_TOL = 1e-5
@@ -28,7 +29,7 @@ def grad_scales(want: dict) -> dict:
 
 def grad_errors(got: dict, want: dict) -> dict:
     """{name: max |got - want| / its scale (`grad_scales`)}, in float64."""
-    assert set(got) == set(want), (sorted(set(got) ^ set(want)))
+    assert set(got) == set(want), sorted(set(got) ^ set(want))
     out = {}
     for n, scale in grad_scales(want).items():
         g, w = got[n], want[n]
@@ -64,5 +65,7 @@ def assert_params_match(got: dict, want: dict, rel: float = 1e-6, abs_: float = 
 def assert_moved(after: dict, before, at_least: float = 1e-4) -> None:
     """The steps moved some parameter by more than `at_least` (100x the parameter bounds above), so a
     comparison of parameters after them means something. `before`: the model at initialization."""
-    moved = max((after[n].detach().cpu() - p.detach().cpu()).abs().max().item() for n, p in before.named_parameters())
+    moved = max(
+        (after[n].detach().cpu() - p.detach().cpu()).abs().max().item() for n, p in before.named_parameters()
+    )
     assert moved > at_least, f"the steps moved no parameter by more than {moved:.2g}"

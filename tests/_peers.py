@@ -1,4 +1,5 @@
 """The training loop that drives torch's own implementations (DDP, FSDP2) in the parity tests."""
+
 import torch
 
 from minipar import comm
@@ -11,8 +12,9 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 
 
-def train_torch_peer(model, cfg, steps: int, batch: int, seed: int = 0, grads: dict | None = None,
-                     **optim) -> list[float]:
+def train_torch_peer(
+    model, cfg, steps: int, batch: int, seed: int = 0, grads: dict | None = None, **optim
+) -> list[float]:
     """The reference loop on `model` as torch wrapped it: AdamW (or `optim`'s overrides of
     `make_optimizer`), this rank's shard of each global batch; returns each step's loss averaged over
     the ranks. `grads`, if given, receives the first step's gradients at full shape."""

@@ -14,6 +14,7 @@ reduce_scatter: its input; all_to_all: its input; batch_p2p: every send's and re
 (all_to_all: the rows for other ranks; batch_p2p: the sends; broadcast: the tensor at the source).
 Single isend/irecv are not wrapped: `dist.P2POp` accepts only torch's own functions.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ class Call:
     op: str
     nbytes: int
     sent: int | None
-    n: int          # ranks in the group
+    n: int  # ranks in the group
 
 
 def _bytes(t) -> int:
@@ -52,6 +53,7 @@ def handed_to_backend():
         def call(*args, **kw):
             log.append(record(*args, **kw))
             return fn(*args, **kw)
+
         setattr(owner, name, call)
 
     def all_to_all(out, t, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
@@ -62,18 +64,38 @@ def handed_to_backend():
 
     def batch(ops):
         sends = [op for op in ops if op.op is dist.isend]
-        return Call("batch_p2p", sum(_bytes(op.tensor) for op in ops), sum(_bytes(op.tensor) for op in sends),
-                    _n(ops[0].group) if ops else 1)
+        return Call(
+            "batch_p2p",
+            sum(_bytes(op.tensor) for op in ops),
+            sum(_bytes(op.tensor) for op in sends),
+            _n(ops[0].group) if ops else 1,
+        )
 
-    patch(dist, "all_reduce", lambda t, op=None, group=None, async_op=False:
-          Call("all_reduce", _bytes(t), None, _n(group)))
-    patch(comm, "_all_gather_single", lambda out, src, group=None, async_op=False:
-          Call("all_gather", _bytes(out), None, _n(group)))
-    patch(comm, "_reduce_scatter_single", lambda out, src, op=None, group=None, async_op=False:
-          Call("reduce_scatter", _bytes(src), None, _n(group)))
+    patch(
+        dist,
+        "all_reduce",
+        lambda t, op=None, group=None, async_op=False: Call("all_reduce", _bytes(t), None, _n(group)),
+    )
+    patch(
+        comm,
+        "_all_gather_single",
+        lambda out, src, group=None, async_op=False: Call("all_gather", _bytes(out), None, _n(group)),
+    )
+    patch(
+        comm,
+        "_reduce_scatter_single",
+        lambda out, src, op=None, group=None, async_op=False: Call(
+            "reduce_scatter", _bytes(src), None, _n(group)
+        ),
+    )
     patch(dist, "all_to_all_single", all_to_all)
-    patch(dist, "broadcast", lambda t, src, group=None, async_op=False:
-          Call("broadcast", _bytes(t), _bytes(t) if dist.get_rank() == src else 0, _n(group)))
+    patch(
+        dist,
+        "broadcast",
+        lambda t, src, group=None, async_op=False: Call(
+            "broadcast", _bytes(t), _bytes(t) if dist.get_rank() == src else 0, _n(group)
+        ),
+    )
     patch(dist, "batch_isend_irecv", batch)
     try:
         yield log

@@ -1,5 +1,6 @@
 """The import graph is the architecture (DEVELOPING.md, "Layers"): no cycles, no module that imports
 one from a layer below it, no imports hidden inside functions, files that read in one sitting."""
+
 import ast
 import pathlib
 
@@ -10,24 +11,50 @@ ROOT = pathlib.Path(minipar.__file__).parent
 # Layers, top (imported by everything) to bottom (imports everything). A module may import
 # modules of its own layer or of layers above it. Mirrors the table in DEVELOPING.md.
 LAYERS = [
-    ["validation", "result"],                                   # leaves: no minipar imports
-    ["runtime"],                                                # starting ranks
-    ["mesh"],                                                   # named axes
-    ["streams", "trace", "comm", "mappings", "timeline", "explore", "sim", "activations"],   # communication, what happened
-    ["layers", "moe", "model"],                                 # the reference GPT (an MoE block is part of it)
-    ["collectives", "dp", "precision", "offload", "zero", "recompute", "fp8", "tp", "sp", "tp_generate", "pp",
-     "cp", "ulysses", "ep"],                                    # the strategies
-    ["plan"],                                                   # formulas, hardware, estimate, planner
-    ["optim", "compose", "checkpoint", "config", "train"],      # composition and the training command
-    ["serve"],                                                  # inference on the same ranks
-    ["exercises", "grade"],                                     # the course kit
-    ["bench"],                                                  # peers from torch itself
+    ["validation", "result"],  # leaves: no minipar imports
+    ["runtime"],  # starting ranks
+    ["mesh"],  # named axes
+    [
+        "streams",
+        "trace",
+        "comm",
+        "mappings",
+        "timeline",
+        "explore",
+        "sim",
+        "activations",
+    ],  # communication, what happened
+    ["layers", "moe", "model"],  # the reference GPT (an MoE block is part of it)
+    [
+        "collectives",
+        "dp",
+        "precision",
+        "offload",
+        "zero",
+        "recompute",
+        "fp8",
+        "tp",
+        "sp",
+        "tp_generate",
+        "pp",
+        "cp",
+        "ulysses",
+        "ep",
+    ],  # the strategies
+    ["plan"],  # formulas, hardware, estimate, planner
+    ["optim", "compose", "checkpoint", "config", "train"],  # composition and the training command
+    ["serve"],  # inference on the same ranks
+    ["exercises", "grade"],  # the course kit
+    ["bench"],  # peers from torch itself
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 # The only imports allowed inside a function, each with its reason.
 LAZY = {
-    ("runtime.py", "torch._dynamo"): "a warm-up before forking: importing it with minipar costs 2.6 s per import",
+    (
+        "runtime.py",
+        "torch._dynamo",
+    ): "a warm-up before forking: importing it with minipar costs 2.6 s per import",
     ("explore.py", "ipywidgets"): "optional: only notebooks use widgets (not a dependency of the package)",
     ("explore.py", "IPython.display"): "optional: only notebooks display pictures",
     ("submissions.py", "IPython.core.inputtransformer2"): "optional: only notebook submissions have magics",
@@ -52,12 +79,16 @@ def _imports(module: str, path: pathlib.Path):
     """(minipar module imported, line, inside a function?) for every import in `path`."""
     tree = ast.parse(path.read_text())
     pkg = module.split(".")[:-1] if path.name != "__init__.py" else module.split(".")
-    in_function = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-                   for n in ast.walk(f)}
+    in_function = {
+        id(n)
+        for f in ast.walk(tree)
+        if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for n in ast.walk(f)
+    }
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             if node.level:
-                base = pkg[:len(pkg) - node.level + 1] if node.level > 1 else pkg
+                base = pkg[: len(pkg) - node.level + 1] if node.level > 1 else pkg
                 target = ".".join(base + ([node.module] if node.module else []))
             elif (node.module or "").startswith("minipar"):
                 target = node.module.removeprefix("minipar").lstrip(".")
@@ -93,14 +124,18 @@ def test_every_import_goes_up_the_layers_and_the_graph_has_no_cycle():
         me = _top(module)
         if not me:
             continue
-        assert me in LAYER, f"minipar/{path.relative_to(ROOT)} belongs to no layer: add it to LAYERS and DEVELOPING.md"
+        assert me in LAYER, (
+            f"minipar/{path.relative_to(ROOT)} belongs to no layer: add it to LAYERS and DEVELOPING.md"
+        )
         for target, line, _, _ in _imports(module, path):
             if target is None or not _top(target):
                 continue
             graph.setdefault(module, set()).add(_resolve(target))
             if LAYER[_top(target)] > LAYER[me]:
-                wrong.append(f"{path.relative_to(ROOT)}:{line}: {me} (layer {LAYER[me]}) imports {target} "
-                             f"(layer {LAYER[_top(target)]})")
+                wrong.append(
+                    f"{path.relative_to(ROOT)}:{line}: {me} (layer {LAYER[me]}) imports {target} "
+                    f"(layer {LAYER[_top(target)]})"
+                )
     assert not wrong, "imports against the layer order:\n" + "\n".join(wrong)
     cycle = _find_cycle(graph)
     assert not cycle, "import cycle: " + " -> ".join(cycle)
@@ -123,7 +158,7 @@ def _find_cycle(graph):
             if m == n or m == "":
                 continue
             if state.get(m) == 1:
-                return stack[stack.index(m):] + [m]
+                return stack[stack.index(m) :] + [m]
             if m not in state and (c := visit(m)):
                 return c
         stack.pop()
@@ -143,7 +178,10 @@ def test_the_layer_table_in_developing_md_lists_every_unit():
 
 
 def test_every_module_reads_in_one_sitting():
-    """Principle 3: about 300 lines per file is the guideline (DEVELOPING.md); past 500 a module
-    no longer reads in one sitting and must be split."""
-    long = {str(p.relative_to(ROOT)): n for _, p in _modules() if (n := len(p.read_text().splitlines())) > 500}
+    """Principle 4: about 300 lines per file is the guideline (DEVELOPING.md), not a cap to cram
+    under; past 600 formatted lines (ruff format spreads a long call over several) a module no
+    longer reads in one sitting and must be split."""
+    long = {
+        str(p.relative_to(ROOT)): n for _, p in _modules() if (n := len(p.read_text().splitlines())) > 600
+    }
     assert not long, f"split these modules (lines): {long}"

@@ -14,6 +14,7 @@ Skipped, with the reason, where chromium or playwright is missing (a laptop); CI
 MINIPAR_REQUIRE_BROWSER=1 (.ci/run), which turns a skip into a failure. With MINIPAR_SCREENSHOTS=DIR
 the explorer of each notebook is photographed before and after its first move.
 """
+
 from __future__ import annotations
 
 import base64
@@ -32,17 +33,31 @@ import urllib.request
 
 import pytest
 
-pytestmark = pytest.mark.slow   # a real browser and three notebooks: minutes
+pytestmark = pytest.mark.slow  # a real browser and three notebooks: minutes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
-                 if p and os.path.exists(p)), None)
+CHROMIUM = next(
+    (
+        p
+        for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
+        if p and os.path.exists(p)
+    ),
+    None,
+)
 # (notebook, moves): ("slider", index) drags the index-th slider; ("select", index, option) picks an option
 NOTEBOOKS = {
     "02_zero_fsdp": [("slider", 0), ("slider", 1), ("select", 0, 1), ("slider", 2)],
-    "05_pipeline_parallel": [("slider", 0), ("slider", 1), ("select", 0, "dualpipe"), ("slider", 6),
-                             ("slider", 3), ("slider", 4), ("slider", 5), ("select", 0, "interleaved_1f1b"),
-                             ("slider", 2)],
+    "05_pipeline_parallel": [
+        ("slider", 0),
+        ("slider", 1),
+        ("select", 0, "dualpipe"),
+        ("slider", 6),
+        ("slider", 3),
+        ("slider", 4),
+        ("slider", 5),
+        ("select", 0, "interleaved_1f1b"),
+        ("slider", 2),
+    ],
     "09_planner": [("select", 0, 0), ("select", 1, 1), ("select", 2, 1)],
 }
 
@@ -70,19 +85,35 @@ def lab(tmp_path_factory):
     for name in NOTEBOOKS:
         shutil.copy(os.path.join(ROOT, "notebooks", name + ".ipynb"), root)
     settings = root / ".settings"
-    for plugin, values in {"@jupyterlab/notebook-extension/tracker": {"windowingMode": "none"},
-                           "@jupyterlab/apputils-extension/notification": {"fetchNews": "false",
-                                                                          "checkForUpdates": False}}.items():
+    for plugin, values in {
+        "@jupyterlab/notebook-extension/tracker": {"windowingMode": "none"},
+        "@jupyterlab/apputils-extension/notification": {"fetchNews": "false", "checkForUpdates": False},
+    }.items():
         path = settings / (plugin + ".jupyterlab-settings")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(values))
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               JUPYTERLAB_SETTINGS_DIR=str(settings), JUPYTERLAB_WORKSPACES_DIR=str(root / ".workspaces"))
-    cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
-           f"--ServerApp.port={port}", "--ServerApp.port_retries=0", "--IdentityProvider.token=",
-           "--ServerApp.password=", f"--ServerApp.root_dir={root}", "--NotebookNotary.db_file=:memory:",
-           "--LabApp.news_url=None"] + (["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else [])
+    env = dict(
+        os.environ,
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        JUPYTERLAB_SETTINGS_DIR=str(settings),
+        JUPYTERLAB_WORKSPACES_DIR=str(root / ".workspaces"),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyter",
+        "lab",
+        "--no-browser",
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",
+        "--IdentityProvider.token=",
+        "--ServerApp.password=",
+        f"--ServerApp.root_dir={root}",
+        "--NotebookNotary.db_file=:memory:",
+        "--LabApp.news_url=None",
+    ] + (["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else [])
     log = open(root / "lab.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -109,6 +140,7 @@ def lab(tmp_path_factory):
 @pytest.fixture(scope="module")
 def browser(lab):
     from playwright.sync_api import sync_playwright  # optional dependency (see lab)
+
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
         yield b
@@ -118,6 +150,7 @@ def browser(lab):
 def _ink(src: str) -> float:
     """The fraction of a PNG's pixels that are not white."""
     from PIL import Image  # matplotlib's dependency
+
     img = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("L")
     hist = img.histogram()
     return 1 - sum(hist[245:]) / sum(hist)
@@ -172,15 +205,20 @@ def test_widget_notebook_in_a_real_browser(lab, browser, name):
     # ---- a fresh open: unmodified, a sentence instead of VBox(...), the committed picture.
     # Lab flags a notebook dirty for a moment while it loads; what counts is the state once its
     # kernel has started and is idle (Lab rewrites kernelspec and language_info then, if they differ).
-    def settled(seen=[]):   # noqa: B006 - counts consecutive quiet polls
+    def settled(seen=[]):  # noqa: B006 - counts consecutive quiet polls
         idle = page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count() > 0
         seen.append(idle and not page.locator("li.lm-mod-current.jp-mod-dirty").count())
         return len(seen) >= 12 and all(seen[-12:])
+
     end = time.time() + 90
     while time.time() < end and not settled():
         time.sleep(0.25)
-    assert page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count(), "the kernel did not start"
-    assert page.locator("li.lm-mod-current.jp-mod-dirty").count() == 0, "the notebook is marked modified on open"
+    assert page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count(), (
+        "the kernel did not start"
+    )
+    assert page.locator("li.lm-mod-current.jp-mod-dirty").count() == 0, (
+        "the notebook is marked modified on open"
+    )
     body = page.locator(".jp-Notebook").inner_text()
     assert "VBox(children" not in body and "HBox(children" not in body
     cell = page.locator(".jp-CodeCell").filter(has_text="Interactive controls")
@@ -190,14 +228,22 @@ def test_widget_notebook_in_a_real_browser(lab, browser, name):
     # ---- Run All
     page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
     page.locator("li.lm-Menu-item", has_text="Run All Cells").first.click()
+
     def finished():
         text = page.locator(".jp-Notebook").inner_text()
-        if "Traceback" in text:     # Run All stops at an error: say which instead of waiting
+        if "Traceback" in text:  # Run All stops at an error: say which instead of waiting
             errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
-            pytest.fail(f"{name}: a cell raised during Run All:\n" + "\n".join(errors.all_inner_texts())[-3000:])
+            pytest.fail(
+                f"{name}: a cell raised during Run All:\n" + "\n".join(errors.all_inner_texts())[-3000:]
+            )
         idle = page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count()
         return idle and page.locator(".jp-OutputArea-output", has_text="NOT YET").count()
-    _wait(lambda: page.locator(".jp-Notebook-ExecutionIndicator[data-status='busy']").count(), 60, "Run All to start")
+
+    _wait(
+        lambda: page.locator(".jp-Notebook-ExecutionIndicator[data-status='busy']").count(),
+        60,
+        "Run All to start",
+    )
     _wait(finished, 600, "Run All to finish")
     cell = page.locator(".jp-CodeCell").filter(has=page.locator(".widget-box"))
     assert cell.count() == 1
@@ -212,7 +258,7 @@ def test_widget_notebook_in_a_real_browser(lab, browser, name):
             cell.screenshot(path=os.path.join(shots, f"{name}-before.png"))
         _move(page, cell, move)
         text, pics = _wait(lambda: (s := _state(cell))[0] != text0 and s, 120, f"{move} to change the text")
-        time.sleep(0.3)                                  # the picture was sent before the text
+        time.sleep(0.3)  # the picture was sent before the text
         text, pics = _state(cell)
         assert len(pics) == 1, f"{name}, {move}: {len(pics)} pictures in the explorer's cell"
         assert pics[0][1] > 0.02, f"{name}, {move}: the picture is blank"

@@ -1,4 +1,5 @@
 """Sharded, atomic checkpoints that load under another layout."""
+
 import os
 
 import pytest
@@ -8,7 +9,7 @@ import minipar
 from minipar import checkpoint as ckpt
 from minipar import runtime
 
-FULL = {"w": torch.arange(24.).view(4, 6), "b": torch.arange(10.)}
+FULL = {"w": torch.arange(24.0).view(4, 6), "b": torch.arange(10.0)}
 
 
 def _save_sharded(path, step, crash=False):
@@ -28,7 +29,7 @@ def test_save_on_two_ranks_load_on_one_and_on_three(tmp_path):
     assert torch.equal(c.full("param/w"), FULL["w"]) and torch.equal(c.full("param/b"), FULL["b"])
     # a 3-way layout keeps its own slices of the same full tensors
     for r in range(3):
-        assert torch.equal(c.full("param/w").chunk(3, dim=1)[r], FULL["w"][:, 2 * r:2 * r + 2])
+        assert torch.equal(c.full("param/w").chunk(3, dim=1)[r], FULL["w"][:, 2 * r : 2 * r + 2])
 
 
 def test_a_crash_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):

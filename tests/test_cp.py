@@ -1,19 +1,19 @@
 """Context parallelism: ring attention (zigzag and contiguous) and Ulysses against full-sequence SDPA,
 a whole GPT against the single-device reference, and bytes / FLOPs / memory against the formulas."""
+
 import pytest
 import torch
 import torch.nn.functional as F
+from _parity import assert_grads_match, assert_params_match
+from _wire import handed_to_backend, total
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
 
 import minipar
 from minipar import cp, runtime, trace
 from minipar.activations import SavedActivations
 from minipar.model import GPT, GPTConfig, SyntheticData, train_reference
-from torch.utils.flop_counter import FlopCounterMode
-
-from _parity import assert_grads_match, assert_params_match
-from _wire import handed_to_backend, total
 
 B, H, S, D = 2, 4, 32, 8
 CASES = [("ring", causal, layout) for causal in (True, False) for layout in cp.LAYOUTS]
@@ -106,6 +106,7 @@ def test_ring_handles_gqa_at_cp4():
         mine = [cp.shard_sequence(t, r, 4).requires_grad_() for t in (q, k, v)]
         cp.ring_attention(*mine).backward(cp.shard_sequence(dout, r, 4))
         return max((a.grad - cp.shard_sequence(b.grad, r, 4)).abs().max().item() for a, b in zip(mine, full))
+
     assert max(minipar.launch(body, 4)) < 1e-5
 
 
@@ -115,12 +116,17 @@ SETUPS = [("ring", "zigzag"), ("ring", "contiguous"), ("ulysses", "contiguous")]
 
 
 def _train_all():
-    return {s: cp.train_rank(CFG, steps=3, batch_size=4, seed=0, method=s[0], layout=s[1], kind="sgd") for s in SETUPS}
+    return {
+        s: cp.train_rank(CFG, steps=3, batch_size=4, seed=0, method=s[0], layout=s[1], kind="sgd")
+        for s in SETUPS
+    }
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return train_reference(CFG, steps=1, batch_size=4).grads, train_reference(CFG, steps=3, batch_size=4, kind="sgd")
+    return train_reference(CFG, steps=1, batch_size=4).grads, train_reference(
+        CFG, steps=3, batch_size=4, kind="sgd"
+    )
 
 
 def _assert_matches(res, reference, what):
@@ -141,6 +147,7 @@ def test_gpt_with_cp_matches_reference_gradients_and_sgd_parameters(world, refer
 
 def _train_on_mesh():
     from minipar.mesh import Mesh
+
     mesh = Mesh(cp=2, dp=2)  # cp groups {0, 2} and {1, 3}: ring neighbours are not consecutive ranks
     return mesh.ranks("cp"), {s: cp.train_rank(CFG, 3, 4, 0, *s, group="cp", kind="sgd") for s in SETUPS[::2]}
 
@@ -167,11 +174,13 @@ def _measure_comm(h_kv):
         with handed_to_backend() as bwd, FlopCounterMode(display=False) as bwd_flops:
             y.backward(cp.shard_sequence(dout, r, n, layout))
         op = "batch_p2p" if method == "ring" else "all_to_all"
-        out[(method, layout)] = {   # bytes sent: from what was handed to the backend; FLOPs: counted
-            "forward": total(fwd, op, "sent"), "backward": total(bwd, op, "sent"),
+        out[(method, layout)] = {  # bytes sent: from what was handed to the backend; FLOPs: counted
+            "forward": total(fwd, op, "sent"),
+            "backward": total(bwd, op, "sent"),
             "count": (sum(c.op == op for c in fwd), sum(c.op == op for c in bwd)),
             "flops": (fwd_flops.get_total_flops(), bwd_flops.get_total_flops()),
-            "traced_flops": sum(e.flops for e in traced if e.cat == "compute")}
+            "traced_flops": sum(e.flops for e in traced if e.cat == "compute"),
+        }
     return out
 
 
@@ -187,11 +196,11 @@ def test_bytes_and_flops_match_the_formulas(world):
         for layout in cp.LAYOUTS:
             got = m[("ring", layout)]
             assert (got["forward"], got["backward"]) == (ring_kv["forward"], ring_kv["backward"])
-            assert got["count"] == (world - 1, 2 * world - 1)   # one batched send/recv per ring step
+            assert got["count"] == (world - 1, 2 * world - 1)  # one batched send/recv per ring step
             # forward: QKᵀ and PV, 4·b·h·c²·d per visited pair; backward: QKᵀ again, dO·Vᵀ, dS·K, dSᵀ·Q, Pᵀ·dO
             want = cp.ring_flops(B, H, S, D, world, rank, layout)
             assert got["flops"] == (want, want // 4 * 10), (layout, rank)
-            assert got["traced_flops"] == want     # what the trace's spans say equals what was counted
+            assert got["traced_flops"] == want  # what the trace's spans say equals what was counted
         got = m[("ulysses", "contiguous")]
         # Ulysses' payload: Q, K, V, O each way; of each, the (cp-1)/cp for other ranks leaves this one
         assert (got["count"], got["forward"]) == ((4, 4), uly["forward"] * (world - 1) // world)
@@ -200,7 +209,9 @@ def test_bytes_and_flops_match_the_formulas(world):
     zig = [m[("ring", "zigzag")]["flops"][0] for m in per_rank]
     con = [m[("ring", "contiguous")]["flops"][0] for m in per_rank]
     assert len(set(zig)) == 1
-    assert zig[0] * 2 * (world + 1) == sum(con) / world * (2 * world + 1)  # smaller diagonal blocks waste less
+    assert zig[0] * 2 * (world + 1) == sum(con) / world * (
+        2 * world + 1
+    )  # smaller diagonal blocks waste less
     assert con == [con[0] * (r + 1) for r in range(world)] and max(con) / min(con) == world
     assert max(con) / (sum(con) / world) == pytest.approx(2 * world / (world + 1))
 

@@ -1,17 +1,17 @@
 """DDP from scratch: buckets, overlap, no_sync, reduce dtype; torch's DDP; recompute.
 (Parity of DDP with the single-device loop over the whole grid is in test_zero.py.)"""
+
 import pytest
 import torch
-
-from minipar import launch, trace
-from minipar.dp import DDP, check_batch, local_batch, train_ddp, train_steps
-from minipar.model import GPT, GPTConfig, SyntheticData, make_optimizer, train_reference
-from minipar.activations import SavedActivations
-from minipar.recompute import apply_recompute
-
 from _parity import assert_grads_match, assert_params_match, grad_errors
 from _peers import full_params, train_torch_peer
 from _wire import handed_to_backend, total
+
+from minipar import launch, trace
+from minipar.activations import SavedActivations
+from minipar.dp import DDP, check_batch, local_batch, train_ddp, train_steps
+from minipar.model import GPT, GPTConfig, SyntheticData, make_optimizer, train_reference
+from minipar.recompute import apply_recompute
 
 CFG = GPTConfig(vocab=64, seq=16, layers=2, heads=4, hidden=32)
 SMALL_BUCKET = 0.01  # MiB: about 10k bytes, several buckets for this model
@@ -25,7 +25,7 @@ def _buckets_and_overlap():
     grads = {}
 
     def step():
-        if not grads:   # the first step's gradients, as all-reduced into the buckets
+        if not grads:  # the first step's gradients, as all-reduced into the buckets
             grads.update({n: p.grad.clone() for n, p in model.named_parameters()})
         opt.step()
 
@@ -33,9 +33,16 @@ def _buckets_and_overlap():
     with handed_to_backend() as log:
         losses = train_steps(ddp, step, CFG, steps=3, batch_size=8, grad_accum=2)
     order = [[n for n, p in model.named_parameters() if any(p is q for q in b.params)] for b in ddp.buckets]
-    return dict(evs=trace.events(), order=order, n_buckets=len(ddp.buckets), losses=losses, grads=grads,
-                sizes=[b.buffer.numel() * 4 for b in ddp.buckets], backend=[c.nbytes for c in log if c.op == "all_reduce"],
-                params={n: p.detach().clone() for n, p in model.named_parameters()})
+    return dict(
+        evs=trace.events(),
+        order=order,
+        n_buckets=len(ddp.buckets),
+        losses=losses,
+        grads=grads,
+        sizes=[b.buffer.numel() * 4 for b in ddp.buckets],
+        backend=[c.nbytes for c in log if c.op == "all_reduce"],
+        params={n: p.detach().clone() for n, p in model.named_parameters()},
+    )
 
 
 def test_buckets_overlap_backward_and_no_sync_communicates_only_the_last_micro_batch():
@@ -66,6 +73,7 @@ def test_buckets_overlap_backward_and_no_sync_communicates_only_the_last_micro_b
 
 def _ours_and_torch_ddp(steps=3, batch=8):
     from torch.nn.parallel import DistributedDataParallel
+
     ours = train_ddp(CFG, steps=steps, batch_size=batch, bucket_mb=SMALL_BUCKET)
     torch.manual_seed(0)
     model = DistributedDataParallel(GPT(CFG, 0), bucket_cap_mb=SMALL_BUCKET)
@@ -103,7 +111,9 @@ def test_reducing_gradients_in_bf16_halves_the_traffic_and_stays_close():
     lo, hi, loss = res["bf16"], res["fp32"], 3 * 4
     assert (lo["bytes"] - loss) * 2 == hi["bytes"] - loss == 3 * 4 * lo["num_params"]
     assert_grads_match(lo["first_grads"], hi["first_grads"], tol=4 * 2.0**-8)
-    assert max(grad_errors(lo["first_grads"], hi["first_grads"]).values()) > 0   # bf16 rounding is visible: the switch did something
+    assert (
+        max(grad_errors(lo["first_grads"], hi["first_grads"]).values()) > 0
+    )  # bf16 rounding is visible: the switch did something
     assert lo["losses"] == pytest.approx(hi["losses"], abs=1e-2)
 
 

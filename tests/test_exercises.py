@@ -11,6 +11,7 @@
     partial credit is by case.
 The student copies are tested in tests/test_student_copies.py.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -48,7 +49,9 @@ def line_of(fn, text: str) -> int:
 # ----------------------------------------------------------------------------- (a) solutions and wrong answers
 @pytest.mark.slow
 def test_every_exercise_has_a_worked_solution_that_passes():
-    files = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "instructor", "solutions")) if f.endswith(".py"))
+    files = sorted(
+        f[:-3] for f in os.listdir(os.path.join(ROOT, "instructor", "solutions")) if f.endswith(".py")
+    )
     assert sorted(ex.notebook for ex in EXERCISES.values()) == files
     for name in EXERCISES:
         v = check(name, solution(name))
@@ -56,7 +59,7 @@ def test_every_exercise_has_a_worked_solution_that_passes():
         assert "of" in v.message and "cases" in v.message
 
 
-def _ring_forwarding_its_own_block(x, group=None):        # the classic off-by-one
+def _ring_forwarding_its_own_block(x, group=None):  # the classic off-by-one
     r, n, left, right = ring_neighbours(group)
     blocks = [x] * n
     for s in range(n - 1):
@@ -67,7 +70,7 @@ def _ring_forwarding_its_own_block(x, group=None):        # the classic off-by-o
     return torch.cat(blocks)
 
 
-def _sends_to_every_peer(x, group=None):                   # a direct all-gather, not a ring
+def _sends_to_every_peer(x, group=None):  # a direct all-gather, not a ring
     n, r = runtime.world_size(), runtime.rank()
     bufs = [torch.empty_like(x) for _ in range(n)]
     bufs[r] = x
@@ -83,9 +86,10 @@ def _moe(name):
         if name == "no capacity":
             return i, w, torch.ones_like(i, dtype=torch.bool)
         if name == "token-major":
-            oh = F.one_hot(i, p.shape[1]).flatten(0, 1)              # token 0's choices, then token 1's...
+            oh = F.one_hot(i, p.shape[1]).flatten(0, 1)  # token 0's choices, then token 1's...
             return i, w, (((oh.cumsum(0) - 1) * oh).sum(-1).view_as(i) < C)
-        return i, p.gather(-1, i), keep                              # unnormalized
+        return i, p.gather(-1, i), keep  # unnormalized
+
     return wrong
 
 
@@ -95,8 +99,10 @@ def _mem(kind):
             return solution("memory_per_gpu")(psi * t, l, h, a, s, b, t, p, d, z, rc)
         sp = kind != "no SP"
         in_flight = 1 if kind == "one micro-batch" else p
-        return plan.model_state_bytes(psi / (t * p), d, z) + l / p * in_flight * plan.activation_bytes_per_layer(
-            s, b, h, a, t, sp, rc)
+        return plan.model_state_bytes(
+            psi / (t * p), d, z
+        ) + l / p * in_flight * plan.activation_bytes_per_layer(s, b, h, a, t, sp, rc)
+
     return wrong
 
 
@@ -111,53 +117,134 @@ def _fp8(kind):
         if kind == "never unscales":
             return (x * s).clamp(-m, m).to(dt).to(x.dtype)
         return (x * s).clamp(-m, m).to(dt).to(x.dtype) / s
+
     return wrong
 
 
 WRONG = {
-    "ring_all_gather": [(lambda x, group=None: comm.all_gather(x), "all_gather"),
-                        (_ring_forwarding_its_own_block, "gathered tensor"),
-                        (_sends_to_every_peer, "right neighbour")],
-    "dp_allreduce": [(lambda model: [comm.all_reduce(p.grad) for p in model.parameters()], "off by"),
-                     (lambda model: None, "off by")],
-    "zero_shard": [(lambda flat: comm.reduce_scatter(flat, op="avg"), "raised"),
-                   (lambda flat: comm.reduce_scatter(torch.cat([flat, flat.new_zeros(-(-flat.numel() // comm.size())
-                                                                * comm.size() - flat.numel())])), "off by")],
-    "tp_mlp": [(lambda x, fw, fb, pw, pb, g: mappings.g(F.linear(F.gelu(F.linear(x, fw, fb)), pw), g) + pb,
-                "input gradient"),
-               (lambda x, fw, fb, pw, pb, g: mappings.g(F.linear(F.gelu(F.linear(mappings.f(x, g), fw, fb)), pw, pb),
-                                                        g),
-                "output")],
-    "sp_mlp": [(lambda x, fw, fb, pw, pb, g: mappings.split_along(mappings.g(F.linear(F.gelu(F.linear(
-                mappings.gather_along(x, 1, g), fw, fb)), pw), g), 1, g) + pb, "communication"),
-               (lambda x, fw, fb, pw, pb, g: mappings.g(F.linear(F.gelu(F.linear(mappings.f(x, g), fw, fb)), pw), g)
-                + pb,
-                "")],
-    "pp_1f1b": [(lambda p, m: {r: [f"{r}F{i}" for i in range(m)] + [f"{r}B{i}" for i in range(m)] for r in range(p)},
-                 "holds"),                                                      # GPipe
-                (lambda p, m: {r: [f"{r}B{i}" for i in range(m)] + [f"{r}F{i}" for i in range(m)] for r in range(p)},
-                 "not a valid schedule")],                                      # backward first
-    "cp_merge": [(lambda oa, la, ob, lb: ((oa + ob) / 2, torch.logaddexp(la, lb)), "merged output"),
-                 (lambda oa, la, ob, lb: ((torch.exp(la).unsqueeze(-1) * oa + torch.exp(lb).unsqueeze(-1) * ob)
-                                          / (torch.exp(la) + torch.exp(lb)).unsqueeze(-1),
-                                          torch.log(torch.exp(la) + torch.exp(lb))), "inf or nan")],
-    "moe_topk_capacity": [(_moe("no capacity"), "keep differs"), (_moe("token-major"), "keep differs"),
-                          (_moe("unnormalized"), "weights")],
-    "nd_layout": [(lambda: dict(tp=16, pp=1, dp=1, zero_stage=1), "spans more than one node"),
-                  (lambda: dict(tp=2, pp=1, dp=4, zero_stage=1), "there are 16 GPUs"),
-                  (lambda: dict(tp=1, pp=1, dp=16, zero_stage=0), "does not fit"),
-                  (lambda: dict(tp=1, pp=1, dp=16, zero_stage=3), "predicts MFU")],
-    "memory_per_gpu": [(_mem("Ψ not split by t"), "expected"), (_mem("one micro-batch"), "expected"),
-                       (_mem("no SP"), "expected")],
-    "fp8_fake_quant": [(_fp8("no clamp"), "inf or nan"), (_fp8("current amax"), "off by"),
-                       (_fp8("never unscales"), "power of two")],
-    "serve_admission": [(lambda r, now, b, mb, av, bs: r.arrival <= now and b < mb, "expected False"),   # no cache
-                        (lambda r, now, b, mb, av, bs: r.arrival <= now and b < mb          # the prompt only
-                         and -(-len(r.prompt) // bs) <= av, "expected False"),
-                        (lambda r, now, b, mb, av, bs: r.arrival <= now and b < mb          # counts the last token
-                         and -(-(len(r.prompt) + r.max_new_tokens) // bs) <= av, "expected True"),
-                        (lambda r, now, b, mb, av, bs: b < mb                               # before it arrives
-                         and -(-(len(r.prompt) + r.max_new_tokens - 1) // bs) <= av, "has not arrived")],
+    "ring_all_gather": [
+        (lambda x, group=None: comm.all_gather(x), "all_gather"),
+        (_ring_forwarding_its_own_block, "gathered tensor"),
+        (_sends_to_every_peer, "right neighbour"),
+    ],
+    "dp_allreduce": [
+        (lambda model: [comm.all_reduce(p.grad) for p in model.parameters()], "off by"),
+        (lambda model: None, "off by"),
+    ],
+    "zero_shard": [
+        (lambda flat: comm.reduce_scatter(flat, op="avg"), "raised"),
+        (
+            lambda flat: comm.reduce_scatter(
+                torch.cat(
+                    [flat, flat.new_zeros(-(-flat.numel() // comm.size()) * comm.size() - flat.numel())]
+                )
+            ),
+            "off by",
+        ),
+    ],
+    "tp_mlp": [
+        (
+            lambda x, fw, fb, pw, pb, g: mappings.g(F.linear(F.gelu(F.linear(x, fw, fb)), pw), g) + pb,
+            "input gradient",
+        ),
+        (
+            lambda x, fw, fb, pw, pb, g: mappings.g(
+                F.linear(F.gelu(F.linear(mappings.f(x, g), fw, fb)), pw, pb), g
+            ),
+            "output",
+        ),
+    ],
+    "sp_mlp": [
+        (
+            lambda x, fw, fb, pw, pb, g: (
+                mappings.split_along(
+                    mappings.g(F.linear(F.gelu(F.linear(mappings.gather_along(x, 1, g), fw, fb)), pw), g),
+                    1,
+                    g,
+                )
+                + pb
+            ),
+            "communication",
+        ),
+        (
+            lambda x, fw, fb, pw, pb, g: (
+                mappings.g(F.linear(F.gelu(F.linear(mappings.f(x, g), fw, fb)), pw), g) + pb
+            ),
+            "",
+        ),
+    ],
+    "pp_1f1b": [
+        (
+            lambda p, m: {
+                r: [f"{r}F{i}" for i in range(m)] + [f"{r}B{i}" for i in range(m)] for r in range(p)
+            },
+            "holds",
+        ),  # GPipe
+        (
+            lambda p, m: {
+                r: [f"{r}B{i}" for i in range(m)] + [f"{r}F{i}" for i in range(m)] for r in range(p)
+            },
+            "not a valid schedule",
+        ),
+    ],  # backward first
+    "cp_merge": [
+        (lambda oa, la, ob, lb: ((oa + ob) / 2, torch.logaddexp(la, lb)), "merged output"),
+        (
+            lambda oa, la, ob, lb: (
+                (torch.exp(la).unsqueeze(-1) * oa + torch.exp(lb).unsqueeze(-1) * ob)
+                / (torch.exp(la) + torch.exp(lb)).unsqueeze(-1),
+                torch.log(torch.exp(la) + torch.exp(lb)),
+            ),
+            "inf or nan",
+        ),
+    ],
+    "moe_topk_capacity": [
+        (_moe("no capacity"), "keep differs"),
+        (_moe("token-major"), "keep differs"),
+        (_moe("unnormalized"), "weights"),
+    ],
+    "nd_layout": [
+        (lambda: dict(tp=16, pp=1, dp=1, zero_stage=1), "spans more than one node"),
+        (lambda: dict(tp=2, pp=1, dp=4, zero_stage=1), "there are 16 GPUs"),
+        (lambda: dict(tp=1, pp=1, dp=16, zero_stage=0), "does not fit"),
+        (lambda: dict(tp=1, pp=1, dp=16, zero_stage=3), "predicts MFU"),
+    ],
+    "memory_per_gpu": [
+        (_mem("Ψ not split by t"), "expected"),
+        (_mem("one micro-batch"), "expected"),
+        (_mem("no SP"), "expected"),
+    ],
+    "fp8_fake_quant": [
+        (_fp8("no clamp"), "inf or nan"),
+        (_fp8("current amax"), "off by"),
+        (_fp8("never unscales"), "power of two"),
+    ],
+    "serve_admission": [
+        (lambda r, now, b, mb, av, bs: r.arrival <= now and b < mb, "expected False"),  # no cache
+        (
+            lambda r, now, b, mb, av, bs: (
+                r.arrival <= now
+                and b < mb  # the prompt only
+                and -(-len(r.prompt) // bs) <= av
+            ),
+            "expected False",
+        ),
+        (
+            lambda r, now, b, mb, av, bs: (
+                r.arrival <= now
+                and b < mb  # counts the last token
+                and -(-(len(r.prompt) + r.max_new_tokens) // bs) <= av
+            ),
+            "expected True",
+        ),
+        (
+            lambda r, now, b, mb, av, bs: (
+                b < mb  # before it arrives
+                and -(-(len(r.prompt) + r.max_new_tokens - 1) // bs) <= av
+            ),
+            "has not arrived",
+        ),
+    ],
 }
 
 
@@ -176,16 +263,18 @@ def test_wrong_answers_are_refused_with_a_hint(name):
 # ----------------------------------------------------------------------------- (b) exploits
 def test_calling_the_package_function_is_refused_and_said_why():
     exploits = {
-        "pp_1f1b": lambda p, m: build_schedule("1f1b", p, m).actions,            # a lambda over the package
-        "cp_merge": __import__("minipar.cp", fromlist=["x"]).merge_attention,   # the package function itself
+        "pp_1f1b": lambda p, m: build_schedule("1f1b", p, m).actions,  # a lambda over the package
+        "cp_merge": __import__("minipar.cp", fromlist=["x"]).merge_attention,  # the package function itself
         "moe_topk_capacity": _uses_assign_slots,
         "ring_all_gather": lambda x, group=None: comm.all_gather(x),
-        "nd_layout": lambda: {k: plan.plan("13b", 16, "h100").best.config[k] for k in ("tp", "pp", "dp", "zero_stage")},
+        "nd_layout": lambda: {
+            k: plan.plan("13b", 16, "h100").best.config[k] for k in ("tp", "pp", "dp", "zero_stage")
+        },
     }
     for name, fn in exploits.items():
         v = check(name, fn)
         assert not v and v.earned == 0, (name, str(v))
-        if name != "ring_all_gather":    # all_gather is also refused structurally, whichever comes first
+        if name != "ring_all_gather":  # all_gather is also refused structurally, whichever comes first
             assert "calls minipar." in v.message and "disabled" in v.message, (name, str(v))
     # swallowing the refusal does not help: the call is noted even if the raise is caught
     v = check("pp_1f1b", _swallows_the_refusal)
@@ -194,6 +283,7 @@ def test_calling_the_package_function_is_refused_and_said_why():
 
 def _uses_assign_slots(probs, k, capacity):
     from minipar.moe import assign_slots
+
     w, i = probs.topk(k, dim=-1)
     return i, w / w.sum(-1, keepdim=True) if k > 1 else w, assign_slots(i, probs.shape[-1]) < capacity
 
@@ -219,7 +309,7 @@ def test_the_checkers_own_expectations_are_disabled_too():
 def test_a_direct_send_to_every_peer_is_not_a_ring():
     v = check("ring_all_gather", _sends_to_every_peer)
     assert not v and "sent to rank 2" in v.message and "right neighbour" in v.message, str(v)
-    assert v.cases[0].passed          # N = 2: the only peer is the right neighbour, so it is a ring there
+    assert v.cases[0].passed  # N = 2: the only peer is the right neighbour, so it is a ring there
 
 
 # ----------------------------------------------------------------------------- (c) hangs and crashes
@@ -231,7 +321,7 @@ def _spins(p, m):
 def _ring_never_advances(x, group=None):
     r, n, left, right = ring_neighbours(group)
     blocks, s = [x] * n, 0
-    while s < n - 1:                        # forgot s += 1
+    while s < n - 1:  # forgot s += 1
         buf = torch.empty_like(x)
         for h in comm.batch_p2p(sends=[(blocks[(r - s) % n], right)], recvs=[(buf, left)]):
             h.wait()
@@ -242,7 +332,7 @@ def _ring_blocking_sends(x, group=None):
     r, n, left, right = ring_neighbours(group)
     blocks = [x] * n
     for s in range(n - 1):
-        comm.send(blocks[(r - s) % n], right)          # every rank sends first: nobody receives
+        comm.send(blocks[(r - s) % n], right)  # every rank sends first: nobody receives
         buf = comm.recv(torch.empty_like(x), left)
         blocks[(r - s - 1) % n] = buf
     return torch.cat(blocks)
@@ -250,12 +340,12 @@ def _ring_blocking_sends(x, group=None):
 
 def test_a_hang_ends_within_the_deadline_with_the_line():
     t = time.time()
-    v = check("pp_1f1b", _spins, deadline_scale=0.3)        # 3 s per case
+    v = check("pp_1f1b", _spins, deadline_scale=0.3)  # 3 s per case
     took = time.time() - t
     assert not v and "did not finish within 3 s" in v.message, str(v)
-    loop = line_of(_spins, "while True")                        # the sample lands on either line of the loop
+    loop = line_of(_spins, "while True")  # the sample lands on either line of the loop
     assert (f"line {loop}," in v.message or f"line {loop + 1}," in v.message) and "rank 0" in v.message
-    assert took < 12 and all(c.status == "skipped" for c in v.cases[1:])   # the other cases are not waited for
+    assert took < 12 and all(c.status == "skipped" for c in v.cases[1:])  # the other cases are not waited for
 
 
 def test_a_ring_that_never_advances_is_stopped_and_each_rank_named():
@@ -275,7 +365,7 @@ def test_a_deadlocked_ring_is_called_a_deadlock():
 
 def _bincount_on_2d(probs, k, capacity):
     w, i = probs.topk(k, dim=-1)
-    per_expert = torch.bincount(i)                    # i is [T, k]: bincount needs 1-d
+    per_expert = torch.bincount(i)  # i is [T, k]: bincount needs 1-d
     return i, w, per_expert[i] < capacity
 
 
@@ -306,19 +396,26 @@ def test_randomized_cases_follow_the_instructors_seed(monkeypatch):
     ex = EXERCISES["pp_1f1b"]
     names = lambda seed: [c.name for c in ex.cases(random.Random(f"pp_1f1b:{seed}"))]  # noqa: E731
     assert names(0) == names(0) and names(0) != names(1)
-    assert [n for n in names(0) if not n.startswith("random")] == [n for n in names(1) if not n.startswith("random")]
+    assert [n for n in names(0) if not n.startswith("random")] == [
+        n for n in names(1) if not n.startswith("random")
+    ]
     monkeypatch.setenv("MINIPAR_EXERCISE_SEED", "1")
     v = check("pp_1f1b", solution("pp_1f1b"))
     assert "seed 1" in v.message and [c.name for c in v.cases] == names(1)
     assert all(ex.cases(random.Random(f"{n}:0")) for n, ex in EXERCISES.items())
-    assert all(any(c.random for c in ex.cases(random.Random("x"))) for n, ex in EXERCISES.items() if n != "nd_layout")
+    assert all(
+        any(c.random for c in ex.cases(random.Random("x"))) for n, ex in EXERCISES.items() if n != "nd_layout"
+    )
 
 
 def test_partial_credit_is_by_case():
-    def no_min(p, m):     # right while m >= p; with fewer micro-batches than ranks it warms up past m
-        return {r: [f"{r}F{i}" for i in range(p - 1 - r)]
-                + [a for i in range(m - (p - 1 - r)) for a in (f"{r}F{p - 1 - r + i}", f"{r}B{i}")]
-                + [f"{r}B{i}" for i in range(max(0, m - (p - 1 - r)), m)] for r in range(p)}
+    def no_min(p, m):  # right while m >= p; with fewer micro-batches than ranks it warms up past m
+        return {
+            r: [f"{r}F{i}" for i in range(p - 1 - r)]
+            + [a for i in range(m - (p - 1 - r)) for a in (f"{r}F{p - 1 - r + i}", f"{r}B{i}")]
+            + [f"{r}B{i}" for i in range(max(0, m - (p - 1 - r)), m)]
+            for r in range(p)
+        }
 
     v = check("pp_1f1b", no_min, seed=0)
     assert not v and 0 < v.earned < v.points, str(v)

@@ -1,17 +1,17 @@
 """Foundation: launcher, mesh, traced communication, Chrome trace, reference model."""
+
 import json
 import os
 import time
 
 import pytest
 import torch
+from _parity import assert_grads_match, assert_params_match
 
 import minipar
 from minipar import comm, mappings, runtime, trace
 from minipar.mesh import Mesh, MeshError, check_sizes, enumerate_groups
 from minipar.model import GPT, GPTConfig, SyntheticData, train_reference
-
-from _parity import assert_grads_match, assert_params_match
 
 CFG = GPTConfig(vocab=64, seq=16, layers=2, heads=4, hidden=32)
 
@@ -75,6 +75,7 @@ def test_a_rank_that_dies_hard_is_reported():
         if runtime.rank() == 1:
             os._exit(3)
         time.sleep(20)
+
     t = time.time()
     with pytest.raises(minipar.RankError, match="rank 1"):
         minipar.launch(die, 2)
@@ -82,8 +83,10 @@ def test_a_rank_that_dies_hard_is_reported():
 
 
 # ----------------------------------------------------------------------------- mesh
-@pytest.mark.parametrize("axes", [dict(dp=4), dict(dp=2, tp=2), dict(pp=2, dp=2, tp=2), dict(tp=2, dp=3),
-                                  dict(pp=2, dp=1, cp=2, tp=2)])
+@pytest.mark.parametrize(
+    "axes",
+    [dict(dp=4), dict(dp=2, tp=2), dict(pp=2, dp=2, tp=2), dict(tp=2, dp=3), dict(pp=2, dp=1, cp=2, tp=2)],
+)
 def test_mesh_enumeration_is_a_partition_and_coordinates_round_trip(axes):
     world = 1
     for s in axes.values():
@@ -95,7 +98,10 @@ def test_mesh_enumeration_is_a_partition_and_coordinates_round_trip(axes):
         for grp in groups:  # members differ only in the coordinate of `a`
             cs = [mesh.coords(r) for r in grp]
             assert [c[a] for c in cs] == list(range(axes[a]))
-            assert all({k: v for k, v in c.items() if k != a} == {k: v for k, v in cs[0].items() if k != a} for c in cs)
+            assert all(
+                {k: v for k, v in c.items() if k != a} == {k: v for k, v in cs[0].items() if k != a}
+                for c in cs
+            )
     for r in range(world):
         assert mesh.rank_of(**mesh.coords(r)) == r
 
@@ -146,11 +152,13 @@ def test_collectives_values_and_byte_accounting():
     out = minipar.launch(_collectives, 4)
     n = 4
     for r, (ar, avg, ag, rs, a2a, b, evs) in enumerate(out):
-        assert torch.equal(ar, 4 * torch.arange(8.) + 6)
-        assert torch.allclose(avg, torch.arange(8.) + 1.5)
-        assert ag.shape == (2, 12) and ag[0].tolist() == [0.] * 3 + [1.] * 3 + [2.] * 3 + [3.] * 3
-        assert torch.equal(rs, torch.full((2, 2), 4.))
-        assert a2a.shape == (n * (r + 1), 2) and a2a[:, 0].tolist() == sum(([float(j)] * (r + 1) for j in range(n)), [])
+        assert torch.equal(ar, 4 * torch.arange(8.0) + 6)
+        assert torch.allclose(avg, torch.arange(8.0) + 1.5)
+        assert ag.shape == (2, 12) and ag[0].tolist() == [0.0] * 3 + [1.0] * 3 + [2.0] * 3 + [3.0] * 3
+        assert torch.equal(rs, torch.full((2, 2), 4.0))
+        assert a2a.shape == (n * (r + 1), 2) and a2a[:, 0].tolist() == sum(
+            ([float(j)] * (r + 1) for j in range(n)), []
+        )
         assert b.item() == 1.0
         by = {e.name: e for e in evs if e.name != "all_reduce"}
         ars = [e for e in evs if e.name == "all_reduce"]
@@ -166,29 +174,30 @@ def _fg_ops():
     Mesh(tp=2)
     r = runtime.rank()
     x = torch.full((2, 4), float(r + 1), requires_grad=True)
-    mappings.f(x).mul(r + 1).sum().backward()          # backward all-reduces: 1 + 2 = 3
+    mappings.f(x).mul(r + 1).sum().backward()  # backward all-reduces: 1 + 2 = 3
     y = torch.full((2, 4), float(r + 1), requires_grad=True)
-    out_g = mappings.g(y)                               # forward all-reduces: 3
-    out_g.sum().backward()                          # backward identity: 1
+    out_g = mappings.g(y)  # forward all-reduces: 3
+    out_g.sum().backward()  # backward identity: 1
     z = torch.full((2, 4), float(r + 1), requires_grad=True)
-    gathered = mappings.gather_along(z, dim=0)          # [4, 4]
-    (gathered * (r + 1)).sum().backward()           # reduce-scatter of (r+1): 3
+    gathered = mappings.gather_along(z, dim=0)  # [4, 4]
+    (gathered * (r + 1)).sum().backward()  # reduce-scatter of (r+1): 3
     w = torch.ones(4, 4, requires_grad=True)
-    rs = mappings.reduce_scatter_along(w, dim=0)        # [2, 4] of 2s
-    rs.sum().backward()                             # all-gather of ones
+    rs = mappings.reduce_scatter_along(w, dim=0)  # [2, 4] of 2s
+    rs.sum().backward()  # all-gather of ones
     return x.grad, out_g.detach(), y.grad, gathered.shape, z.grad, rs.detach(), w.grad
 
 
 def test_megatron_f_and_g_and_sequence_parallel_operators():
     for x_grad, out_g, y_grad, gshape, z_grad, rs, w_grad in minipar.launch(_fg_ops, 2):
-        assert torch.equal(x_grad, torch.full((2, 4), 3.))
-        assert torch.equal(out_g, torch.full((2, 4), 3.)) and torch.equal(y_grad, torch.ones(2, 4))
-        assert gshape == (4, 4) and torch.equal(z_grad, torch.full((2, 4), 3.))
-        assert torch.equal(rs, torch.full((2, 4), 2.)) and torch.equal(w_grad, torch.ones(4, 4))
+        assert torch.equal(x_grad, torch.full((2, 4), 3.0))
+        assert torch.equal(out_g, torch.full((2, 4), 3.0)) and torch.equal(y_grad, torch.ones(2, 4))
+        assert gshape == (4, 4) and torch.equal(z_grad, torch.full((2, 4), 3.0))
+        assert torch.equal(rs, torch.full((2, 4), 2.0)) and torch.equal(w_grad, torch.ones(4, 4))
 
 
 def _ring_allreduce_bytes(numel):
     from minipar.collectives import ring_all_reduce
+
     x = torch.randn(numel, generator=torch.Generator().manual_seed(runtime.rank()))
     want = x.clone()
     torch.distributed.all_reduce(want)
@@ -213,15 +222,19 @@ def test_ring_all_reduce_sends_2_n_minus_1_over_n_of_the_tensor_and_exports_a_ch
     names = {e["pid"]: e["args"]["name"] for e in doc["traceEvents"] if e.get("name") == "process_name"}
     assert names == {r: f"rank {r}" for r in range(n)}
     for e in spans:
-        assert e["dur"] >= 0 and e["ts"] >= 0 and e["cat"] in ("comm", "compute") and isinstance(e["name"], str)
+        assert (
+            e["dur"] >= 0 and e["ts"] >= 0 and e["cat"] in ("comm", "compute") and isinstance(e["name"], str)
+        )
     summ = trace.summary(merged)
     assert all(summ[r][("send", "world")]["wire_bytes"] == 2 * 3 / 4 * numel * 4 for r in range(n))
 
 
 def test_timeline_renders_every_rank():
     import matplotlib
+
     matplotlib.use("Agg")
     from minipar.timeline import plot_timeline
+
     evs = [trace.Event(r, "0F1", "compute", 0.1 * r, 0.1 * r + 0.2) for r in range(3)]
     evs += [trace.Event(r, "all_reduce", "comm", 0.3, 0.4, axis="dp", bytes=8) for r in range(3)]
     ax = plot_timeline(evs, title="t")
@@ -235,7 +248,9 @@ def test_reference_model_is_deterministic_and_learns():
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     assert not torch.equal(GPT(CFG, seed=4).wte.weight, a.wte.weight)
     x, y = SyntheticData(CFG.vocab, CFG.seq).batch(0, 4)
-    assert torch.equal(x, SyntheticData(CFG.vocab, CFG.seq).batch(0, 4)[0]) and torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.equal(x, SyntheticData(CFG.vocab, CFG.seq).batch(0, 4)[0]) and torch.equal(
+        x[:, 1:], y[:, :-1]
+    )
     r1 = train_reference(CFG, steps=30, batch_size=8)
     r2 = train_reference(CFG, steps=30, batch_size=8)
     assert r1.losses == r2.losses
@@ -244,6 +259,7 @@ def test_reference_model_is_deterministic_and_learns():
 
 def test_init_is_independent_of_construction_order():
     from minipar.model import init_tensor
+
     m = GPT(CFG, seed=5)
     w = init_tensor("blocks.1.mlp.fc.weight", m.blocks[1].mlp.fc.weight.shape, 5, CFG.layers)
     assert torch.equal(w, m.blocks[1].mlp.fc.weight)
@@ -261,7 +277,7 @@ def test_gradient_accumulation_matches_the_full_batch():
 def _ring_that_deadlocks():
     r, n = runtime.rank(), runtime.world_size()
     x = torch.zeros(3)
-    comm.recv(x, (r - 1) % n)       # every rank receives first, so nobody ever sends
+    comm.recv(x, (r - 1) % n)  # every rank receives first, so nobody ever sends
     comm.send(x, (r + 1) % n)
 
 
@@ -297,7 +313,7 @@ def _steps_then_stall():
         runtime.heartbeat()
         time.sleep(0.1)
     if runtime.rank() == 1:
-        time.sleep(60)     # alive, not communicating, no progress
+        time.sleep(60)  # alive, not communicating, no progress
     comm.barrier()
 
 

@@ -1,13 +1,13 @@
 """FP8 simulation (minipar.fp8): scaled casts, delayed vs current scaling, the FP8 linear."""
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _parity import assert_grads_match, grad_errors, grad_scales
 
 from minipar import fp8
 from minipar.model import GPT, GPTConfig, make_optimizer, train_reference
-
-from _parity import assert_grads_match, grad_errors, grad_scales
 
 CFG = GPTConfig(vocab=32, seq=16, layers=2, heads=2, hidden=32)
 
@@ -36,7 +36,13 @@ def test_delayed_scaling_reads_the_history_and_current_scaling_its_own_amax():
         c.quantize(x)
     # s = 2^floor(log2(448 / amax)): 256 for amax 1, 4 for amax 100
     assert c.scales == [256, 4, 256, 256, 256]
-    assert d.scales == [256, 256, 4, 4, 256]  # the 100 shows up one step late and stays for the history's length
+    assert d.scales == [
+        256,
+        256,
+        4,
+        4,
+        256,
+    ]  # the 100 shows up one step late and stays for the history's length
     assert d.saturated == 2 and c.saturated == 0  # [100, -33] cast with the old scale 256: both beyond 448
     assert d.history == [1.0, 1.0]
     assert fp8.ScaleTracker("e4m3", "none").scale_from(1e-3) == 1.0
@@ -84,7 +90,7 @@ def test_apply_fp8_swaps_the_blocks_linears_only_and_trains_like_bf16():
 # (u = 2^-4), so one product is off by up to u_e5m2 + u_e4m3 = 0.19 before sums average it; bound 2 u_e5m2 = 0.25.
 # Unscaled FP8 (recipe "none") flushes the gradients to zero: error 1.0, which the bound refuses.
 PRECISION_TOL = {"bf16": 16 * 2.0**-8, "fp8": 2 * 2.0**-3}
-FORWARD_U = {"bf16": 2.0**-8, "fp8": 2.0**-4}      # the loss is a mean of values computed in these formats
+FORWARD_U = {"bf16": 2.0**-8, "fp8": 2.0**-4}  # the loss is a mean of values computed in these formats
 
 
 def test_bf16_and_fp8_match_fp32_within_their_precision():
@@ -96,7 +102,9 @@ def test_bf16_and_fp8_match_fp32_within_their_precision():
     ref = train_reference(CFG, steps, 8, kind="sgd")
     lr, scale = make_optimizer(ref.model.parameters(), kind="sgd").defaults["lr"], grad_scales(first)
     fp32 = fp8.train_precision(CFG, "fp32", steps=steps, kind="sgd")
-    assert fp32["losses"] == ref.losses and all(torch.equal(fp32["first_grads"][n], g) for n, g in first.items())
+    assert fp32["losses"] == ref.losses and all(
+        torch.equal(fp32["first_grads"][n], g) for n, g in first.items()
+    )
     for mode, tol in PRECISION_TOL.items():
         run = fp8.train_precision(CFG, mode, steps=steps, kind="sgd")
         assert_grads_match(run["first_grads"], first, tol=tol, what=mode)
@@ -105,4 +113,4 @@ def test_bf16_and_fp8_match_fp32_within_their_precision():
             bound = 2 * steps * lr * tol * scale[n] + 1e-8
             assert (run["params"][n] - p.detach()).abs().max().item() <= bound, (mode, n)
     unscaled = fp8.train_precision(CFG, "fp8", steps=1, recipe="none")["first_grads"]
-    assert max(grad_errors(unscaled, first).values()) > PRECISION_TOL["fp8"]   # what scaling buys
+    assert max(grad_errors(unscaled, first).values()) > PRECISION_TOL["fp8"]  # what scaling buys

@@ -2,6 +2,7 @@
 cheating answers, as notebooks (the real student copy of notebook 05, filled in), .py files and
 per-student folders. Every student must get the verdict and points their answer deserves, with
 a feedback file that says why, and bad command lines must be refused with one line per problem."""
+
 from __future__ import annotations
 
 import csv
@@ -22,38 +23,67 @@ import make_student_copies as msc  # noqa: E402 - a script beside the tests' pac
 PP_RIGHT = open(os.path.join(ROOT, "instructor", "solutions", "05_pipeline_parallel.py")).read()
 MOE_RIGHT = open(os.path.join(ROOT, "instructor", "solutions", "07_moe_expert_parallel.py")).read()
 
-PP = {   # the exercise cell of notebook 05, as students fill it in: (code, status, points)
+PP = {  # the exercise cell of notebook 05, as students fill it in: (code, status, points)
     "right": (PP_RIGHT, "passed", 10),
-    "right_with_stub_left_below": (PP_RIGHT.replace("    return out", "    return out\n    raise NotYet('x')"),
-                                   "passed", 10),
-    "gpipe": ("def my_1f1b(p, m):\n    return {r: [f'{r}F{i}' for i in range(m)] + [f'{r}B{i}' for i in range(m)]"
-              " for r in range(p)}\n", "not right", None),     # right only where m = 1
+    "right_with_stub_left_below": (
+        PP_RIGHT.replace("    return out", "    return out\n    raise NotYet('x')"),
+        "passed",
+        10,
+    ),
+    "gpipe": (
+        "def my_1f1b(p, m):\n    return {r: [f'{r}F{i}' for i in range(m)] + [f'{r}B{i}' for i in range(m)]"
+        " for r in range(p)}\n",
+        "not right",
+        None,
+    ),  # right only where m = 1
     "one_warmup_too_many": (PP_RIGHT.replace("min(p - 1 - r, m)", "min(p - r, m)"), "not right", None),
     "no_min_for_few_microbatches": (PP_RIGHT.replace("min(p - 1 - r, m)", "p - 1 - r"), "not right", None),
     "spins": ("def my_1f1b(p, m):\n    while True:\n        pass\n", "did not finish", 0),
     "sleeps": ("import time\n\ndef my_1f1b(p, m):\n    time.sleep(3600)\n", "did not finish", 0),
     "name_error": ("def my_1f1b(p, m):\n    return {r: actions[r] for r in range(p)}\n", "crashed", 0),
     "divides_by_zero": ("def my_1f1b(p, m):\n    warm = p // (m - m)\n    return {}\n", "crashed", 0),
-    "lambda_over_the_package": ("from minipar.pp import build_schedule\n\n"
-                                "my_1f1b = lambda p, m: build_schedule('1f1b', p, m).actions\n", "refused", 0),
-    "imports_the_generator": ("from minipar.pp.schedules import _one_f_one_b\n\n"
-                              "def my_1f1b(p, m):\n    return _one_f_one_b(p, m, 1).actions\n", "refused", 0),
-    "swallows_the_refusal": ("from minipar.pp import build_schedule\n\ndef my_1f1b(p, m):\n    try:\n"
-                             "        return build_schedule('1f1b', p, m).actions\n    except BaseException:\n"
-                             "        return {}\n", "refused", 0),
+    "lambda_over_the_package": (
+        "from minipar.pp import build_schedule\n\n"
+        "my_1f1b = lambda p, m: build_schedule('1f1b', p, m).actions\n",
+        "refused",
+        0,
+    ),
+    "imports_the_generator": (
+        "from minipar.pp.schedules import _one_f_one_b\n\n"
+        "def my_1f1b(p, m):\n    return _one_f_one_b(p, m, 1).actions\n",
+        "refused",
+        0,
+    ),
+    "swallows_the_refusal": (
+        "from minipar.pp import build_schedule\n\ndef my_1f1b(p, m):\n    try:\n"
+        "        return build_schedule('1f1b', p, m).actions\n    except BaseException:\n"
+        "        return {}\n",
+        "refused",
+        0,
+    ),
     "untouched_copy": (None, "not yet", 0),
 }
 MOE = {  # .py files answering notebook 07's exercise
     "moe_right": (MOE_RIGHT, "passed", 10),
     "moe_no_capacity": (MOE_RIGHT.replace("slot < capacity", "slot >= 0"), "not right", None),
-    "moe_bincount_2d": ("import torch\n\ndef my_topk_route(probs, k, capacity):\n    w, i = probs.topk(k, dim=-1)\n"
-                        "    per_expert = torch.bincount(i)\n    return i, w, per_expert[i] < capacity\n",
-                        "crashed", 0),
-    "moe_assign_slots": ("from minipar.moe import assign_slots\n\ndef my_topk_route(probs, k, capacity):\n"
-                         "    w, i = probs.topk(k, dim=-1)\n    w = w / w.sum(-1, keepdim=True) if k > 1 else w\n"
-                         "    return i, w, assign_slots(i, probs.shape[-1]) < capacity\n", "refused", 0),
-    "moe_hangs": ("def my_topk_route(probs, k, capacity):\n    while probs is not None:\n        pass\n",
-                  "did not finish", 0),
+    "moe_bincount_2d": (
+        "import torch\n\ndef my_topk_route(probs, k, capacity):\n    w, i = probs.topk(k, dim=-1)\n"
+        "    per_expert = torch.bincount(i)\n    return i, w, per_expert[i] < capacity\n",
+        "crashed",
+        0,
+    ),
+    "moe_assign_slots": (
+        "from minipar.moe import assign_slots\n\ndef my_topk_route(probs, k, capacity):\n"
+        "    w, i = probs.topk(k, dim=-1)\n    w = w / w.sum(-1, keepdim=True) if k > 1 else w\n"
+        "    return i, w, assign_slots(i, probs.shape[-1]) < capacity\n",
+        "refused",
+        0,
+    ),
+    "moe_hangs": (
+        "def my_topk_route(probs, k, capacity):\n    while probs is not None:\n        pass\n",
+        "did not finish",
+        0,
+    ),
 }
 
 
@@ -68,8 +98,10 @@ def _notebook(copy, code):
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
     d = tmp_path_factory.mktemp("class")
-    copy = msc.student_copy(nbformat.read(os.path.join(ROOT, "notebooks", "05_pipeline_parallel.ipynb"), as_version=4),
-                            "05_pipeline_parallel")
+    copy = msc.student_copy(
+        nbformat.read(os.path.join(ROOT, "notebooks", "05_pipeline_parallel.ipynb"), as_version=4),
+        "05_pipeline_parallel",
+    )
     paths = []
     for student, (code, _, _) in PP.items():
         nbformat.write(_notebook(copy, code), d / f"{student}.ipynb")
@@ -77,7 +109,7 @@ def graded(tmp_path_factory):
     for student, (code, _, _) in MOE.items():
         (d / f"{student}.py").write_text(code)
         paths.append(str(d / f"{student}.py"))
-    both = d / "both_right"                       # a folder: one student, two notebooks' answers
+    both = d / "both_right"  # a folder: one student, two notebooks' answers
     both.mkdir()
     nbformat.write(_notebook(copy, PP_RIGHT), both / "05_pipeline_parallel.ipynb")
     (both / "moe.py").write_text(MOE_RIGHT)
@@ -102,14 +134,14 @@ def test_a_class_of_submissions_is_graded_as_it_deserves(graded):
         if points is not None:
             assert float(r["pp_1f1b"]) == points, (student, r)
         else:
-            assert 0 <= float(r["pp_1f1b"]) < 10, (student, r)      # partial credit by case
+            assert 0 <= float(r["pp_1f1b"]) < 10, (student, r)  # partial credit by case
         assert r["moe_topk_capacity status"] == "missing" and r["out of"] == "20"
     for student, (_, status, points) in MOE.items():
         r = rows[student]
         assert r["moe_topk_capacity status"].startswith(status), (student, r)
         earned = float(r["moe_topk_capacity"])
         assert earned == points if points is not None else 0 < earned < 10, (student, r)
-    assert 0 < float(rows["no_min_for_few_microbatches"]["pp_1f1b"]) < 10   # right where m >= p only
+    assert 0 < float(rows["no_min_for_few_microbatches"]["pp_1f1b"]) < 10  # right where m >= p only
     assert rows["both_right"]["total"] == "20"
     assert rows["broken"]["total"] == "0" and rows["broken"]["pp_1f1b status"] == "missing"
     print(f"graded {len(rows)} submissions in {took:.1f} s")
@@ -122,7 +154,7 @@ def test_feedback_says_why_with_the_students_own_lines(graded):
     assert sorted(p[:-4] for p in os.listdir(fb)) == sorted(rows)
     spins = (fb / "spins.txt").read_text()
     assert "did not finish within 3 s" in spins and "rank 0" in spins and "spins.ipynb, cell" in spins
-    assert "while True" in spins or "in my_1f1b: pass" in spins       # the loop it was stuck in
+    assert "while True" in spins or "in my_1f1b: pass" in spins  # the loop it was stuck in
     crash = (fb / "name_error.txt").read_text()
     assert "NameError" in crash and "name_error.ipynb, cell" in crash and "actions[r]" in crash
     cheat = (fb / "lambda_over_the_package.txt").read_text()
@@ -137,22 +169,44 @@ def test_only_imports_definitions_and_constants_are_run():
     sub = extract(os.path.join(ROOT, "notebooks", "05_pipeline_parallel.ipynb"))
     assert sub.answers == {"pp_1f1b": "my_1f1b"} and not sub.error
     ns = load(sub)
-    assert callable(ns["my_1f1b"]) and callable(ns["draw"]) and ns["P"] == 4     # defs and constants
-    assert "runs" not in ns and "first" not in ns and "verdict" not in ns        # launches, widgets, checks: not run
+    assert callable(ns["my_1f1b"]) and callable(ns["draw"]) and ns["P"] == 4  # defs and constants
+    assert (
+        "runs" not in ns and "first" not in ns and "verdict" not in ns
+    )  # launches, widgets, checks: not run
 
 
 def test_bad_command_lines_are_refused_one_line_each(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("hi")
     empty = tmp_path / "empty"
     empty.mkdir()
-    code = main([str(tmp_path / "nope.ipynb"), str(tmp_path / "notes.txt"), str(empty), "--out", "/proc/grades.csv",
-                 "--jobs", "0", "--exercise", "bogus", "--deadline-scale", "-1"])
+    code = main(
+        [
+            str(tmp_path / "nope.ipynb"),
+            str(tmp_path / "notes.txt"),
+            str(empty),
+            "--out",
+            "/proc/grades.csv",
+            "--jobs",
+            "0",
+            "--exercise",
+            "bogus",
+            "--deadline-scale",
+            "-1",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 8, err          # --out and the feedback folder beside it: two
+    assert code == 2 and len(err) == 8, err  # --out and the feedback folder beside it: two
     assert all(line.startswith("error: ") for line in err)
-    for says in ("nope.ipynb: no such file", "notes.txt: not a notebook", "holds no .ipynb", "--out",
-                 "--jobs", "'bogus' is not an exercise", "--deadline-scale"):
+    for says in (
+        "nope.ipynb: no such file",
+        "notes.txt: not a notebook",
+        "holds no .ipynb",
+        "--out",
+        "--jobs",
+        "'bogus' is not an exercise",
+        "--deadline-scale",
+    ):
         assert any(says in line for line in err), (says, err)
-    with pytest.raises(SystemExit) as e:        # argparse: SUBMISSION is required
+    with pytest.raises(SystemExit) as e:  # argparse: SUBMISSION is required
         main(["--out", str(tmp_path / "g.csv")])
     assert e.value.code == 2

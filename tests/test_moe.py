@@ -1,10 +1,14 @@
 """Mixture of experts and expert parallelism: routing, capacity, losses, balancing, EP parity."""
+
 import functools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _moe_reference import PaperMoE, train_paper
+from _parity import assert_grads_match, assert_params_match
+from _wire import handed_to_backend
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,13 +16,18 @@ import minipar
 from minipar import runtime, trace
 from minipar.ep import a2a_formula, check_ep, dispatch_combine, run_ep, train_moe
 from minipar.mesh import Mesh
-from minipar.model import GPT, GPTConfig, MLP, train_reference
-from minipar.moe import (MoE, assign_slots, capacity, moe_layers, route, router_z_loss, switch_aux_loss,
-                         update_bias)
+from minipar.model import GPT, MLP, GPTConfig, train_reference
+from minipar.moe import (
+    MoE,
+    assign_slots,
+    capacity,
+    moe_layers,
+    route,
+    router_z_loss,
+    switch_aux_loss,
+    update_bias,
+)
 
-from _moe_reference import PaperMoE, train_paper
-from _parity import assert_grads_match, assert_params_match
-from _wire import handed_to_backend
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -35,14 +44,16 @@ CFG = GPTConfig(vocab=64, seq=16, layers=2, heads=4, hidden=32, experts=4, top_k
 # ----------------------------------------------------------------------------- capacity and slots
 def test_capacity_formula():
     assert capacity(64, 4, 1, 1.0) == 16
-    assert capacity(64, 4, 2, 1.25) == 40                 # ceil(64*2*1.25/4)
-    assert capacity(10, 3, 1, 1.0) == 4                   # ceil(10/3)
+    assert capacity(64, 4, 2, 1.25) == 40  # ceil(64*2*1.25/4)
+    assert capacity(10, 3, 1, 1.0) == 4  # ceil(10/3)
     assert capacity(8, 4, 1, 1.0, min_capacity=5) == 5
-    assert capacity(64, 4, 2, float("inf")) == 64         # dropless: every token fits in any expert
+    assert capacity(64, 4, 2, float("inf")) == 64  # dropless: every token fits in any expert
 
 
-@pytest.mark.parametrize("args, match", [((16, 4, 5, 1.0), "top_k"), ((16, 4, 1, 0.0), "capacity_factor"),
-                                         ((16, 4, 1, -1.0), "capacity_factor")])
+@pytest.mark.parametrize(
+    "args, match",
+    [((16, 4, 5, 1.0), "top_k"), ((16, 4, 1, 0.0), "capacity_factor"), ((16, 4, 1, -1.0), "capacity_factor")],
+)
 def test_capacity_rejects_bad_input(args, match):
     with pytest.raises(ValueError, match=match):
         capacity(*args)
@@ -61,7 +72,13 @@ def _naive_keep(index, E, C):
 
 
 @settings(max_examples=40, deadline=None)
-@given(T=st.integers(1, 24), E=st.integers(1, 6), k=st.integers(1, 3), C=st.integers(0, 10), seed=st.integers(0, 99))
+@given(
+    T=st.integers(1, 24),
+    E=st.integers(1, 6),
+    k=st.integers(1, 3),
+    C=st.integers(0, 10),
+    seed=st.integers(0, 99),
+)
 def test_assign_slots_matches_first_come_first_served(T, E, k, C, seed):
     k = min(k, E)
     probs = torch.rand(T, E, generator=torch.Generator().manual_seed(seed))
@@ -76,14 +93,18 @@ def test_assign_slots_matches_first_come_first_served(T, E, k, C, seed):
 def test_switch_aux_loss_uniform_is_alpha_and_collapsed_is_alpha_E(E):
     T, alpha = 8 * E, 0.01
     uniform = torch.full((T, E), 1.0 / E)
-    balanced = torch.arange(T).remainder(E)[:, None]            # first choices spread evenly
+    balanced = torch.arange(T).remainder(E)[:, None]  # first choices spread evenly
     assert switch_aux_loss(uniform, balanced, alpha).item() == pytest.approx(alpha, rel=1e-6)
     collapsed = F.one_hot(torch.zeros(T, dtype=torch.long), E).float()
-    assert switch_aux_loss(collapsed, torch.zeros(T, 1, dtype=torch.long), alpha).item() == pytest.approx(alpha * E)
+    assert switch_aux_loss(collapsed, torch.zeros(T, 1, dtype=torch.long), alpha).item() == pytest.approx(
+        alpha * E
+    )
     # f comes from the first choice only, and groups average
     two = torch.stack([balanced[:, 0], (balanced[:, 0] + 1) % E], -1)
     assert switch_aux_loss(uniform, two, alpha).item() == pytest.approx(alpha, rel=1e-6)
-    grouped = switch_aux_loss(torch.stack([uniform, collapsed]), torch.stack([balanced, torch.zeros_like(balanced)]))
+    grouped = switch_aux_loss(
+        torch.stack([uniform, collapsed]), torch.stack([balanced, torch.zeros_like(balanced)])
+    )
     assert grouped.item() == pytest.approx((alpha + alpha * E) / 2, rel=1e-6)
 
 
@@ -93,17 +114,25 @@ def test_router_z_loss_and_routers():
     probs, index, w = route(logits, 1, "softmax")
     assert torch.equal(index[:, 0], logits.argmax(-1)) and torch.allclose(w[:, 0], probs.max(-1).values)
     probs, index, w = route(logits, 2, "sigmoid", bias=torch.tensor([0.0, 0.0, 0.0, 10.0]))
-    assert (index == 3).any(-1).all()                           # the bias forces expert 3 into every top-2
+    assert (index == 3).any(-1).all()  # the bias forces expert 3 into every top-2
     assert torch.allclose(w.sum(-1), torch.ones(6)) and torch.allclose(probs.sum(-1), torch.ones(6))
     s = torch.sigmoid(logits)
-    assert torch.allclose(w, s.gather(-1, index) / s.gather(-1, index).sum(-1, keepdim=True))  # bias not in weights
+    assert torch.allclose(
+        w, s.gather(-1, index) / s.gather(-1, index).sum(-1, keepdim=True)
+    )  # bias not in weights
 
 
 # ----------------------------------------------------------------------------- the layer, single device
-@pytest.mark.parametrize("kw", [dict(top_k=1, capacity_factor=1.0), dict(top_k=2, capacity_factor=0.75),
-                                dict(top_k=2, router="sigmoid", shared_expert=True),
-                                dict(top_k=1, capacity_factor=0.5, shared_expert=True),
-                                dict(top_k=3, experts=5, capacity_factor=1.0, z_loss=1e-3, min_capacity=9)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(top_k=1, capacity_factor=1.0),
+        dict(top_k=2, capacity_factor=0.75),
+        dict(top_k=2, router="sigmoid", shared_expert=True),
+        dict(top_k=1, capacity_factor=0.5, shared_expert=True),
+        dict(top_k=3, experts=5, capacity_factor=1.0, z_loss=1e-3, min_capacity=9),
+    ],
+)
 def test_moe_layer_equals_the_papers_dispatch_and_combine(kw):
     """Routing, gates, capacity, dropping, aux and z-loss against the layer written from the Switch and GShard
     papers in tests/_moe_reference.py (nothing of minipar.moe; GShard's dense dispatch/combine einsums), on the
@@ -127,7 +156,7 @@ def test_moe_layer_equals_the_papers_dispatch_and_combine(kw):
     assert_grads_match(grads["minipar"], grads["paper"])
     if cfg.capacity_factor < 1:
         assert paper.dropped > 0, "this case must drop tokens"
-        dropped = ~paper.keep.any(-1)                            # every choice dropped: residual only
+        dropped = ~paper.keep.any(-1)  # every choice dropped: residual only
         shared = moe.shared(x) if moe.shared is not None else torch.zeros_like(x)
         assert torch.allclose(want_y[dropped], shared[dropped].detach(), atol=1e-6)
 
@@ -143,7 +172,9 @@ def test_moe_in_gpt_adds_aux_loss_and_reference_loop_matches():
     ref = train_reference(cfg, steps=2, batch_size=8)
     mine = train_moe(cfg, steps=2, batch_size=8)
     assert ref.losses == mine.losses
-    assert all(torch.equal(ref.grads[n], mine.grads[n]) for n in ref.grads) and set(ref.grads) == set(mine.grads)
+    assert all(torch.equal(ref.grads[n], mine.grads[n]) for n in ref.grads) and set(ref.grads) == set(
+        mine.grads
+    )
 
 
 def test_update_bias_moves_against_load():
@@ -154,13 +185,20 @@ def test_update_bias_moves_against_load():
 
 
 # ----------------------------------------------------------------------------- bad configurations
-@pytest.mark.parametrize("kw, ep, match", [(dict(top_k=5), 1, "top_k"), (dict(experts=6), 4, "divisible|split evenly"),
-                                           (dict(capacity_factor=0.0), 1, "capacity_factor"),
-                                           (dict(capacity_factor=-2.0), 2, "capacity_factor"),
-                                           (dict(moe_groups=2), 4, "moe_groups"), (dict(router="relu"), 1, "router")])
+@pytest.mark.parametrize(
+    "kw, ep, match",
+    [
+        (dict(top_k=5), 1, "top_k"),
+        (dict(experts=6), 4, "divisible|split evenly"),
+        (dict(capacity_factor=0.0), 1, "capacity_factor"),
+        (dict(capacity_factor=-2.0), 2, "capacity_factor"),
+        (dict(moe_groups=2), 4, "moe_groups"),
+        (dict(router="relu"), 1, "router"),
+    ],
+)
 def test_bad_configurations_fail_before_launch(kw, ep, match):
     with pytest.raises(ValueError, match=match):
-        run_ep(CFG.replace(**kw), ep=ep, batch_size=8)     # raised in the caller: no rank was started
+        run_ep(CFG.replace(**kw), ep=ep, batch_size=8)  # raised in the caller: no rank was started
 
 
 @pytest.mark.parametrize("kw", [dict(top_k=5), dict(capacity_factor=0.0), dict(router="relu")])
@@ -174,14 +212,25 @@ def test_bad_layer_configurations(kw):
 # ----------------------------------------------------------------------------- expert parallel parity
 def _case(ep, per_rank, cf):
     E = ep * per_rank
-    return (f"{'dp2 x ' if ep == 2 else ''}ep{ep}, {per_rank} expert(s) per rank, CF={cf}", 4 // ep, ep,
-            CFG.replace(experts=E, top_k=min(2, E - 1), capacity_factor=cf))
+    return (
+        f"{'dp2 x ' if ep == 2 else ''}ep{ep}, {per_rank} expert(s) per rank, CF={cf}",
+        4 // ep,
+        ep,
+        CFG.replace(experts=E, top_k=min(2, E - 1), capacity_factor=cf),
+    )
 
 
 # (name, dp, ep, config): ep 2 (over a dp group of 4) and 4, 1 and 2 experts per rank, dropless and dropping
 EP_CASES = [_case(ep, per_rank, cf) for ep in (2, 4) for per_rank in (1, 2) for cf in (float("inf"), 1.0)] + [
-    ("dp2 x ep2, sigmoid router, shared expert, z-loss, aux-free", 2, 2,
-     CFG.replace(experts=4, top_k=2, router="sigmoid", shared_expert=True, capacity_factor=1.25, z_loss=1e-3))]
+    (
+        "dp2 x ep2, sigmoid router, shared expert, z-loss, aux-free",
+        2,
+        2,
+        CFG.replace(
+            experts=4, top_k=2, router="sigmoid", shared_expert=True, capacity_factor=1.25, z_loss=1e-3
+        ),
+    )
+]
 STEPS, GAMMA = 3, 0.01
 
 
@@ -226,7 +275,7 @@ def test_expert_parallel_equals_the_papers_single_device_layer(ep_runs, i):
     assert_grads_match(grads, ref["first_grads"], what=name)
     assert max(abs(a - b) for a, b in zip(runs[0].losses, ref["losses"])) < 1e-5, name
     assert_params_match(params, ref["params"], what=name)
-    for layer in range(len(ref["keep"])):                          # the same tokens are dropped
+    for layer in range(len(ref["keep"])):  # the same tokens are dropped
         assert torch.equal(torch.cat([r.keep[layer] for r in runs]), ref["keep"][layer])
         assert all(torch.allclose(r.bias[layer], ref["bias"][layer]) for r in runs)
     assert runs[0].dropped == pytest.approx(ref["dropped"])
@@ -245,11 +294,15 @@ def test_all_to_all_bytes_handed_to_the_backend_are_the_rows_routing_sends(ep_ru
         ref = _paper(i)
         per_rank_expert = cfg.experts // ep
         for rank, runs in enumerate(ep_runs):
-            run, me, group = runs[i], rank % ep, range(rank - rank % ep, rank - rank % ep + ep)  # Mesh(dp, ep)
+            run, me, group = (
+                runs[i],
+                rank % ep,
+                range(rank - rank % ep, rank - rank % ep + ep),
+            )  # Mesh(dp, ep)
             calls = run.backend
             assert len(calls) == 4 * STEPS * cfg.layers
             assert [c.sent for c in calls] == [e.wire_bytes for e in run.events if e.name == "all_to_all"]
-            last = calls[-4 * cfg.layers:]    # forward: dispatch, combine per layer; backward: in reverse
+            last = calls[-4 * cfg.layers :]  # forward: dispatch, combine per layer; backward: in reverse
 
             def rows(shard, owner_is_me, layer):
                 keep, chosen = (t.chunk(4)[shard] for t in (ref["keep"][layer], ref["chosen"][layer]))
@@ -259,8 +312,12 @@ def test_all_to_all_bytes_handed_to_the_backend_are_the_rows_routing_sends(ep_ru
             for layer in range(cfg.layers):
                 dispatch = rows(rank, False, layer)
                 combine = sum(rows(q, True, layer) for q in group if q != rank)
-                assert (last[2 * layer].sent, last[2 * layer + 1].sent) == (dispatch, combine), (name, rank, layer)
-                back = last[2 * cfg.layers:][2 * (cfg.layers - 1 - layer):][:2]
+                assert (last[2 * layer].sent, last[2 * layer + 1].sent) == (dispatch, combine), (
+                    name,
+                    rank,
+                    layer,
+                )
+                back = last[2 * cfg.layers :][2 * (cfg.layers - 1 - layer) :][:2]
                 assert (back[0].sent, back[1].sent) == (dispatch, combine), (name, rank, layer)
 
 
@@ -272,8 +329,17 @@ def _uniform_dispatch(ep, T, k, h):
     x = torch.randn(T, h)
     index = (torch.arange(T)[:, None] + torch.arange(k)[None]) % E
     with handed_to_backend() as log:
-        y, _ = dispatch_combine(x, index, torch.full((T, k), 1.0 / k), torch.ones(T, k, dtype=torch.bool),
-                                experts, E, ep, runtime.rank(), "ep")
+        y, _ = dispatch_combine(
+            x,
+            index,
+            torch.full((T, k), 1.0 / k),
+            torch.ones(T, k, dtype=torch.bool),
+            experts,
+            E,
+            ep,
+            runtime.rank(),
+            "ep",
+        )
     return (y - x).abs().max().item(), [c.sent for c in log if c.op == "all_to_all"]
 
 
@@ -282,17 +348,18 @@ def test_uniform_all_to_all_matches_formula():
     routing; measured from the rows handed to the backend, exactly."""
     T, k, h, ep = 16, 2, 8, 4
     for err, sent in minipar.launch(_uniform_dispatch, ep, ep, T, k, h):
-        assert err < 1e-6                                          # identity experts: combine returns x
+        assert err < 1e-6  # identity experts: combine returns x
         assert sent == [a2a_formula(T, k, h, ep)] * 2
     assert a2a_formula(T, k, h, ep) == T * k * h * (ep - 1) / ep * 4
 
 
 # ----------------------------------------------------------------------------- balancing
 def test_aux_loss_free_balancing_fixes_a_skewed_start():
-    cfg = GPTConfig(vocab=64, seq=32, layers=2, heads=4, hidden=32, experts=4, top_k=2, router="sigmoid",
-                    aux_alpha=0.0)
+    cfg = GPTConfig(
+        vocab=64, seq=32, layers=2, heads=4, hidden=32, experts=4, top_k=2, router="sigmoid", aux_alpha=0.0
+    )
     free = train_moe(cfg, steps=60, batch_size=16, gamma=0.01, skew=1.0, seed=1)
     none = train_moe(cfg, steps=60, batch_size=16, gamma=0.0, skew=1.0, seed=1)
-    assert none.imbalance()[0] == free.imbalance()[0] == 2.0    # k=2 of E=4: the maximum possible
-    assert min(none.imbalance(10)) > 1.9                          # left alone, it stays collapsed
+    assert none.imbalance()[0] == free.imbalance()[0] == 2.0  # k=2 of E=4: the maximum possible
+    assert min(none.imbalance(10)) > 1.9  # left alone, it stays collapsed
     assert free.imbalance(10)[-1] < 1.2, free.imbalance(10)[-10:]

@@ -1,13 +1,13 @@
 """The executor against the single-device reference, and the modeled clock against the simulator."""
+
 import pytest
 import torch
+from _parity import assert_grads_match, assert_params_match
 
 from minipar import launch, sim, trace
 from minipar.model import GPTConfig, train_reference
 from minipar.pp import build_schedule, check_config, simulate
 from minipar.pp.runtime import train_pipeline
-
-from _parity import assert_grads_match, assert_params_match
 
 CFG = GPTConfig(vocab=64, seq=16, layers=8, heads=4, hidden=32)
 B, STEPS = 8, 2
@@ -25,12 +25,15 @@ RUNS = {  # label: (schedule args, executor options)
     "1f1b uneven 1,3,3,1": (("1f1b", 4, 4), {"stage_layers": (1, 3, 3, 1)}),
 }
 
-CLOCKED = ("1f1b", "zb_h1", "zbv", "dualpipe", "dualpipev")   # re-timed on the modeled clock
+CLOCKED = ("1f1b", "zb_h1", "zbv", "dualpipe", "dualpipev")  # re-timed on the modeled clock
 
 
 def _all_schedules():
-    out = {k: train_pipeline(build_schedule(*a), CFG, STEPS, B, seed=0, kind="sgd", **kw) for k, (a, kw) in RUNS.items()}
-    for k in CLOCKED:                    # one clean step each, for the modeled clock
+    out = {
+        k: train_pipeline(build_schedule(*a), CFG, STEPS, B, seed=0, kind="sgd", **kw)
+        for k, (a, kw) in RUNS.items()
+    }
+    for k in CLOCKED:  # one clean step each, for the modeled clock
         out["trace:" + k] = train_pipeline(build_schedule(*RUNS[k][0]), CFG, 1, B, seed=0)["events"]
     return out
 
@@ -43,8 +46,13 @@ def runs():
 @pytest.fixture(scope="module")
 def refs():
     """Per micro-batch count m: the first step's gradients, and STEPS SGD steps with m-fold accumulation."""
-    return {m: (train_reference(CFG, 1, B, seed=0, grad_accum=m).grads,
-                train_reference(CFG, STEPS, B, seed=0, grad_accum=m, kind="sgd")) for m in (4, 8)}
+    return {
+        m: (
+            train_reference(CFG, 1, B, seed=0, grad_accum=m).grads,
+            train_reference(CFG, STEPS, B, seed=0, grad_accum=m, kind="sgd"),
+        )
+        for m in (4, 8)
+    }
 
 
 def gathered(per_rank, key):
@@ -63,7 +71,9 @@ def test_parity_with_reference(runs, refs, label):
     DualPipe, over the two copies), the step losses, and the parameters after STEPS SGD steps."""
     first, ref = refs[RUNS[label][0][2]]
     per_rank = [r[label] for r in runs]
-    assert_grads_match(gathered(per_rank, "first_grads"), first, what=label)   # every parameter lives on some rank
+    assert_grads_match(
+        gathered(per_rank, "first_grads"), first, what=label
+    )  # every parameter lives on some rank
     losses = [sum(r["losses"][i] for r in per_rank) for i in range(STEPS)]
     assert losses == pytest.approx(ref.losses, abs=1e-5)
     assert_params_match(gathered(per_rank, "params"), dict(ref.model.named_parameters()), what=label)
@@ -85,15 +95,18 @@ def test_modeled_clock_reproduces_simulator(runs, label, t_comm):
     assert max(e.end for e in modeled if e.cat == "compute") == pytest.approx(want.makespan)
 
 
-@pytest.mark.parametrize("cfg,batch,match", [
-    (CFG.replace(layers=3), 8, "layers=3 cannot fill 4 model parts"),
-    (CFG, 6, "batch_size=6 must be divisible by num_microbatches=4"),
-    (CFG.replace(experts=2, moe_groups=2), 8, "moe_groups=2 must be divisible by num_microbatches=4"),
-])
+@pytest.mark.parametrize(
+    "cfg,batch,match",
+    [
+        (CFG.replace(layers=3), 8, "layers=3 cannot fill 4 model parts"),
+        (CFG, 6, "batch_size=6 must be divisible by num_microbatches=4"),
+        (CFG.replace(experts=2, moe_groups=2), 8, "moe_groups=2 must be divisible by num_microbatches=4"),
+    ],
+)
 def test_bad_config_is_caught_before_launch(cfg, batch, match):
     with pytest.raises(ValueError, match=match):
         check_config(build_schedule("1f1b", 4, 4), cfg, batch)
-    check_config(build_schedule("1f1b", 4, 4), CFG.replace(layers=6), 8)     # uneven: balanced by pp.partition
+    check_config(build_schedule("1f1b", 4, 4), CFG.replace(layers=6), 8)  # uneven: balanced by pp.partition
     check_config(build_schedule("1f1b", 4, 4), CFG.replace(experts=2, moe_groups=4), 8)
 
 
@@ -108,14 +121,17 @@ def test_moe_stages_with_uneven_layers_match_the_reference():
     """The one stage builder cuts MoE blocks too: each stage backpropagates its own load-balancing
     loss (seed 1: routing without near-tied top-k choices, which another order could flip)."""
     runs = launch(_moe, 2, timeout=120)
-    ref = train_reference(MOE, 1, 8, seed=1)     # moe_groups=4: each group is one micro-batch's tokens
+    ref = train_reference(MOE, 1, 8, seed=1)  # moe_groups=4: each group is one micro-batch's tokens
     assert sum(r["losses"][0] for r in runs) == pytest.approx(ref.losses[0], abs=1e-5)
     grads = gathered(runs, "first_grads")
     assert_grads_match(grads, {n: ref.grads.get(n, torch.zeros_like(g)) for n, g in grads.items()})
 
 
 def _eight():
-    return {name: train_pipeline(build_schedule(name, 8, 16), CFG, 1, 16, seed=0) for name in ("dualpipe", "zb_h2")}
+    return {
+        name: train_pipeline(build_schedule(name, 8, 16), CFG, 1, 16, seed=0)
+        for name in ("dualpipe", "zb_h2")
+    }
 
 
 def test_parity_on_eight_ranks():

@@ -2,11 +2,23 @@
 
 Costs in unit time: t_f = 1, t_b = 2 (full backward = I + W with t_w = 1), so F = I = W,
 the assumption under which the Zero Bubble and DeepSeek-V3 tables are stated."""
+
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minipar import sim
-from minipar.pp import SCHEDULES, Action, Schedule, ScheduleError, build_schedule, lower, parse_action, simulate, validate
+from minipar.pp import (
+    SCHEDULES,
+    Action,
+    Schedule,
+    ScheduleError,
+    build_schedule,
+    lower,
+    parse_action,
+    simulate,
+    validate,
+)
 
 
 @pytest.mark.parametrize("p,m", [(2, 2), (4, 4), (4, 8), (8, 16), (3, 7)])
@@ -27,8 +39,8 @@ def test_gpipe_1f1b_closed_form(name, p, m):
 
 def test_naive_is_sequential():
     r = simulate(build_schedule("naive", 4, 3), 1.0, 2.0)
-    assert r.makespan == pytest.approx(3 * 4 * 3.0)        # m p (t_f + t_b): no overlap at all
-    assert r.bubble_fraction == pytest.approx(3 / 4)        # (p-1)/p
+    assert r.makespan == pytest.approx(3 * 4 * 3.0)  # m p (t_f + t_b): no overlap at all
+    assert r.bubble_fraction == pytest.approx(3 / 4)  # (p-1)/p
 
 
 @pytest.mark.parametrize("p,m,v", [(2, 4, 2), (4, 4, 2), (4, 8, 2), (4, 8, 4), (8, 16, 2), (3, 6, 3)])
@@ -51,7 +63,7 @@ def test_zero_bubble(p, m):
     h2 = simulate(build_schedule("zb_h2", p, m), 1.0, 2.0, 1.0)
     for r in range(p):
         assert one.makespan - one.busy[r] == pytest.approx((p - 1) * 3)
-        assert h1.makespan - h1.busy[r] == pytest.approx((p - 1) * 1)          # = 1/3 of 1F1B
+        assert h1.makespan - h1.busy[r] == pytest.approx((p - 1) * 1)  # = 1/3 of 1F1B
         assert h1.peak_activations[r] == one.peak_activations[r] == p - r
         assert h2.span[r] - h2.busy[r] == pytest.approx(0.0)
     assert h2.makespan == pytest.approx(3 * m + (p - 1))
@@ -66,7 +78,7 @@ def test_zbv(p, m):
     r = simulate(build_schedule("zbv", p, m), 1.0, 2.0, 1.0)
     assert all(r.span[q] - r.busy[q] == pytest.approx(0.0) for q in range(p))
     assert max(r.peak_activations.values()) == 2 * p
-    assert r.makespan == pytest.approx(3 * m + (p - 1) * 0.5)               # only the half-chunk stagger
+    assert r.makespan == pytest.approx(3 * m + (p - 1) * 0.5)  # only the half-chunk stagger
 
 
 @pytest.mark.parametrize("p,m", [(2, 4), (4, 8), (4, 16), (6, 12), (8, 16), (8, 32)])
@@ -131,7 +143,7 @@ def test_every_generator_validates(name, data, p, m, v):
     """Property over p <= 8, m <= 32, v <= 4: whatever a generator accepts is complete, ordered and its
     lowered send/recv program cannot deadlock; what it rejects, it rejects with a ValueError."""
     if name != "interleaved_1f1b" and data.draw(st.booleans()):
-        v = 1                                    # mostly draw configurations the generator accepts
+        v = 1  # mostly draw configurations the generator accepts
     if name == "interleaved_1f1b" and data.draw(st.booleans()):
         m = max(p, m - m % p)
     if name in ("dualpipe", "dualpipev") and 2 * p <= 32 and data.draw(st.booleans()):
@@ -143,8 +155,9 @@ def test_every_generator_validates(name, data, p, m, v):
         assert str(e)
         return
     lowered = validate(s)
-    assert {str(a) for acts in s.actions.values() for a in acts} == \
-        {str(a) for acts in lowered.values() for a in acts if a.is_compute}
+    assert {str(a) for acts in s.actions.values() for a in acts} == {
+        str(a) for acts in lowered.values() for a in acts if a.is_compute
+    }
 
 
 def _sched(actions, p=2, m=1):
@@ -163,11 +176,13 @@ def test_validator_rejects():
         validate(_sched({0: [A(1, "F", 0), A(0, "B", 0)], 1: [A(0, "F", 0), A(1, "B", 0)]}))
     with pytest.raises(ScheduleError, match="no matching"):
         validate(_sched({0: [A(0, "F", 0), A(0, "I", 0)], 1: [A(1, "F", 0), A(1, "B", 0)]}))
-    with pytest.raises(ScheduleError, match="overlapped pair"):   # an F&B pair must be adjacent, other stage
+    with pytest.raises(ScheduleError, match="overlapped pair"):  # an F&B pair must be adjacent, other stage
         validate(Schedule(**{**vars(_sched(ok)), "overlapped": {A(0, "F", 0): A(0, "B", 0)}}))
     # Rank 0 runs mb 1's backward before mb 0's forward has been handed on: a wait cycle.
-    dead = {0: [A(0, "F", 1), A(0, "B", 1), A(0, "F", 0), A(0, "B", 0)],
-            1: [A(1, "F", 0), A(1, "B", 0), A(1, "F", 1), A(1, "B", 1)]}
+    dead = {
+        0: [A(0, "F", 1), A(0, "B", 1), A(0, "F", 0), A(0, "B", 0)],
+        1: [A(1, "F", 0), A(1, "B", 0), A(1, "F", 1), A(1, "B", 1)],
+    }
     with pytest.raises(ScheduleError, match="deadlock"):
         validate(_sched(dead, m=2))
 
@@ -177,15 +192,23 @@ def test_nccl_rendezvous_rules_catch_a_receive_posted_before_a_send_it_blocks():
     NCCL, where a pair's operations run in issue order and a large send waits for its receive: rank 0's
     send of F1 queues behind its receive of B0, which rank 1 sends only after computing F1."""
     from minipar.pp.validate import _check_lowered, check_rendezvous
+
     s = build_schedule("gpipe", 2, 2)
-    eager = {0: "0F0 0SEND_F0 0RECV_B0 0F1 0SEND_F1 0RECV_B1 0B0 0B1",
-             1: "1RECV_F0 1RECV_F1 1F0 1F1 1B0 1SEND_B0 1B1 1SEND_B1"}
-    eager = {r: [Action(a.stage, a.kind, a.mb, peer=None if a.is_compute else 1 - r) for a in map(parse_action, acts.split())]
-             for r, acts in eager.items()}
-    _check_lowered(s, eager)                          # fine under gloo's model
+    eager = {
+        0: "0F0 0SEND_F0 0RECV_B0 0F1 0SEND_F1 0RECV_B1 0B0 0B1",
+        1: "1RECV_F0 1RECV_F1 1F0 1F1 1B0 1SEND_B0 1B1 1SEND_B1",
+    }
+    eager = {
+        r: [
+            Action(a.stage, a.kind, a.mb, peer=None if a.is_compute else 1 - r)
+            for a in map(parse_action, acts.split())
+        ]
+        for r, acts in eager.items()
+    }
+    _check_lowered(s, eager)  # fine under gloo's model
     with pytest.raises(ScheduleError, match="NCCL"):
         check_rendezvous(s, eager)
-    check_rendezvous(s, lower(s))                     # lower() posts each pair's messages in one causal order
+    check_rendezvous(s, lower(s))  # lower() posts each pair's messages in one causal order
 
 
 def test_lowering_posts_receives_early_and_in_send_order():
@@ -195,15 +218,18 @@ def test_lowering_posts_receives_early_and_in_send_order():
     assert all(a.peer == 0 for a in low[1] if a.kind.startswith("RECV"))
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: build_schedule("dualpipe", 3, 6), "even number of ranks"),
-    (lambda: build_schedule("dualpipe", 4, 6), "2 \\* num_ranks"),
-    (lambda: build_schedule("dualpipev", 4, 7), "num_microbatches >= 2"),
-    (lambda: build_schedule("interleaved_1f1b", 4, 6, 2), "divisible"),
-    (lambda: build_schedule("1f1b", 4, 8, 2), "num_chunks"),
-    (lambda: build_schedule("pipedream_2bw", 4, 8, update_every=2), ">= num_ranks"),
-    (lambda: build_schedule("nope", 4, 8), "unknown schedule"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: build_schedule("dualpipe", 3, 6), "even number of ranks"),
+        (lambda: build_schedule("dualpipe", 4, 6), "2 \\* num_ranks"),
+        (lambda: build_schedule("dualpipev", 4, 7), "num_microbatches >= 2"),
+        (lambda: build_schedule("interleaved_1f1b", 4, 6, 2), "divisible"),
+        (lambda: build_schedule("1f1b", 4, 8, 2), "num_chunks"),
+        (lambda: build_schedule("pipedream_2bw", 4, 8, update_every=2), ">= num_ranks"),
+        (lambda: build_schedule("nope", 4, 8), "unknown schedule"),
+    ],
+)
 def test_bad_configs_name_the_constraint(call, match):
     with pytest.raises(ValueError, match=match):
         call()

@@ -13,6 +13,7 @@ was picked so that it holds with room (seed 3: smallest gaps 1.8e-3 dense, 1.9e-
 had 2.7e-5); were a seed or model changed into a near-tie, that assert (not a confusing token
 mismatch) says so.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,20 @@ from torch.utils.flop_counter import FlopCounterMode
 from minipar.mesh import Mesh
 from minipar.model import GPT, GPTConfig
 from minipar.plan import serving as S
-from minipar.serve import (BlockManager, Frontend, Request, Scheduler, ServeConfig, StageRunner, blocks_for,
-                           make_requests, reference, serve, simulate, slots_of)
+from minipar.serve import (
+    BlockManager,
+    Frontend,
+    Request,
+    Scheduler,
+    ServeConfig,
+    StageRunner,
+    blocks_for,
+    make_requests,
+    reference,
+    serve,
+    simulate,
+    slots_of,
+)
 from minipar.serve.__main__ import main
 from minipar.validation import ConfigError
 
@@ -66,25 +79,33 @@ def _joined(res) -> bool:
     return any(0 < e.meta.get("prefills", 0) < e.meta.get("seqs", 0) for e in res.events)
 
 
-LAYOUTS = {"tp2": ServeConfig(tp=2), "tp4": ServeConfig(tp=4), "pp2": ServeConfig(pp=2), "pp4": ServeConfig(pp=4),
-           "dp2": ServeConfig(dp=2), "tp2pp2": ServeConfig(tp=2, pp=2)}
+LAYOUTS = {
+    "tp2": ServeConfig(tp=2),
+    "tp4": ServeConfig(tp=4),
+    "pp2": ServeConfig(pp=2),
+    "pp4": ServeConfig(pp=4),
+    "dp2": ServeConfig(dp=2),
+    "tp2pp2": ServeConfig(tp=2, pp=2),
+}
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_tokens_equal_generate(name, dense):
     reqs, want = dense
-    sc = replace(LAYOUTS[name], max_batch=2)        # 2·pp slots for 10 requests: many join mid-run
+    sc = replace(LAYOUTS[name], max_batch=2)  # 2·pp slots for 10 requests: many join mid-run
     res = serve(DENSE, reqs, sc)
     assert [r.id for r in res.records] == [r.id for r in reqs]
     for rec in res.records:
         assert rec.tokens == want[rec.id], (name, rec.id)
         assert len(rec.times) == len(rec.tokens) and rec.ttft > 0 and min(rec.itl, default=1) > 0
-    assert any(e.meta.get("seqs", 0) > 1 for e in res.events)                  # sequences were batched
-    if sc.pp <= 2:   # with pp4's 8 slots only 2 requests join late; whether beside a survivor is timing
+    assert any(e.meta.get("seqs", 0) > 1 for e in res.events)  # sequences were batched
+    if sc.pp <= 2:  # with pp4's 8 slots only 2 requests join late; whether beside a survivor is timing
         assert _joined(res), "no request joined a running batch"
-    assert res.free_blocks == [sc.blocks(max(r.cache_tokens for r in reqs))] * sc.replicas   # every block came back
+    assert (
+        res.free_blocks == [sc.blocks(max(r.cache_tokens for r in reqs))] * sc.replicas
+    )  # every block came back
     if sc.dp > 1:
-        assert len({rec.replica for rec in res.records}) == sc.dp           # the router used both replicas
+        assert len({rec.replica for rec in res.records}) == sc.dp  # the router used both replicas
 
 
 def test_tokens_equal_generate_ep2_moe(moe):
@@ -107,8 +128,10 @@ def test_a_cache_too_small_for_everyone_makes_admission_wait(dense):
     need = blocks_for(max(r.cache_tokens for r in reqs), 2)
     res = serve(DENSE, reqs, ServeConfig(tp=2, block_size=2, num_blocks=need, max_batch=8))
     assert sorted(r.id for r in res.records) == sorted(r.id for r in reqs)
-    assert all(rec.tokens == want[rec.id] and len(rec.tokens) == r.max_new_tokens
-               for rec, r in zip(res.records, reqs))
+    assert all(
+        rec.tokens == want[rec.id] and len(rec.tokens) == r.max_new_tokens
+        for rec, r in zip(res.records, reqs)
+    )
     assert res.cache_waits[0] > 0 and res.free_blocks == [need]
 
 
@@ -140,7 +163,7 @@ def test_paged_logits_match_the_reference():
 
 def test_block_manager_refuses_what_it_cannot_hold():
     bm = BlockManager(num_blocks=4, block_size=4)
-    bm.admit(0, 9)                                   # 3 blocks promised, none taken yet
+    bm.admit(0, 9)  # 3 blocks promised, none taken yet
     assert bm.available() == 1 and not bm.can_admit(5) and bm.can_admit(4)
     with pytest.raises(RuntimeError, match="call can_admit first"):
         bm.admit(1, 5)
@@ -156,8 +179,16 @@ def test_block_manager_refuses_what_it_cannot_hold():
 
 # ----------------------------------------------------------------------------- the scheduler, fuzzed
 @settings(max_examples=60, deadline=None)
-@given(st.integers(1, 12), st.integers(1, 6), st.integers(1, 4), st.integers(1, 3), st.integers(1, 2),
-       st.sampled_from(["continuous", "static"]), st.integers(0, 10_000), st.integers(0, 6))
+@given(
+    st.integers(1, 12),
+    st.integers(1, 6),
+    st.integers(1, 4),
+    st.integers(1, 3),
+    st.integers(1, 2),
+    st.sampled_from(["continuous", "static"]),
+    st.integers(0, 10_000),
+    st.integers(0, 6),
+)
 def test_scheduler_invariants(n, block_size, max_batch, pp, replicas, policy, seed, spare):
     """Random workloads through the Frontend, no ranks: no block leaked or owned twice, no
     batch over max_batch, every request's works are its positions in order (prefill first,
@@ -184,7 +215,9 @@ def test_scheduler_invariants(n, block_size, max_batch, pp, replicas, policy, se
     for seq, works in seen.items():
         r = by_id[seq]
         assert len(works) == r.max_new_tokens and works[0][1].prefill and works[0][1].tokens == len(r.prompt)
-        assert [w.start for _, w in works[1:]] == list(range(len(r.prompt), len(r.prompt) + r.max_new_tokens - 1))
+        assert [w.start for _, w in works[1:]] == list(
+            range(len(r.prompt), len(r.prompt) + r.max_new_tokens - 1)
+        )
         assert all(b - a == pp for (a, _), (b, _) in zip(works, works[1:]))
         assert [w.last for _, w in works] == [False] * (len(works) - 1) + [True]
     for s in front.schedulers:
@@ -194,8 +227,10 @@ def test_scheduler_invariants(n, block_size, max_batch, pp, replicas, policy, se
 def test_continuous_beats_static_on_the_modeled_clock():
     reqs = make_requests(24, 32000, "64:512", "16:256", arrival_rate=40.0, seed=0)
     cost = S.step_cost("70b", S.Layout(tp=8), "h100")
-    runs = {p: simulate(reqs, cost, max_batch=16, num_blocks=4096, block_size=16, policy=p).summary()
-            for p in ("continuous", "static")}
+    runs = {
+        p: simulate(reqs, cost, max_batch=16, num_blocks=4096, block_size=16, policy=p).summary()
+        for p in ("continuous", "static")
+    }
     assert runs["continuous"]["throughput"] > 1.2 * runs["static"]["throughput"]
     assert runs["continuous"]["ttft_p99"] < runs["static"]["ttft_p99"]
 
@@ -225,22 +260,30 @@ def test_bad_input_exits_2_with_the_fix(argv, says, capsys):
 def test_every_problem_is_listed_at_once(capsys):
     assert main(["--tp", "abc", "--heads", "0", "--prompt-len", "x:y", "--max-batch", "0"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 4 and all(f in " ".join(err) for f in ("--tp", "--heads", "--prompt-len", "--max-batch"))
+    assert len(err) == 4 and all(
+        f in " ".join(err) for f in ("--tp", "--heads", "--prompt-len", "--max-batch")
+    )
 
 
 def test_the_command_line_refuses_before_starting_and_the_python_entry_raises():
-    out = subprocess.run([sys.executable, "-m", "minipar.serve", "--tp", "3", "--block-size", "0"],
-                         capture_output=True, text=True, timeout=120)
-    lines = out.stderr.splitlines()   # block size; heads and vocab not divisible by tp
+    out = subprocess.run(
+        [sys.executable, "-m", "minipar.serve", "--tp", "3", "--block-size", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = out.stderr.splitlines()  # block size; heads and vocab not divisible by tp
     assert out.returncode == 2 and "Traceback" not in out.stderr and len(lines) == 3, out.stderr
     with pytest.raises(ConfigError) as e:
         serve(DENSE, make_requests(2, 64, 4, 40), ServeConfig(tp=3, block_size=0))
-    assert len(e.value.problems) == 4      # the same three, and 44 positions > seq (the cache check waits)
+    assert len(e.value.problems) == 4  # the same three, and 44 positions > seq (the cache check waits)
 
 
 def test_command_line_run(tmp_path, capsys):
     out = tmp_path / "r.jsonl"
-    assert main(["--tp", "1", "--pp", "2", "--requests", "4", "--arrival-rate", "100", "--out", str(out)]) == 0
+    assert (
+        main(["--tp", "1", "--pp", "2", "--requests", "4", "--arrival-rate", "100", "--out", str(out)]) == 0
+    )
     text = capsys.readouterr().out
     assert "tokens/s" in text and "TTFT p50" in text and "ITL p50" in text and "for 4/4 requests" in text
     lines = [json.loads(x) for x in out.read_text().splitlines()]
@@ -253,13 +296,14 @@ def test_command_line_run(tmp_path, capsys):
 def test_roofline_decode_at_batch_1_is_the_formula():
     m, gpu, link, c = S.SERVING_MODELS["70b"], S.get_gpu("h100"), S.get_link("nvlink4"), 2048
     d, L, h, t = m.head_dim, m.layers, m.hidden, 8
-    kv = 2 * (L / 1) * math.ceil(m.kv_heads / t) * d * 2                   # K and V bytes per token per GPU
-    formula = (2 * m.matmul_params / (t * 1) + 1 * c * kv) / gpu.memory_bandwidth \
-        + 2 * (L / 1) * (link.latency + (t - 1) * (1 * h * 2) / link.bandwidth)    # one-shot all-reduces
+    kv = 2 * (L / 1) * math.ceil(m.kv_heads / t) * d * 2  # K and V bytes per token per GPU
+    formula = (2 * m.matmul_params / (t * 1) + 1 * c * kv) / gpu.memory_bandwidth + 2 * (L / 1) * (
+        link.latency + (t - 1) * (1 * h * 2) / link.bandwidth
+    )  # one-shot all-reduces
     assert S.token_latency(m, S.Layout(tp=8), "h100", 1, c) == formula
     lat = {k: S.token_latency("8b", S.Layout(tp=k), "h100") for k in (1, 2, 4, 8)}
     pp = {k: S.token_latency("8b", S.Layout(pp=k), "h100") for k in (1, 2, 4, 8)}
-    assert lat[1] > lat[2] > lat[4] > lat[8] and pp[1] < pp[2] < pp[4] < pp[8]   # TP lowers, PP raises
+    assert lat[1] > lat[2] > lat[4] > lat[8] and pp[1] < pp[2] < pp[4] < pp[8]  # TP lowers, PP raises
 
 
 def test_choose_layout():
@@ -268,7 +312,7 @@ def test_choose_layout():
     assert best["itl"] <= 0.030 and best["throughput"] > 0 and best["layout"].gpus == 8
     assert all(r["throughput"] <= best["throughput"] for r in plan.rows)
     tight = S.choose_layout("70b", 8, "h100", latency_target=0.0125, context=2048)
-    assert tight.best["layout"] == S.Layout(tp=8)                         # only TP8 is fast enough
+    assert tight.best["layout"] == S.Layout(tp=8)  # only TP8 is fast enough
     assert S.main(["--gpus", "0", "--latency-ms", "x", "--model", "1t"]) == 2
 
 
@@ -278,12 +322,15 @@ def test_a_decode_steps_flops_counted_by_torch_equal_the_formula_exactly(batch, 
     4h FLOPs per layer per cached position read. Counted by FlopCounterMode, attention on its math path."""
     cfg = GPTConfig(vocab=64, seq=64, layers=layers, heads=4, hidden=32)
     reqs = [Request(i, tuple(range(1, prompt + 1 + i)), 3) for i in range(batch)]
-    runner = StageRunner(cfg, ServeConfig().parallel(), Mesh(pp=1, dp=1, ep=1, tp=1), seed=0, num_blocks=64,
-                         block_size=4)
+    runner = StageRunner(
+        cfg, ServeConfig().parallel(), Mesh(pp=1, dp=1, ep=1, tp=1), seed=0, num_blocks=64, block_size=4
+    )
     front = Frontend(reqs, max_batch=batch, num_blocks=64, block_size=4)
-    (step,) = front.advance(0.0)                                       # the prefill
-    tokens = runner.sample(step, runner.forward(step, runner.embed(step, [t for r in reqs for t in r.prompt])))
-    (step,) = front.advance(0.0)                                       # one decode step
+    (step,) = front.advance(0.0)  # the prefill
+    tokens = runner.sample(
+        step, runner.forward(step, runner.embed(step, [t for r in reqs for t in r.prompt]))
+    )
+    (step,) = front.advance(0.0)  # one decode step
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         runner.sample(step, runner.forward(step, runner.embed(step, tokens)))
     m = S.ServingModel.from_gpt(cfg)

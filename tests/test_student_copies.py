@@ -11,6 +11,7 @@ dropped cells. A copy without dropped cells has exactly the code of its committe
 runs end to end under nbval in this suite (checked here: the code is the same); the copies that
 dropped cells run end to end here. Each checker must print NOT YET, and nothing may raise.
 """
+
 from __future__ import annotations
 
 import ast
@@ -38,13 +39,17 @@ INLINE_SOLUTIONS: set = set()
 
 
 def _names():
-    return sorted(os.path.basename(p)[:-6] for p in glob.glob(os.path.join(ROOT, "notebooks", "[0-9][0-9]_*.ipynb")))
+    return sorted(
+        os.path.basename(p)[:-6] for p in glob.glob(os.path.join(ROOT, "notebooks", "[0-9][0-9]_*.ipynb"))
+    )
 
 
 @pytest.fixture(scope="module")
 def copies():
-    return {n: msc.student_copy(nbformat.read(os.path.join(ROOT, "notebooks", n + ".ipynb"), as_version=4), n)
-            for n in _names()}
+    return {
+        n: msc.student_copy(nbformat.read(os.path.join(ROOT, "notebooks", n + ".ipynb"), as_version=4), n)
+        for n in _names()
+    }
 
 
 def test_every_notebook_has_one_exercise_with_a_worked_solution_outside_the_package(copies):
@@ -81,14 +86,19 @@ def test_copies_show_neither_the_solution_nor_the_reference_functions(copies):
     # the answers the issue found printed or imported in the copies are gone
     assert "_one_f_one_b" not in str(copies["05_pipeline_parallel"].cells)
     code = {n: "".join(c.source for c in copies[n].cells if c.cell_type == "code") for n in copies}
-    assert "merge_attention" not in code["06_context_parallel"] and "assign_slots" not in code["07_moe_expert_parallel"]
+    assert (
+        "merge_attention" not in code["06_context_parallel"]
+        and "assign_slots" not in code["07_moe_expert_parallel"]
+    )
     assert not any("holds a working answer" in c.source for c in copies["07_moe_expert_parallel"].cells)
 
 
 def test_a_planted_leak_is_refused():
     nb = nbformat.read(os.path.join(ROOT, "notebooks", "05_pipeline_parallel.ipynb"), as_version=4)
-    for leak in ("print(inspect.getsource(pp.schedules._one_f_one_b))",
-                 msc.solution_lines("05_pipeline_parallel")[0]):
+    for leak in (
+        "print(inspect.getsource(pp.schedules._one_f_one_b))",
+        msc.solution_lines("05_pipeline_parallel")[0],
+    ):
         planted = nbformat.from_dict(nb)
         planted.cells.append(nbformat.v4.new_code_cell(leak))
         with pytest.raises(msc.LeakError):
@@ -101,10 +111,13 @@ def test_a_planted_leak_is_refused():
 
 
 def test_only_the_listed_sources_still_carry_inline_solutions():
-    inline = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "notebooks", "src", "*.py"))
-              if 'tags=["solution"]' in open(p).read()}
+    inline = {
+        os.path.basename(p)[:-3]
+        for p in glob.glob(os.path.join(ROOT, "notebooks", "src", "*.py"))
+        if 'tags=["solution"]' in open(p).read()
+    }
     assert inline == INLINE_SOLUTIONS & set(_names()), "update INLINE_SOLUTIONS (it may only shrink)"
-    for name in _names():     # no committed notebook holds a worked solution (the build stubs inline ones)
+    for name in _names():  # no committed notebook holds a worked solution (the build stubs inline ones)
         nb = nbformat.read(os.path.join(ROOT, "notebooks", name + ".ipynb"), as_version=4)
         code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
         assert not [line for line in msc.solution_lines(name) if line in code], (name, "rebuild it")
@@ -113,24 +126,42 @@ def test_only_the_listed_sources_still_carry_inline_solutions():
 def _run_all(notebooks: dict) -> dict:
     """Execute the notebooks at once, each in its own kernel (their ranks and plots leave the
     cores idle at times); any cell that raises raises here. name -> each code cell's printed text."""
-    clients = {n: NotebookClient(nbformat.from_dict(nb), timeout=300, kernel_name="python3",
-                                 resources={"metadata": {"path": os.path.join(ROOT, "notebooks")}})
-               for n, nb in notebooks.items()}
+    clients = {
+        n: NotebookClient(
+            nbformat.from_dict(nb),
+            timeout=300,
+            kernel_name="python3",
+            resources={"metadata": {"path": os.path.join(ROOT, "notebooks")}},
+        )
+        for n, nb in notebooks.items()
+    }
 
     async def main():
         await asyncio.gather(*(c.async_execute() for c in clients.values()))
+
     asyncio.run(main())
-    return {n: ["".join(o.get("text", "") for o in cell.outputs if o.get("output_type") == "stream")
-                for cell in c.nb.cells if cell.cell_type == "code"] for n, c in clients.items()}
+    return {
+        n: [
+            "".join(o.get("text", "") for o in cell.outputs if o.get("output_type") == "stream")
+            for cell in c.nb.cells
+            if cell.cell_type == "code"
+        ]
+        for n, c in clients.items()
+    }
 
 
 @pytest.mark.slow
 def test_student_copies_run_and_say_not_yet(copies):
-    whole = {n for n, c in copies.items() if any(msc.NOTE in x.source for x in c.cells if x.cell_type == "markdown")}
+    whole = {
+        n
+        for n, c in copies.items()
+        if any(msc.NOTE in x.source for x in c.cells if x.cell_type == "markdown")
+    }
     assert {"05_pipeline_parallel", "06_context_parallel", "07_moe_expert_parallel"} <= whole
-    for name in sorted(set(copies) - whole):     # the same code as the committed notebook, which nbval runs
+    for name in sorted(set(copies) - whole):  # the same code as the committed notebook, which nbval runs
         committed = nbformat.read(os.path.join(ROOT, "notebooks", name + ".ipynb"), as_version=4)
-        assert [c.source for c in copies[name].cells if c.cell_type == "code"] == \
-            [c.source for c in committed.cells if c.cell_type == "code"], f"{name}: rebuild the committed notebook"
+        assert [c.source for c in copies[name].cells if c.cell_type == "code"] == [
+            c.source for c in committed.cells if c.cell_type == "code"
+        ], f"{name}: rebuild the committed notebook"
     for name, out in _run_all({n: copies[n] for n in sorted(whole)}).items():
         assert "NOT YET" in out[-1], (name, out[-1])

@@ -2,22 +2,23 @@
 vocab-parallel loss against F.cross_entropy and DTensor's loss_parallel, exact
 communication counts, activation memory against the adapted Korthikanti formula,
 TP generation, the f/g/SP operators, and the exercises' checkers."""
+
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from _parity import assert_grads_match, assert_params_match
+from _peers import full_params, full_tensor
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minipar import Mesh, launch, mappings, trace
 from minipar.activations import SavedActivations
-from minipar.model import GPT, GPTConfig, SyntheticData, make_optimizer, train_reference
 from minipar.mappings import sync_sequence_parallel_grads
+from minipar.model import GPT, GPTConfig, SyntheticData, make_optimizer, train_reference
+from minipar.plan import serving
 from minipar.sp import activation_bytes, comm_per_layer, comm_per_step, korthikanti_bytes, measure_layer
 from minipar.tp import TPGPT, check_tp, train_tp, unshard, vocab_parallel_cross_entropy
-from minipar.plan import serving
 from minipar.tp_generate import generate
-
-from _parity import assert_grads_match, assert_params_match
-from _peers import full_params, full_tensor
 
 CFG = GPTConfig(vocab=64, seq=16, layers=2, heads=4, hidden=32)
 B, STEPS = 4, 3
@@ -27,8 +28,9 @@ MODES = [(False, True), (True, True), (True, False)]  # (sequence_parallel, rega
 # ----------------------------------------------------------------------------- parity
 def _parity_rank(t):
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor, Shard
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
     from minipar.bench.tp import dtensor_loss
 
     Mesh(tp=t)
@@ -41,9 +43,12 @@ def _parity_rank(t):
     ours = vocab_parallel_cross_entropy(mine, target)
     ours.backward()
     dmesh = init_device_mesh("cpu", (t,))
-    dt = DTensor.from_local(full.chunk(t, -1)[dist.get_rank()].clone(), dmesh, [Shard(-1)]).requires_grad_(True)
+    dt = DTensor.from_local(full.chunk(t, -1)[dist.get_rank()].clone(), dmesh, [Shard(-1)]).requires_grad_(
+        True
+    )
     theirs = dtensor_loss(dt[None], target[None])
     from torch.distributed.tensor.parallel import loss_parallel
+
     with loss_parallel():
         theirs.backward()
     return runs, ours.item(), mine.grad, theirs.full_tensor().item(), dt.grad.to_local()
@@ -78,7 +83,9 @@ def test_parity_with_reference_and_torch(reference, t):
                     for r in ranks[1:]:
                         torch.testing.assert_close(r[key][name][0], t0, atol=1e-6, rtol=0)
         assert_grads_match(unshard([r["first_grads"] for r in ranks]), first, what=what)
-        assert_params_match(unshard([r["params"] for r in ranks]), dict(ref.model.named_parameters()), what=what)
+        assert_params_match(
+            unshard([r["params"] for r in ranks]), dict(ref.model.named_parameters()), what=what
+        )
     # vocab-parallel cross-entropy vs F.cross_entropy and DTensor's loss_parallel
     gen = torch.Generator().manual_seed(7)
     full = (torch.randn(24, CFG.vocab, generator=gen) * 3).requires_grad_(True)
@@ -94,6 +101,7 @@ def test_parity_with_reference_and_torch(reference, t):
 def _dtensor_tp(steps):
     """torch's own TP (DTensor parallelize_module, + SequenceParallel), the reference loop with SGD."""
     from torch.distributed.tensor.parallel import loss_parallel
+
     from minipar.bench.tp import dtensor_loss, dtensor_tp_model
 
     out = {}
@@ -149,11 +157,21 @@ def test_comm_and_activation_memory_match_formulas(t):
     for r, (layers, steps) in enumerate(out):
         for (sp, rg), m, step in zip(MODES, layers, steps):
             assert m["comm"] == comm_per_layer(2, MEAS.seq, MEAS.hidden, t, sp, rg), (t, sp, rg, m["comm"])
-            M = 2 * MEAS.seq * MEAS.hidden * 4  # forward: g after attention and after the MLP (or SP's halves)
-            fwd = {} if t == 1 else {"reduce_scatter": (2, 2 * M), "all_gather": (2, 2 * M)} if sp else {"all_reduce": (2, 2 * M)}
+            M = (
+                2 * MEAS.seq * MEAS.hidden * 4
+            )  # forward: g after attention and after the MLP (or SP's halves)
+            fwd = (
+                {}
+                if t == 1
+                else {"reduce_scatter": (2, 2 * M), "all_gather": (2, 2 * M)}
+                if sp
+                else {"all_reduce": (2, 2 * M)}
+            )
             assert m["comm_forward"] == fwd, (t, sp, rg, m["comm_forward"])
             # claimed exact (every term of `activation_bytes` is a tensor autograd saves): asserted exactly
-            assert m["activation_bytes"] == activation_bytes(MEAS.seq, 2, MEAS.hidden, MEAS.heads, t, sp, rg), (t, sp, rg)
+            assert m["activation_bytes"] == activation_bytes(
+                MEAS.seq, 2, MEAS.hidden, MEAS.heads, t, sp, rg
+            ), (t, sp, rg)
             got = {op: (s["count"], s["bytes"]) for (op, axis), s in step.get(r, {}).items()}
             assert got == comm_per_step(CFG, B, t, sp, rg), (t, sp, rg, got)
         if t > 1:
@@ -164,8 +182,13 @@ def test_comm_and_activation_memory_match_formulas(t):
 
 
 @settings(max_examples=40, deadline=None)
-@given(s=st.sampled_from([64, 512, 2048]), b=st.integers(1, 8), h=st.sampled_from([64, 1024, 8192]),
-       a=st.sampled_from([8, 32, 64]), t=st.sampled_from([1, 2, 4, 8]))
+@given(
+    s=st.sampled_from([64, 512, 2048]),
+    b=st.integers(1, 8),
+    h=st.sampled_from([64, 1024, 8192]),
+    a=st.sampled_from([8, 32, 64]),
+    t=st.sampled_from([1, 2, 4, 8]),
+)
 def test_formulas_relations(s, b, h, a, t):
     # With SP every stored term is split: exactly 1/t of the unsplit layer.
     assert activation_bytes(s, b, h, a, t, sp=True) == pytest.approx(activation_bytes(s, b, h, a, 1) / t)
@@ -181,15 +204,23 @@ def test_formulas_relations(s, b, h, a, t):
     sp = comm_per_layer(b, s, h, t, sp=True, regather=False)
     if t > 1:
         assert 2 * tp["all_reduce"][1] == sp["all_gather"][1] + sp["reduce_scatter"][1]
-    assert serving.token_latency("8b", serving.Layout(tp=t)) <= serving.token_latency("8b", serving.Layout(tp=1))
+    assert serving.token_latency("8b", serving.Layout(tp=t)) <= serving.token_latency(
+        "8b", serving.Layout(tp=1)
+    )
 
 
 @settings(max_examples=30, deadline=None)
-@given(n=st.integers(1, 12), v=st.integers(2, 40), scale=st.sampled_from([0.1, 10.0, 1e3]), seed=st.integers(0, 99))
+@given(
+    n=st.integers(1, 12),
+    v=st.integers(2, 40),
+    scale=st.sampled_from([0.1, 10.0, 1e3]),
+    seed=st.integers(0, 99),
+)
 def test_vocab_parallel_cross_entropy_math(n, v, scale, seed):
     # On one rank the three all-reduces are no-ops, leaving the arithmetic: a max-shifted
     # log-sum-exp (stable even for logits of 1e3) and the softmax - onehot backward.
     from minipar.mesh import set_mesh
+
     Mesh(tp=1)
     try:
         gen = torch.Generator().manual_seed(seed)
@@ -225,6 +256,7 @@ GEN = GPTConfig(vocab=64, seq=48, layers=2, heads=4, hidden=32)
 
 def _generate_rank(prompt):
     import torch.distributed as dist
+
     Mesh(tp=dist.get_world_size())
     return generate(TPGPT(GPT(GEN, 0)), prompt, 32)
 
@@ -240,6 +272,7 @@ def test_generation_is_token_identical():
 
 def test_generation_rejects_overlong_and_sp():
     from minipar.mesh import set_mesh
+
     Mesh(tp=1)  # a single process: the "tp" axis has one rank
     try:
         model = TPGPT(GPT(GEN, 0))
@@ -252,17 +285,21 @@ def test_generation_rejects_overlong_and_sp():
 
 
 # ----------------------------------------------------------------------------- configuration errors
-@pytest.mark.parametrize("cfg, t, sp, word", [
-    (GPTConfig(vocab=64, heads=6, hidden=48), 4, False, "heads"),
-    (GPTConfig(vocab=50, heads=4, hidden=32), 4, False, "vocab"),
-    (GPTConfig(vocab=64, seq=30, heads=4, hidden=32), 4, True, "seq"),
-    (GPTConfig(vocab=64, heads=4, hidden=32), 0, False, ">= 1"),
-])
+@pytest.mark.parametrize(
+    "cfg, t, sp, word",
+    [
+        (GPTConfig(vocab=64, heads=6, hidden=48), 4, False, "heads"),
+        (GPTConfig(vocab=50, heads=4, hidden=32), 4, False, "vocab"),
+        (GPTConfig(vocab=64, seq=30, heads=4, hidden=32), 4, True, "seq"),
+        (GPTConfig(vocab=64, heads=4, hidden=32), 0, False, ">= 1"),
+    ],
+)
 def test_bad_sizes_raise_clear_errors(cfg, t, sp, word):
     with pytest.raises(ValueError, match=word):
         check_tp(cfg, t, sp)
     if t:  # the launching entry point checks before forking any rank
         from minipar.tp import run_tp
+
         with pytest.raises(ValueError, match=word):
             run_tp(cfg, t, sequence_parallel=sp)
     check_tp(CFG, 4, True)  # and a good one passes
@@ -271,15 +308,19 @@ def test_bad_sizes_raise_clear_errors(cfg, t, sp, word):
 # ----------------------------------------------------------------------------- the comm operators
 def _ops_rank():
     import torch.distributed as dist
+
     Mesh(tp=2)
     r = dist.get_rank()
     x = torch.arange(12.0).view(2, 3, 2) + 100 * r
     res = {}
-    for name, fn in {"f": lambda v: mappings.f(v), "g": lambda v: mappings.g(v),
-                     "gather": lambda v: mappings.gather_along(v, 1),
-                     "gather_split": lambda v: mappings.gather_along(v, 1, grad="split"),
-                     "rs": lambda v: mappings.reduce_scatter_along(torch.cat([v, v + 1], 1), 1),
-                     "split": lambda v: mappings.split_along(torch.cat([v, v], 1), 1)}.items():
+    for name, fn in {
+        "f": lambda v: mappings.f(v),
+        "g": lambda v: mappings.g(v),
+        "gather": lambda v: mappings.gather_along(v, 1),
+        "gather_split": lambda v: mappings.gather_along(v, 1, grad="split"),
+        "rs": lambda v: mappings.reduce_scatter_along(torch.cat([v, v + 1], 1), 1),
+        "split": lambda v: mappings.split_along(torch.cat([v, v], 1), 1),
+    }.items():
         v = x.clone().requires_grad_(True)
         y = fn(v)
         (y * (1 + r)).sum().backward()  # rank-dependent upstream gradient
@@ -293,15 +334,17 @@ def test_megatron_and_sp_operators():
     ones = torch.ones(2, 3, 2)
     for r, res in enumerate(out):
         y, dx = res["f"]
-        assert torch.equal(y, x[r]) and torch.equal(dx, 3 * ones)          # identity fwd, all-reduce bwd
+        assert torch.equal(y, x[r]) and torch.equal(dx, 3 * ones)  # identity fwd, all-reduce bwd
         y, dx = res["g"]
         assert torch.equal(y, x[0] + x[1]) and torch.equal(dx, (1 + r) * ones)  # all-reduce fwd, identity bwd
         y, dx = res["gather"]
         assert torch.equal(y, torch.cat(x, 1)) and torch.equal(dx, 3 * ones)  # bwd: reduce-scatter
         y, dx = res["gather_split"]
-        assert torch.equal(dx, (1 + r) * ones)                             # bwd: keep my chunk
+        assert torch.equal(dx, (1 + r) * ones)  # bwd: keep my chunk
         y, dx = res["rs"]
         cat = [torch.cat([v, v + 1], 1) for v in x]
-        assert torch.equal(y, (cat[0] + cat[1]).chunk(2, 1)[r]) and torch.equal(dx, 3 * ones)  # bwd: all-gather
+        assert torch.equal(y, (cat[0] + cat[1]).chunk(2, 1)[r]) and torch.equal(
+            dx, 3 * ones
+        )  # bwd: all-gather
         y, dx = res["split"]
         assert torch.equal(y, x[r]) and torch.equal(dx, 3 * ones)

@@ -2,6 +2,7 @@
 streams and events: collectives run on a communication stream between two events, the compute
 stream waits for them on the device, nothing waits on the host until the trace is read after the
 step, and the resolved timeline shows the overlap that happened."""
+
 import time
 from contextlib import contextmanager
 
@@ -40,7 +41,7 @@ class FakeEvent:
         self.t, self.stream = self.dev.clock(stream), stream.name
         self.dev.log.append(("record", stream.name, self.id))
 
-    def elapsed_time(self, end):   # milliseconds, as CUDA's
+    def elapsed_time(self, end):  # milliseconds, as CUDA's
         return (end.t - self.t) * 1e3
 
     def synchronize(self):
@@ -83,7 +84,7 @@ class FakeDevice:
             stream.t = max(stream.t, time.perf_counter())
         return stream.t
 
-    def run(self, stream, seconds):   # queue `seconds` of kernels on `stream`
+    def run(self, stream, seconds):  # queue `seconds` of kernels on `stream`
         stream.t += seconds
 
 
@@ -91,35 +92,35 @@ def test_device_timestamps_resolve_after_the_step_and_show_the_overlap():
     dev = FakeDevice()
     trace.reset()
     with streams.override(dev):
-        start = trace.now()                        # backward begins: compute stream at 0
-        dev.run(dev.compute, 0.004)                # 4 ms of backward kernels queued
-        dev.comm_stream.wait_stream(dev.compute)   # a bucket's all-reduce, as comm queues it
+        start = trace.now()  # backward begins: compute stream at 0
+        dev.run(dev.compute, 0.004)  # 4 ms of backward kernels queued
+        dev.comm_stream.wait_stream(dev.compute)  # a bucket's all-reduce, as comm queues it
         a, b = dev.event(), dev.event()
         a.record(dev.comm_stream)
         dev.run(dev.comm_stream, 0.003)
         b.record(dev.comm_stream)
         trace.record_timed(trace.Event(0, "all_reduce", "comm", 0.0, 0.0, axis="dp"), a, b)
-        dev.run(dev.compute, 0.006)                # backward goes on meanwhile
+        dev.run(dev.compute, 0.006)  # backward goes on meanwhile
         trace.record_span("B", start)
-        assert dev.syncs == 0                      # nothing has waited for the device yet
+        assert dev.syncs == 0  # nothing has waited for the device yet
         before = time.perf_counter()
         evs = {e.name: e for e in trace.events()}  # reading the trace resolves it: after the step
-    assert dev.syncs == 2 + 1                      # the two spans' end events and one anchor, once per step
+    assert dev.syncs == 2 + 1  # the two spans' end events and one anchor, once per step
     B, ar = evs["B"], evs["all_reduce"]
     assert B.duration == pytest.approx(0.010, abs=1e-9) and ar.duration == pytest.approx(0.003, abs=1e-9)
-    assert ar.start - B.start == pytest.approx(0.004, abs=1e-9)     # on the device's clock, not the host's
-    assert before - 1.0 < B.start < B.end <= time.perf_counter()    # anchored to the host clock
-    assert B.start < ar.start < ar.end < B.end                      # the overlap the timeline will draw
+    assert ar.start - B.start == pytest.approx(0.004, abs=1e-9)  # on the device's clock, not the host's
+    assert before - 1.0 < B.start < B.end <= time.perf_counter()  # anchored to the host clock
+    assert B.start < ar.start < ar.end < B.end  # the overlap the timeline will draw
     trace.events()
-    assert dev.syncs == 3                          # resolved once, not per call
+    assert dev.syncs == 3  # resolved once, not per call
 
 
 def _on_fake_streams():
     dev = FakeDevice(follow_host=True)
-    torch.cuda.synchronize = None                  # any call would fail: the path must never make one
+    torch.cuda.synchronize = None  # any call would fail: the path must never make one
     resolve = trace.resolve
 
-    def counted():                                 # the only place allowed to wait for the device
+    def counted():  # the only place allowed to wait for the device
         dev.resolving, dev.resolves = True, dev.resolves + 1
         resolve()
         dev.resolving = False
@@ -135,16 +136,25 @@ def _on_fake_streams():
         trace.reset()
         zero = train_zero(CFG, 3, steps=2)
         zero_evs = trace.events()
-    return dict(ddp=ddp, zero=zero, ddp_evs=ddp_evs, zero_evs=zero_evs, ddp_log=ddp_log, zero_log=dev.log,
-                resolves_while_training=resolves_while_training, syncs=dev.syncs,
-                syncs_outside_resolve=dev.syncs_outside_resolve, stream_of={e.id: e.stream for e in dev.events})
+    return dict(
+        ddp=ddp,
+        zero=zero,
+        ddp_evs=ddp_evs,
+        zero_evs=zero_evs,
+        ddp_log=ddp_log,
+        zero_log=dev.log,
+        resolves_while_training=resolves_while_training,
+        syncs=dev.syncs,
+        syncs_outside_resolve=dev.syncs_outside_resolve,
+        stream_of={e.id: e.stream for e in dev.events},
+    )
 
 
 def test_ddp_buckets_and_zero3_prefetch_run_on_the_comm_stream_without_host_waits():
     res = launch(_on_fake_streams, 2)
     ref = train_reference(CFG, 2, 8, 0)
     for r in res:
-        assert r["ddp"]["losses"] == pytest.approx(ref.losses, abs=1e-6)   # same numbers as the CPU path
+        assert r["ddp"]["losses"] == pytest.approx(ref.losses, abs=1e-6)  # same numbers as the CPU path
         assert r["zero"]["losses"] == pytest.approx(ref.losses, abs=1e-6)
         # the device is waited for only when the trace is read: once per step (train_steps), never per call
         assert r["syncs_outside_resolve"] == 0 and r["syncs"] > 0 and r["resolves_while_training"] == 2
@@ -166,15 +176,15 @@ def test_ddp_buckets_and_zero3_prefetch_run_on_the_comm_stream_without_host_wait
     zlog = r0["zero_log"]
     comm_records = [x for x in zlog if x[0] == "record" and x[1] == "comm"]
     n_comm = len([e for e in r0["zero_evs"] if e.cat == "comm"])
-    assert len(comm_records) == 2 * n_comm         # a start and an end event per traced collective
+    assert len(comm_records) == 2 * n_comm  # a start and an end event per traced collective
     assert any(x[0] == "wait_event" and x[1] == "compute" for x in zlog)
 
 
 def _solo():
     trace.reset()
-    comm.all_reduce(torch.ones(3))                 # a group of one: nothing to do, nothing recorded
+    comm.all_reduce(torch.ones(3))  # a group of one: nothing to do, nothing recorded
     with comm.solo():
-        comm.all_reduce(torch.ones(3), op="avg")   # issued anyway (the single-GPU smoke test's DDP)
+        comm.all_reduce(torch.ones(3), op="avg")  # issued anyway (the single-GPU smoke test's DDP)
     return [(e.name, e.bytes) for e in trace.events()]
 
 

@@ -1,21 +1,20 @@
 """ZeRO-1/2/3, offload, mixed precision: parity with the single-device loop, memory and
 communication against the ZeRO paper's formulas, and our ZeRO-3 against FSDP2."""
+
 import pytest
 import torch
+from _parity import assert_grads_match, assert_moved, assert_params_match, grad_errors, grad_scales
+from _peers import full_params, train_torch_peer
+from _wire import handed_to_backend, total
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minipar import comm, launch, trace
 from minipar.dp import train_ddp, train_steps
-from minipar.exercises import check
 from minipar.model import GPT, GPTConfig, make_optimizer, train_reference
 from minipar.plan import model_state_bytes
 from minipar.precision import MixedPrecision
 from minipar.zero import FSDP_NAMES, ZeRO, stage_of, train_zero
-
-from _parity import assert_grads_match, assert_moved, assert_params_match, grad_errors, grad_scales
-from _peers import full_params, train_torch_peer
-from _wire import handed_to_backend, total
 
 # hidden=27, vocab=61: every unit has an odd number of parameters, so no unit divides
 # by 2 or 4 ranks and every flat buffer is padded.
@@ -26,7 +25,7 @@ ENGINES = ("ddp", 1, 2, 3, "3+offload")
 
 def _train(cfg, engine, **kw):
     if engine == "ddp":
-        kw.pop("capture", None)     # DDP returns its (unsharded) gradients anyway
+        kw.pop("capture", None)  # DDP returns its (unsharded) gradients anyway
         return train_ddp(cfg, **kw)
     if engine == "3+offload":
         return train_zero(cfg, 3, offload=True, **kw)
@@ -39,9 +38,13 @@ STEPS = 3
 def _grid(combos):
     """Every (cfg, engine, accum, recompute) of `combos` inside one launch: one fork per world size.
     SGD: the purpose is the gradient and the parameters (see _parity.py)."""
-    return {(cfg.hidden, e, acc, rc): _train(cfg, e, steps=STEPS, batch_size=8, grad_accum=acc, recompute=rc,
-                                             capture=True, kind="sgd")
-            for cfg, acc, rc in combos for e in ENGINES}
+    return {
+        (cfg.hidden, e, acc, rc): _train(
+            cfg, e, steps=STEPS, batch_size=8, grad_accum=acc, recompute=rc, capture=True, kind="sgd"
+        )
+        for cfg, acc, rc in combos
+        for e in ENGINES
+    }
 
 
 GRIDS = {
@@ -59,14 +62,16 @@ def test_every_stage_matches_the_single_device_gradients_and_sgd_parameters(worl
     for (hidden, engine, acc, rc), res in results[0].items():
         cfg = ODD if hidden == ODD.hidden else EVEN
         if (hidden, acc) not in refs:
-            refs[hidden, acc] = (train_reference(cfg, 1, 8, 0, grad_accum=acc).grads,
-                                 train_reference(cfg, STEPS, 8, 0, grad_accum=acc, kind="sgd"))
+            refs[hidden, acc] = (
+                train_reference(cfg, 1, 8, 0, grad_accum=acc).grads,
+                train_reference(cfg, STEPS, 8, 0, grad_accum=acc, kind="sgd"),
+            )
         first, ref = refs[hidden, acc]
         what = f"{engine} world={world} accum={acc} recompute={rc} hidden={hidden}"
         assert_grads_match(res["first_grads"], first, what=what)
         assert res["losses"] == pytest.approx(ref.losses, abs=1e-5), what
         want = dict(ref.model.named_parameters())
-        assert_moved(want, GPT(cfg, 0))   # the steps moved the model far beyond the bound below
+        assert_moved(want, GPT(cfg, 0))  # the steps moved the model far beyond the bound below
         for r in range(world):  # every rank ends with the same full parameters as the reference
             assert_params_match(results[r][hidden, engine, acc, rc]["params"], want, what=f"{what} rank {r}")
 
@@ -77,10 +82,15 @@ def _memory_and_comm():
         trace.reset()
         with handed_to_backend() as log:
             res = _train(ODD, e, steps=3, batch_size=8)
-        out[e] = dict(memory=res["memory"], num_params=res["num_params"],
-                      padded=res.get("padded_params", res["num_params"]), ops=sorted({ev.name for ev in trace.events()
-                                                                                       if ev.cat == "comm"}),
-                      backend={op: total(log, op) for op in ("all_reduce", "all_gather", "reduce_scatter", "broadcast")})
+        out[e] = dict(
+            memory=res["memory"],
+            num_params=res["num_params"],
+            padded=res.get("padded_params", res["num_params"]),
+            ops=sorted({ev.name for ev in trace.events() if ev.cat == "comm"}),
+            backend={
+                op: total(log, op) for op in ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
+            },
+        )
     for stage in (1, 2, 3):
         out["bf16", stage] = train_zero(ODD, stage, steps=2, precision=MixedPrecision("bf16"))["memory"]
     return out
@@ -110,13 +120,21 @@ def test_model_state_bytes_and_traffic_match_the_zero_formulas(world):
     # also averages its logged loss (one float per step) and DDP broadcasts the initial parameters once.
     P, loss = 4 * res[3]["padded"], 3 * 4
     assert res["ddp"]["ops"] == ["all_reduce"]
-    assert res["ddp"]["backend"] == dict(all_reduce=3 * 4 * psi + loss, all_gather=0, reduce_scatter=0, broadcast=4 * psi)
-    for e in (1, 2):      # one reduce-scatter of the gradients and one all-gather of the parameters per step
-        assert res[e]["backend"] == dict(all_reduce=loss, all_gather=3 * P, reduce_scatter=3 * P, broadcast=0), e
-    for e in (3, "3+offload"):   # two all-gathers per step (forward, backward), + full_parameters' one at the end
+    assert res["ddp"]["backend"] == dict(
+        all_reduce=3 * 4 * psi + loss, all_gather=0, reduce_scatter=0, broadcast=4 * psi
+    )
+    for e in (1, 2):  # one reduce-scatter of the gradients and one all-gather of the parameters per step
+        assert res[e]["backend"] == dict(
+            all_reduce=loss, all_gather=3 * P, reduce_scatter=3 * P, broadcast=0
+        ), e
+    for e in (
+        3,
+        "3+offload",
+    ):  # two all-gathers per step (forward, backward), + full_parameters' one at the end
         assert res[e]["ops"] == ["all_gather", "reduce_scatter"]
-        assert res[e]["backend"] == dict(all_reduce=loss, all_gather=3 * 2 * P + P, reduce_scatter=3 * P,
-                                         broadcast=0), e
+        assert res[e]["backend"] == dict(
+            all_reduce=loss, all_gather=3 * 2 * P + P, reduce_scatter=3 * P, broadcast=0
+        ), e
     # ZeRO's 2Ψ vs 3Ψ (Rajbhandari et al. 2020, sec. 7): a ring all-reduce puts 2(N-1)/N of its payload on
     # the wire, an all-gather or a reduce-scatter (N-1)/N. From the measured payloads of the 3 steps:
     ddp_wire = 2 * (res["ddp"]["backend"]["all_reduce"] - loss)
@@ -135,9 +153,17 @@ GROWTH = 16
 
 
 def _mixed_precision():
-    return {"bf16": train_zero(ODD, 3, steps=STEPS, precision=MixedPrecision("bf16"), capture=True, kind="sgd"),
-            "fp16": train_zero(ODD, 1, steps=STEPS, precision=MixedPrecision("fp16", loss_scale="dynamic"),
-                               capture=True, kind="sgd")}
+    return {
+        "bf16": train_zero(ODD, 3, steps=STEPS, precision=MixedPrecision("bf16"), capture=True, kind="sgd"),
+        "fp16": train_zero(
+            ODD,
+            1,
+            steps=STEPS,
+            precision=MixedPrecision("fp16", loss_scale="dynamic"),
+            capture=True,
+            kind="sgd",
+        ),
+    }
 
 
 def test_bf16_and_fp16_with_loss_scaling_match_fp32_within_their_precision():
@@ -145,8 +171,9 @@ def test_bf16_and_fp16_with_loss_scaling_match_fp32_within_their_precision():
     first step's gradients, as the optimizer applies them (unscaled), within 16 u of the fp32 reference;
     the parameters after 3 SGD steps within 2 u of their scale (the fp32 masters start from the 16-bit
     copy of the initial weights, and the result is that of the masters rounded to 16 bits: two roundings
-    of at most u each, or of half fp16's subnormal spacing 2^-24 near zero) plus what the gradients' error moved them (3 steps x lr x 16 u x the gradient's
-    scale, twice for the later steps' gradients); the losses (means of many terms) within u of their size."""
+    of at most u each, or of half fp16's subnormal spacing 2^-24 near zero) plus what the gradients' error
+    moved them (3 steps x lr x 16 u x the gradient's scale, twice for the later steps' gradients); the
+    losses (means of many terms) within u of their size."""
     res = launch(_mixed_precision, 2)
     first = train_reference(ODD, 1, 8).grads
     ref = train_reference(ODD, STEPS, 8, kind="sgd")
@@ -193,14 +220,19 @@ def test_the_step_after_an_overflow_uses_the_halved_scale():
     for log, hist in launch(_overflow_then_the_halved_scale, 2):
         # measured from the gradients: 2^16 until the overflow, half of it from the next step on
         assert [e["scale"] for e in log] == [2.0**16, 2.0**16, 2.0**15, 2.0**15]
-        assert [e["stepped"] for e in log] == [True, False, True, True]     # every rank skipped step 1
+        assert [e["stepped"] for e in log] == [True, False, True, True]  # every rank skipped step 1
         assert hist == [(2.0**16, False), (2.0**16, True), (2.0**15, False), (2.0**15, False)]
-        assert all(torch.equal(a, b) for a, b in zip(log[1]["shards"], log[0]["shards"]))   # skipped: unchanged
-        assert not all(torch.equal(a, b) for a, b in zip(log[2]["shards"], log[1]["shards"]))  # the next one steps
+        assert all(
+            torch.equal(a, b) for a, b in zip(log[1]["shards"], log[0]["shards"])
+        )  # skipped: unchanged
+        assert not all(
+            torch.equal(a, b) for a, b in zip(log[2]["shards"], log[1]["shards"])
+        )  # the next one steps
 
 
 def test_the_overflow_halves_the_scale():
     from minipar.precision import DynamicLossScaler
+
     s = DynamicLossScaler(init_scale=8.0, growth_interval=2)
     s.update(True)
     assert s.scale_value == 4.0
@@ -251,6 +283,7 @@ def fsdp2_runs():
 
 def _zero3_schedule():
     from minipar.dp import train_steps
+
     model = GPT(ODD, 0)
     z = ZeRO(model, 3)
     trace.reset()
@@ -288,10 +321,14 @@ def test_bad_configurations_raise_clear_errors():
 
 
 @settings(max_examples=25, deadline=None)
-@given(sizes=st.lists(st.tuples(st.integers(1, 7), st.integers(1, 7)), min_size=1, max_size=4),
-       n=st.integers(1, 5), stage=st.sampled_from([1, 2, 3]))
+@given(
+    sizes=st.lists(st.tuples(st.integers(1, 7), st.integers(1, 7)), min_size=1, max_size=4),
+    n=st.integers(1, 5),
+    stage=st.sampled_from([1, 2, 3]),
+)
 def test_flat_shards_tile_the_parameters_with_zero_padding(sizes, n, stage):
     from minipar.zero import Unit
+
     torch.manual_seed(0)
     modules = [torch.nn.Linear(a, b) for a, b in sizes]
     want = torch.cat([p.detach().flatten() for m in modules for p in m.parameters()])
@@ -306,7 +343,7 @@ def test_flat_shards_tile_the_parameters_with_zero_padding(sizes, n, stage):
         if stage < 3:  # the module's parameters are views into the flat buffer
             assert copies[0].weight.untyped_storage().data_ptr() == u.flat.untyped_storage().data_ptr()
     flat = torch.cat(shards)
-    assert torch.equal(flat[:want.numel()], want) and not flat[want.numel():].any()
+    assert torch.equal(flat[: want.numel()], want) and not flat[want.numel() :].any()
 
 
 class _SometimesB(torch.nn.Module):
@@ -326,7 +363,9 @@ def _late_unit(stage):
     import copy
 
     import torch.distributed as dist
+
     from minipar import comm
+
     torch.manual_seed(0)
     model = _SometimesB()
     ref = copy.deepcopy(model)
@@ -336,7 +375,9 @@ def _late_unit(stage):
     z.zero_grad()
     z.backward(model(x, use_b).sum())
     ref(x, use_b).sum().backward()
-    want = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in ref.parameters()])
+    want = torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in ref.parameters()]
+    )
     want = comm.all_reduce(want, op="avg")
     u = z.units[0]
     want = torch.cat([want, want.new_zeros(u.padded - u.numel)]).chunk(2)[comm.local_rank()]

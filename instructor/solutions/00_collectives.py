@@ -9,7 +9,7 @@ def ring_all_gather(x, group=None):
     r, n, left, right = ring_neighbours(group)
     blocks = [None] * n
     blocks[r] = x
-    for s in range(n - 1):                        # step s: forward the block received at step s-1
+    for s in range(n - 1):  # step s: forward the block received at step s-1
         buf = torch.empty_like(x)
         for h in comm.batch_p2p(sends=[(blocks[(r - s) % n], right)], recvs=[(buf, left)], group=group):
             h.wait()

@@ -9,6 +9,7 @@ memory per rank: on a GPU torch.cuda.max_memory_allocated; on the CPU the growth
 process's peak resident set (ru_maxrss) over the run, which counts whole pages and the allocator's
 caches, so read it to the MiB, not the byte. Each variant runs in its own processes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,11 @@ from ..validation import ArgumentParser, Int, Problems, exit_on_error
 from ..zero import ZeRO
 
 CFG = GPTConfig(vocab=256, seq=64, layers=4, heads=4, hidden=256)
-PAIRS = [("DDP", "ours_ddp", "torch_ddp"), ("ZeRO-3 / FSDP2", "ours_zero3", "fsdp2"),
-         ("ZeRO-3 + offload", "ours_zero3_offload", "fsdp2_offload")]
+PAIRS = [
+    ("DDP", "ours_ddp", "torch_ddp"),
+    ("ZeRO-3 / FSDP2", "ours_zero3", "fsdp2"),
+    ("ZeRO-3 + offload", "ours_zero3_offload", "fsdp2_offload"),
+]
 
 
 def _peak_mib(start_kib: int) -> float:
@@ -84,22 +88,31 @@ def _run(kind: str, cfg: GPTConfig, steps: int, warmup: int, batch: int):
 
 @exit_on_error
 def main(argv=None):
-    ap = ArgumentParser(prog="python -m minipar.bench.dp", description=__doc__,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(
+        prog="python -m minipar.bench.dp",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--world", type=Int, default=2, help="ranks [2]")
     ap.add_argument("--steps", type=Int, default=15, help="timed steps [15]")
     ap.add_argument("--warmup", type=Int, default=3, help="untimed steps first [3]")
     ap.add_argument("--batch", type=Int, default=8, help="global batch, a multiple of --world [8]")
     a = ap.parse_args(argv)
     p = Problems(cli=True)
-    ok = p.integer("world", a.world, low=1) & p.integer("steps", a.steps, low=1) & p.integer("batch", a.batch, low=1)
+    ok = (
+        p.integer("world", a.world, low=1)
+        & p.integer("steps", a.steps, low=1)
+        & p.integer("batch", a.batch, low=1)
+    )
     p.integer("warmup", a.warmup, low=0)
     if ok:
         p.divides("world", a.world, "batch", a.batch, "every rank gets the same sequences")
     p.raise_if_any()
     psi = sum(p.numel() for p in GPT(CFG).parameters())
-    print(f"model: {CFG.layers} layers, hidden {CFG.hidden}, Ψ = {psi:,}; world {a.world}; "
-          f"batch {a.batch}; median of {a.steps} steps after {a.warmup} warm-up")
+    print(
+        f"model: {CFG.layers} layers, hidden {CFG.hidden}, Ψ = {psi:,}; world {a.world}; "
+        f"batch {a.batch}; median of {a.steps} steps after {a.warmup} warm-up"
+    )
     stats = {}
     for _, ours, theirs in PAIRS:
         for kind in (ours, theirs):
@@ -109,11 +122,13 @@ def main(argv=None):
     print(f"{'pair':<18}{'ours ms':>9}{'torch ms':>10}{'ratio':>8}{'ours MiB':>10}{'torch MiB':>11}")
     for name, ours, theirs in PAIRS:
         (t1, m1, l1), (t2, m2, l2) = stats[ours], stats[theirs]
-        print(f"{name:<18}{t1 * 1e3:>9.1f}{t2 * 1e3:>10.1f}{t1 / t2:>8.2f}{m1:>10.1f}{m2:>11.1f}"
-              f"   (last loss {l1:.4f} vs {l2:.4f})")
+        print(
+            f"{name:<18}{t1 * 1e3:>9.1f}{t2 * 1e3:>10.1f}{t1 / t2:>8.2f}{m1:>10.1f}{m2:>11.1f}"
+            f"   (last loss {l1:.4f} vs {l2:.4f})"
+        )
     return stats
 
 
 if __name__ == "__main__":
-    rc = main()   # 2 for a refused command line; the results otherwise
+    rc = main()  # 2 for a refused command line; the results otherwise
     sys.exit(rc if isinstance(rc, int) else 0)

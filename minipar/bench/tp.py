@@ -13,6 +13,7 @@ With --dp > 1 both sides also shard over dp, torchtitan's 2D: ours is `minipar.t
 model and optimizer (ComposedStage + optim.Optimizer), torch's is FSDP2 `fully_shard` per block
 on the dp sub-mesh of a 2-D DeviceMesh over the DTensor-parallel model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,17 +54,25 @@ def dtensor_tp_model(cfg: GPTConfig, seed: int = 0, sequence_parallel: bool = Fa
     mesh = mesh if mesh is not None else init_device_mesh(device().type, (dist.get_world_size(),))
     model = GPT(cfg, seed).to(device())
     act = Shard(1) if sequence_parallel else Replicate()  # layout of the residual stream
-    plan = {"wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-            "head": ColwiseParallel(input_layouts=act, output_layouts=Shard(-1), use_local_output=False)}
+    plan = {
+        "wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "head": ColwiseParallel(input_layouts=act, output_layouts=Shard(-1), use_local_output=False),
+    }
     if sequence_parallel:  # wpe is added to the full sequence, so split after the embedding
-        plan["blocks.0"] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
-                                                  use_local_output=True)
+        plan["blocks.0"] = PrepareModuleInput(
+            input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True
+        )
         plan["ln_f"] = SequenceParallel()
     for i in range(cfg.layers):
-        blk = {"attn": PrepareModuleInput(input_layouts=(act,), desired_input_layouts=(Replicate(),)),
-               "attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(),
-               "attn.proj": RowwiseParallel(output_layouts=act),
-               "mlp.fc": ColwiseParallel(input_layouts=act), "mlp.proj": RowwiseParallel(output_layouts=act)}
+        blk = {
+            "attn": PrepareModuleInput(input_layouts=(act,), desired_input_layouts=(Replicate(),)),
+            "attn.q": ColwiseParallel(),
+            "attn.k": ColwiseParallel(),
+            "attn.v": ColwiseParallel(),
+            "attn.proj": RowwiseParallel(output_layouts=act),
+            "mlp.fc": ColwiseParallel(input_layouts=act),
+            "mlp.proj": RowwiseParallel(output_layouts=act),
+        }
         if sequence_parallel:
             blk.update({"ln1": SequenceParallel(), "ln2": SequenceParallel()})
         plan.update({f"blocks.{i}.{k}": v for k, v in blk.items()})
@@ -138,7 +147,7 @@ def _run_2d(cfg, steps, batch_size, sp, ours, dp, tp):
             with loss_parallel():
                 loss.backward()
             loss = loss.full_tensor()
-            if step == 0:   # the first step's gradients, gathered to full shape (parity tests)
+            if step == 0:  # the first step's gradients, gathered to full shape (parity tests)
                 grads = {n: p.grad.full_tensor().detach().cpu() for n, p in model.named_parameters()}
         opt.step()
         times.append(time.perf_counter() - t0)
@@ -151,8 +160,11 @@ def _run_2d(cfg, steps, batch_size, sp, ours, dp, tp):
 
 @exit_on_error
 def main(argv=None):
-    ap = ArgumentParser(prog="python -m minipar.bench.tp", description=__doc__,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(
+        prog="python -m minipar.bench.tp",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--tp", type=Int, default=2, help="tensor-parallel ranks [2]")
     ap.add_argument("--dp", type=Int, default=1, help="also shard over dp: ZeRO-3 vs FSDP2 (world dp*tp) [1]")
     ap.add_argument("--steps", type=Int, default=12, help="steps; the median leaves out the first two [12]")
@@ -171,21 +183,33 @@ def main(argv=None):
     cfg = GPTConfig(vocab=256, seq=a.seq, layers=a.layers, heads=8, hidden=a.hidden)
     check_tp(cfg, a.tp, sequence_parallel=True)
     print(f"{cfg}\ntp={a.tp}, dp={a.dp}, batch={a.batch}, {a.steps} steps (median of the last {a.steps - 2})")
-    print(f"{'':<11}{'ours ms':>10}{'torch ms':>10}{'ratio':>8}{'ours MB':>10}{'torch MB':>10}{'max |dloss|':>13}")
+    print(
+        f"{'':<11}{'ours ms':>10}{'torch ms':>10}{'ratio':>8}{'ours MB':>10}{'torch MB':>10}{'max |dloss|':>13}"
+    )
     ratios = {}
-    run = (lambda sp, ours: launch(_run, a.tp, cfg, a.steps, a.batch, sp, ours, timeout=300)[0]) if a.dp == 1 else \
-        (lambda sp, ours: launch(_run_2d, a.dp * a.tp, cfg, a.steps, a.batch, sp, ours, a.dp, a.tp, timeout=300)[0])
+    run = (
+        (lambda sp, ours: launch(_run, a.tp, cfg, a.steps, a.batch, sp, ours, timeout=300)[0])
+        if a.dp == 1
+        else (
+            lambda sp, ours: launch(
+                _run_2d, a.dp * a.tp, cfg, a.steps, a.batch, sp, ours, a.dp, a.tp, timeout=300
+            )[0]
+        )
+    )
     for sp in (False, True):
         ours, theirs = run(sp, True), run(sp, False)
         err = max(abs(x - y) for x, y in zip(ours["losses"], theirs["losses"]))
         ratios[sp] = ours["median"] / theirs["median"]
-        print(f"{('FSDP+' if a.dp > 1 else '') + ('TP+SP' if sp else 'TP'):<11}{ours['median'] * 1e3:>10.2f}{theirs['median'] * 1e3:>10.2f}"
-              f"{ratios[sp]:>8.2f}{ours['peak'] / 2**20:>10.0f}{theirs['peak'] / 2**20:>10.0f}{err:>13.2e}")
+        print(
+            f"{('FSDP+' if a.dp > 1 else '') + ('TP+SP' if sp else 'TP'):<11}"
+            f"{ours['median'] * 1e3:>10.2f}{theirs['median'] * 1e3:>10.2f}"
+            f"{ratios[sp]:>8.2f}{ours['peak'] / 2**20:>10.0f}{theirs['peak'] / 2**20:>10.0f}{err:>13.2e}"
+        )
         if err > 1e-5:
             raise SystemExit(f"losses disagree by {err:.3g} (> 1e-5)")
     return ratios
 
 
 if __name__ == "__main__":
-    rc = main()   # 2 for a refused command line; the results otherwise
+    rc = main()  # 2 for a refused command line; the results otherwise
     sys.exit(rc if isinstance(rc, int) else 0)

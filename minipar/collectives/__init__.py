@@ -16,16 +16,17 @@ Rabenseifner & Gropp 2005) are `cost.alpha_beta`; the planner prices collectives
 NCCL picks among ring, tree (a pipelined double binary tree) and, on NVSwitch and SHARP fabrics,
 in-network reductions by message size and topology; the α-β model is how to reason about that choice.
 """
+
 from .cost import (
-                   ALGORITHMS,
-                   OPS_OF,
-                   alpha_beta,
-                   chunks,
-                   collective_time,
-                   critical_path,
-                   hierarchical_alpha_beta,
-                   padded_numel,
-                   traffic,
+    ALGORITHMS,
+    OPS_OF,
+    alpha_beta,
+    chunks,
+    collective_time,
+    critical_path,
+    hierarchical_alpha_beta,
+    padded_numel,
+    traffic,
 )
 from .halving_doubling import halving_doubling_all_reduce
 from .hierarchical import INTER_ALGORITHMS, hierarchical_all_reduce
@@ -33,7 +34,23 @@ from .pairwise import pairwise_all_to_all
 from .ring import ring_all_gather, ring_all_reduce, ring_neighbours, ring_reduce_scatter
 from .tree import tree_all_reduce
 
-__all__ = ["ring_neighbours", "ring_reduce_scatter", "ring_all_gather", "ring_all_reduce", "tree_all_reduce",
-           "halving_doubling_all_reduce", "hierarchical_all_reduce", "pairwise_all_to_all", "INTER_ALGORITHMS",
-           "ALGORITHMS", "OPS_OF", "alpha_beta", "hierarchical_alpha_beta", "chunks", "padded_numel",
-           "collective_time", "critical_path", "traffic"]
+__all__ = [
+    "ring_neighbours",
+    "ring_reduce_scatter",
+    "ring_all_gather",
+    "ring_all_reduce",
+    "tree_all_reduce",
+    "halving_doubling_all_reduce",
+    "hierarchical_all_reduce",
+    "pairwise_all_to_all",
+    "INTER_ALGORITHMS",
+    "ALGORITHMS",
+    "OPS_OF",
+    "alpha_beta",
+    "hierarchical_alpha_beta",
+    "chunks",
+    "padded_numel",
+    "collective_time",
+    "critical_path",
+    "traffic",
+]

@@ -25,6 +25,7 @@ traced sends and receives (`comm.batch_p2p` stamps the messages of one step with
 links each receive to its send, and runs the steps through `minipar.sim` twice, once with each
 step costing 1 (the α count) and once costing its largest message (the β count).
 """
+
 from __future__ import annotations
 
 import math
@@ -33,21 +34,40 @@ from collections import defaultdict
 from ..sim import Op, run
 from ..validation import Problems
 
-__all__ = ["ALGORITHMS", "OPS_OF", "alpha_beta", "hierarchical_alpha_beta", "padded_numel", "chunks",
-           "collective_time", "critical_path", "traffic"]
+__all__ = [
+    "ALGORITHMS",
+    "OPS_OF",
+    "alpha_beta",
+    "hierarchical_alpha_beta",
+    "padded_numel",
+    "chunks",
+    "collective_time",
+    "critical_path",
+    "traffic",
+]
 
 # which collectives each algorithm implements here
-OPS_OF = {"ring": ("all_reduce", "all_gather", "reduce_scatter"), "tree": ("all_reduce",),
-          "halving_doubling": ("all_reduce",), "pairwise": ("all_to_all",)}
+OPS_OF = {
+    "ring": ("all_reduce", "all_gather", "reduce_scatter"),
+    "tree": ("all_reduce",),
+    "halving_doubling": ("all_reduce",),
+    "pairwise": ("all_to_all",),
+}
 ALGORITHMS = tuple(OPS_OF)
 _ALL_OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 
 
 def _check(algorithm, op, n, nbytes) -> None:
     p = Problems()
-    if p.choice("algorithm", algorithm, ALGORITHMS) and p.choice("op", op, _ALL_OPS) and op not in OPS_OF[algorithm]:
-        p.add(f"there is no {algorithm} {op}: {algorithm} implements {', '.join(OPS_OF[algorithm])}; "
-              f"{op} is implemented by {', '.join(a for a, ops in OPS_OF.items() if op in ops)}")
+    if (
+        p.choice("algorithm", algorithm, ALGORITHMS)
+        and p.choice("op", op, _ALL_OPS)
+        and op not in OPS_OF[algorithm]
+    ):
+        p.add(
+            f"there is no {algorithm} {op}: {algorithm} implements {', '.join(OPS_OF[algorithm])}; "
+            f"{op} is implemented by {', '.join(a for a, ops in OPS_OF.items() if op in ops)}"
+        )
     p.integer("n", n, low=1, why="the number of ranks in the group")
     p.number("nbytes", nbytes, low=0, why="the bytes of the tensor")
     p.raise_if_any("no α-β cost for this collective")
@@ -63,7 +83,7 @@ def alpha_beta(algorithm: str, op: str, n: int, nbytes: float) -> tuple[int, flo
     if n == 1:
         return 0, 0.0
     if algorithm == "ring":
-        phases = 2 if op == "all_reduce" else 1           # all-reduce = reduce-scatter + all-gather
+        phases = 2 if op == "all_reduce" else 1  # all-reduce = reduce-scatter + all-gather
         return phases * (n - 1), phases * (n - 1) / n * S
     if algorithm == "tree":
         levels = math.ceil(math.log2(n))
@@ -71,8 +91,8 @@ def alpha_beta(algorithm: str, op: str, n: int, nbytes: float) -> tuple[int, flo
     if algorithm == "halving_doubling":
         P = 1 << (n.bit_length() - 1)
         steps, sent = 2 * (P.bit_length() - 1), 2 * (P - 1) / P * S
-        return (steps, sent) if P == n else (steps + 2, sent + 2 * S)   # fold and unfold: S each
-    return n - 1, (n - 1) / n * S                           # pairwise all-to-all
+        return (steps, sent) if P == n else (steps + 2, sent + 2 * S)  # fold and unfold: S each
+    return n - 1, (n - 1) / n * S  # pairwise all-to-all
 
 
 def hierarchical_alpha_beta(intra: int, inter: int, nbytes: float, inter_algorithm: str = "ring") -> dict:
@@ -82,8 +102,10 @@ def hierarchical_alpha_beta(intra: int, inter: int, nbytes: float, inter_algorit
     priced on its own link: T = Σ steps·α_link + bytes/bandwidth_link."""
     _check("ring", "all_reduce", intra, nbytes)
     _check(inter_algorithm, "all_reduce", inter, nbytes)
-    return {"intra": alpha_beta("ring", "all_reduce", intra, nbytes),
-            "inter": alpha_beta(inter_algorithm, "all_reduce", inter, nbytes / intra)}
+    return {
+        "intra": alpha_beta("ring", "all_reduce", intra, nbytes),
+        "inter": alpha_beta(inter_algorithm, "all_reduce", inter, nbytes / intra),
+    }
 
 
 def chunks(algorithm: str, n: int) -> int:
@@ -102,7 +124,9 @@ def padded_numel(algorithm: str, n: int, numel: int) -> int:
     return -(-numel // c) * c
 
 
-def collective_time(algorithm: str, op: str, n: int, nbytes: float, latency: float, bandwidth: float) -> float:
+def collective_time(
+    algorithm: str, op: str, n: int, nbytes: float, latency: float, bandwidth: float
+) -> float:
     """Seconds by the α-β model on a link of `latency` (α) and `bandwidth` (bytes/s, 1/β)."""
     steps, sent = alpha_beta(algorithm, op, n, nbytes)
     return steps * latency + sent / bandwidth
@@ -114,10 +138,12 @@ def _steps(events) -> dict:
     rounds = defaultdict(lambda: defaultdict(lambda: ([], [])))
     for i, e in enumerate(events):
         if e.cat == "comm" and e.name in ("send", "recv"):
-            key = e.meta.get("round", ("alone", i))            # a lone isend/irecv is a step of its own
+            key = e.meta.get("round", ("alone", i))  # a lone isend/irecv is a step of its own
             rounds[e.rank][key][e.name == "recv"].append(e)
-    return {r: sorted(((k, s, v) for k, (s, v) in by.items()), key=lambda t: min(e.start for e in t[1] + t[2]))
-            for r, by in rounds.items()}
+    return {
+        r: sorted(((k, s, v) for k, (s, v) in by.items()), key=lambda t: min(e.start for e in t[1] + t[2]))
+        for r, by in rounds.items()
+    }
 
 
 def critical_path(events) -> tuple[int, int]:
@@ -127,7 +153,7 @@ def critical_path(events) -> tuple[int, int]:
     steps = _steps(events)
     if not steps:
         return 0, 0
-    sends = defaultdict(list)                                  # (src, dst) -> [index of the step], in order
+    sends = defaultdict(list)  # (src, dst) -> [index of the step], in order
     for r, seq in steps.items():
         for i, (_, ss, _) in enumerate(seq):
             for e in ss:
@@ -139,7 +165,7 @@ def critical_path(events) -> tuple[int, int]:
             lanes[r] = []
             for i, (_, ss, rr) in enumerate(seq):
                 deps = []
-                for e in rr:                                   # the k-th receive from p is p's k-th send to me
+                for e in rr:  # the k-th receive from p is p's k-th send to me
                     src = e.meta["peer"]
                     j = sends[src, r][seen[src, r]]
                     seen[src, r] += 1

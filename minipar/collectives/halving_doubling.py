@@ -20,6 +20,7 @@ and sits out; afterwards the even partner sends the result back. That costs 2 mo
 out the reduction's compute, the plain fold costs the same bytes in one step fewer.) The tensor
 is zero-padded to a multiple of P elements, so that every block has the same size.
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,10 +38,10 @@ def halving_doubling_all_reduce(x: torch.Tensor, group=None, op: str = "sum") ->
     if n == 1:
         return x
     reduce = reducer(op)
-    P = 1 << (n.bit_length() - 1)                   # the largest power of two <= N
+    P = 1 << (n.bit_length() - 1)  # the largest power of two <= N
     extra = n - P
     flat = pad_to(x.flatten(), P)
-    b = flat.numel() // P                           # elements per block
+    b = flat.numel() // P  # elements per block
 
     # fold: odd ranks among the first 2E hand their tensor to the even rank on their left
     if me < 2 * extra and me % 2:
@@ -50,27 +51,32 @@ def halving_doubling_all_reduce(x: torch.Tensor, group=None, op: str = "sum") ->
             buf = torch.empty_like(flat)
             exchange(group, recvs=[(buf, ranks[me + 1])])
             flat = reduce(flat, buf)
-        v = me // 2 if me < 2 * extra else me - extra           # my index among the P that go on
+        v = me // 2 if me < 2 * extra else me - extra  # my index among the P that go on
 
-        def peer(w: int) -> int:                                # index among the P -> global rank
+        def peer(w: int) -> int:  # index among the P -> global rank
             return ranks[2 * w if w < extra else w + extra]
 
-        d = P // 2                                              # reduce-scatter: halving windows
+        d = P // 2  # reduce-scatter: halving windows
         while d:
-            lo = v // (2 * d) * (2 * d)                         # my window: blocks [lo, lo + 2d)
+            lo = v // (2 * d) * (2 * d)  # my window: blocks [lo, lo + 2d)
             keep, give = (lo, lo + d) if v & d == 0 else (lo + d, lo)
             buf = torch.empty(d * b, dtype=flat.dtype, device=flat.device)
-            exchange(group, sends=[(flat[give * b:(give + d) * b], peer(v ^ d))], recvs=[(buf, peer(v ^ d))])
-            flat[keep * b:(keep + d) * b] = reduce(flat[keep * b:(keep + d) * b], buf)
+            exchange(
+                group, sends=[(flat[give * b : (give + d) * b], peer(v ^ d))], recvs=[(buf, peer(v ^ d))]
+            )
+            flat[keep * b : (keep + d) * b] = reduce(flat[keep * b : (keep + d) * b], buf)
             d //= 2
-        d = 1                                                   # all-gather: doubling windows
+        d = 1  # all-gather: doubling windows
         while d < P:
-            mine, theirs = v // d * d, (v ^ d) // d * d         # aligned windows of d blocks
-            exchange(group, sends=[(flat[mine * b:(mine + d) * b], peer(v ^ d))],
-                     recvs=[(flat[theirs * b:(theirs + d) * b], peer(v ^ d))])
+            mine, theirs = v // d * d, (v ^ d) // d * d  # aligned windows of d blocks
+            exchange(
+                group,
+                sends=[(flat[mine * b : (mine + d) * b], peer(v ^ d))],
+                recvs=[(flat[theirs * b : (theirs + d) * b], peer(v ^ d))],
+            )
             d *= 2
-        if me < 2 * extra:                                      # unfold: the result goes back
+        if me < 2 * extra:  # unfold: the result goes back
             exchange(group, sends=[(flat, ranks[me + 1])])
     if me < 2 * extra and me % 2:
         exchange(group, recvs=[(flat, ranks[me - 1])])
-    return flat[:x.numel()].view_as(x)
+    return flat[: x.numel()].view_as(x)

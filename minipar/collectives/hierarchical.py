@@ -17,6 +17,7 @@ A flat ring over all A·B ranks would send 2(AB-1)/(AB) · S per rank over its s
 hierarchy sends only 2(B-1)/B · S/A over the NIC, A times less, and pays 2(A-1) + 2(B-1) steps
 instead of 2(AB-1). `cost.hierarchical_alpha_beta` gives both pairs.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,17 +31,23 @@ from .tree import tree_all_reduce
 
 __all__ = ["hierarchical_all_reduce", "INTER_ALGORITHMS"]
 
-INTER_ALGORITHMS = {"ring": ring_all_reduce, "tree": tree_all_reduce, "halving_doubling": halving_doubling_all_reduce}
+INTER_ALGORITHMS = {
+    "ring": ring_all_reduce,
+    "tree": tree_all_reduce,
+    "halving_doubling": halving_doubling_all_reduce,
+}
 
 
-def hierarchical_all_reduce(x: torch.Tensor, intra, inter, inter_algorithm: str = "ring", op: str = "sum") -> torch.Tensor:
+def hierarchical_all_reduce(
+    x: torch.Tensor, intra, inter, inter_algorithm: str = "ring", op: str = "sum"
+) -> torch.Tensor:
     """Reduce `x` over intra x inter: reduce-scatter in `intra`, all-reduce in `inter` with
     `inter_algorithm`, all-gather in `intra`. Returns the result (x is unchanged)."""
     p = Problems()
     p.choice("inter_algorithm", inter_algorithm, INTER_ALGORITHMS)
     p.raise_if_any("hierarchical all-reduce cannot run")
     a, b = len(group_ranks(intra)[1]), len(group_ranks(inter)[1])
-    flat = pad_to(x.flatten(), a * chunks(inter_algorithm, b))   # A slices, each cut evenly across nodes
-    mine = ring_reduce_scatter(flat, intra, op)                   # 1. the node's sum of my slice
-    mine = INTER_ALGORITHMS[inter_algorithm](mine, inter, op)     # 2. ... summed over the nodes
-    return ring_all_gather(mine, intra)[:x.numel()].view_as(x)    # 3. every slice, on every rank
+    flat = pad_to(x.flatten(), a * chunks(inter_algorithm, b))  # A slices, each cut evenly across nodes
+    mine = ring_reduce_scatter(flat, intra, op)  # 1. the node's sum of my slice
+    mine = INTER_ALGORITHMS[inter_algorithm](mine, inter, op)  # 2. ... summed over the nodes
+    return ring_all_gather(mine, intra)[: x.numel()].view_as(x)  # 3. every slice, on every rank

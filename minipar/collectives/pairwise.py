@@ -11,6 +11,7 @@ swap; the r±k form works for any N at the same cost.) This is what Megatron's e
 parallelism and DeepSpeed-Ulysses pay for every all-to-all: the bytes of an all-gather, with
 none of them replicated.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,8 +30,10 @@ def pairwise_all_to_all(x: torch.Tensor, group=None) -> torch.Tensor:
     if n == 1:
         return x
     if x.shape[0] % n:
-        raise ConfigError([f"dim 0 of size {x.shape[0]} must divide by the {n} ranks of the group: "
-                           "block j goes to rank j"], "pairwise all-to-all cannot split this tensor")
+        raise ConfigError(
+            [f"dim 0 of size {x.shape[0]} must divide by the {n} ranks of the group: block j goes to rank j"],
+            "pairwise all-to-all cannot split this tensor",
+        )
     blocks = list(x.contiguous().chunk(n))
     out = [None] * n
     out[me] = blocks[me].clone()

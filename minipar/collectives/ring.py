@@ -18,6 +18,7 @@ bandwidth-optimal. Its α count grows with N: for small messages a tree wins (se
 A tensor whose element count does not divide by N is zero-padded to the next multiple, so that
 every chunk (and every message) has the same size; the counts hold for the padded size.
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,15 +42,20 @@ def ring_reduce_scatter(x: torch.Tensor, group=None, op: str = "sum") -> torch.T
     if n == 1:
         return x
     if x.shape[0] % n:
-        raise ConfigError([f"dim 0 of size {x.shape[0]} must divide by the {n} ranks of the group "
-                           "(pad it, as ring_all_reduce does)"], "ring reduce-scatter cannot split this tensor")
+        raise ConfigError(
+            [
+                f"dim 0 of size {x.shape[0]} must divide by the {n} ranks of the group "
+                "(pad it, as ring_all_reduce does)"
+            ],
+            "ring reduce-scatter cannot split this tensor",
+        )
     reduce = reducer(op)
     chunks = list(x.chunk(n))
     for s in range(n - 1):
         send, recv_i = chunks[(r - s - 1) % n], (r - s - 2) % n
         buf = torch.empty_like(chunks[recv_i])
         exchange(group, sends=[(send, right)], recvs=[(buf, left)])
-        chunks[recv_i] = reduce(chunks[recv_i], buf)   # my contribution joins the partial sum
+        chunks[recv_i] = reduce(chunks[recv_i], buf)  # my contribution joins the partial sum
     return chunks[r]
 
 
@@ -72,6 +78,6 @@ def ring_all_reduce(x: torch.Tensor, group=None, op: str = "sum") -> torch.Tenso
     n = len(group_ranks(group)[1])
     if n == 1:
         return x
-    flat = pad_to(x.flatten(), n)                      # N equal chunks
-    mine = ring_reduce_scatter(flat, group, op)        # rank r: the full sum of chunk r
-    return ring_all_gather(mine, group)[:x.numel()].view_as(x)
+    flat = pad_to(x.flatten(), n)  # N equal chunks
+    mine = ring_reduce_scatter(flat, group, op)  # rank r: the full sum of chunk r
+    return ring_all_gather(mine, group)[: x.numel()].view_as(x)

@@ -7,6 +7,7 @@ send one message and receive one in the same step (full duplex). Every message g
 `minipar.comm`, so the trace holds every byte, and `comm.batch_p2p` stamps the messages of one
 step with one `round` id: `cost.critical_path` rebuilds the steps from the trace alone.
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,5 +48,5 @@ def pad_to(flat: torch.Tensor, multiple: int) -> torch.Tensor:
     """`flat` zero-padded to a multiple of `multiple` elements (a copy: the algorithms work in place).
     Zero is harmless for sum; max and min ignore the padding because it is sliced off at the end."""
     out = flat.new_zeros(-(-flat.numel() // multiple) * multiple)
-    out[:flat.numel()] = flat
+    out[: flat.numel()] = flat
     return out

@@ -16,6 +16,7 @@ binary tree (Sanders, Speck & Träff 2009): two trees, each a leaf where the oth
 reducing half of the tensor, pipelined in chunks, which brings the bytes back near the ring's 2S
 at large sizes. This is the plain, unpipelined tree the α-β textbook counts.
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,16 +35,16 @@ def tree_all_reduce(x: torch.Tensor, group=None, op: str = "sum") -> torch.Tenso
         return x
     reduce = reducer(op)
     acc = x.contiguous().clone()
-    levels = (n - 1).bit_length()                        # ceil(log2 N)
-    for k in range(levels):                              # reduce, leaves first
+    levels = (n - 1).bit_length()  # ceil(log2 N)
+    for k in range(levels):  # reduce, leaves first
         half = 1 << k
-        if me % (2 * half) == half:                      # my lowest set bit is k: hand my sum up, done
+        if me % (2 * half) == half:  # my lowest set bit is k: hand my sum up, done
             exchange(group, sends=[(acc, ranks[me - half])])
-        elif me % (2 * half) == 0 and me + half < n:     # a child at distance 2^k
+        elif me % (2 * half) == 0 and me + half < n:  # a child at distance 2^k
             buf = torch.empty_like(acc)
             exchange(group, recvs=[(buf, ranks[me + half])])
             acc = reduce(acc, buf)
-    for k in reversed(range(levels)):                    # broadcast, root first
+    for k in reversed(range(levels)):  # broadcast, root first
         half = 1 << k
         if me % (2 * half) == 0 and me + half < n:
             exchange(group, sends=[(acc, ranks[me + half])])

@@ -20,6 +20,7 @@ another one (`python -m minipar.grade --seed`), so no answer can be fitted to th
 Each topic's exercises live in a module of this package (`collectives`, `pp`, ...); `check`
 imports them all and finds an exercise by name.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,22 @@ import torch
 from ..runtime import DeadlineExceeded, Deadlock, RankError, launch
 from ._sandbox import NotYet, UsedReference, child, last_line, outcome, student, waits
 
-__all__ = ["Verdict", "CaseResult", "Case", "Exercise", "NotYet", "UsedReference", "check", "exercise",
-           "EXERCISES", "CHECKERS", "compare", "student", "load_all", "seed_from_env"]
+__all__ = [
+    "Verdict",
+    "CaseResult",
+    "Case",
+    "Exercise",
+    "NotYet",
+    "UsedReference",
+    "check",
+    "exercise",
+    "EXERCISES",
+    "CHECKERS",
+    "compare",
+    "student",
+    "load_all",
+    "seed_from_env",
+]
 
 DEFAULT_SEED = 0
 
@@ -46,6 +61,7 @@ class Case:
     """One input of an exercise. `args` go to the run function on every rank (picklable);
     `world_size` ranks run it; `expect` is whatever the judge needs; `random` marks a case
     drawn from the seed."""
+
     name: str
     args: tuple = ()
     world_size: int = 1
@@ -62,7 +78,7 @@ class CaseResult:
     earned: float
     message: str = ""
     hint: str = ""
-    status: str = "passed"   # passed, wrong, crashed, forbidden, deadline, deadlock, not yet, skipped
+    status: str = "passed"  # passed, wrong, crashed, forbidden, deadline, deadlock, not yet, skipped
 
 
 @dataclass
@@ -71,15 +87,18 @@ class Verdict:
     message: str
     hint: str = ""
     details: list = field(default_factory=list)
-    points: float = 0.0           # what the exercise is worth
-    earned: float = 0.0           # what this solution earned (partial credit by case)
-    cases: list = field(default_factory=list)   # CaseResult per case
-    status: str = ""              # passed, not right, not yet
+    points: float = 0.0  # what the exercise is worth
+    earned: float = 0.0  # what this solution earned (partial credit by case)
+    cases: list = field(default_factory=list)  # CaseResult per case
+    status: str = ""  # passed, not right, not yet
 
     def __post_init__(self):
         if not self.status:
-            self.status = "passed" if self.passed else ("not yet" if self.message.startswith("not yet")
-                                                        else "not right")
+            self.status = (
+                "passed"
+                if self.passed
+                else ("not yet" if self.message.startswith("not yet") else "not right")
+            )
 
     def __bool__(self) -> bool:
         return self.passed
@@ -89,7 +108,7 @@ class Verdict:
         return {"passed": "PASSED", "not yet": "NOT YET"}.get(self.status, "NOT RIGHT")
 
     def __str__(self) -> str:
-        msg = self.message[len("not yet: "):] if self.message.startswith("not yet: ") else self.message
+        msg = self.message[len("not yet: ") :] if self.message.startswith("not yet: ") else self.message
         score = f" ({self.earned:g}/{self.points:g} points)" if self.points else ""
         s = f"{self.head}{score}: {msg}"
         if self.details:
@@ -102,9 +121,16 @@ class Verdict:
         p.text(str(self))
 
     def as_dict(self) -> dict:
-        return {"passed": self.passed, "status": self.status, "message": self.message, "hint": self.hint,
-                "points": self.points, "earned": self.earned, "details": list(self.details),
-                "cases": [vars(c) for c in self.cases]}
+        return {
+            "passed": self.passed,
+            "status": self.status,
+            "message": self.message,
+            "hint": self.hint,
+            "points": self.points,
+            "earned": self.earned,
+            "details": list(self.details),
+            "cases": [vars(c) for c in self.cases],
+        }
 
 
 @dataclass
@@ -118,6 +144,7 @@ class Exercise:
     forbidden              package functions the answer may not call (each is made to raise)
     reveals                names whose source is the answer: student copies must not show them
     """
+
     name: str
     notebook: str
     function: str
@@ -160,8 +187,9 @@ def seed_from_env(seed: int | None = None) -> int:
 
 
 # ----------------------------------------------------------------------------- checking
-def check(name: str, solution, seed: int | None = None, deadline_scale: float = 1.0,
-          first_failure: bool = False) -> Verdict:
+def check(
+    name: str, solution, seed: int | None = None, deadline_scale: float = 1.0, first_failure: bool = False
+) -> Verdict:
     """Check `solution` against exercise `name` (see the module docstring). `seed` draws the
     randomized cases; `deadline_scale` stretches every case's deadline (a slow machine);
     `first_failure` skips the cases after the first wrong one (quicker, no partial credit)."""
@@ -170,10 +198,16 @@ def check(name: str, solution, seed: int | None = None, deadline_scale: float = 
         raise KeyError(f"no exercise named {name!r}; known: {sorted(EXERCISES)}")
     ex = EXERCISES[name]
     if solution is None:
-        return Verdict(False, "not yet: no solution given", "define your function and pass it in", points=ex.points)
+        return Verdict(
+            False, "not yet: no solution given", "define your function and pass it in", points=ex.points
+        )
     if not callable(solution):
-        return Verdict(False, f"expected a function, got {type(solution).__name__}",
-                       f"pass the function itself: check({name!r}, {ex.function})", points=ex.points)
+        return Verdict(
+            False,
+            f"expected a function, got {type(solution).__name__}",
+            f"pass the function itself: check({name!r}, {ex.function})",
+            points=ex.points,
+        )
     seed = seed_from_env(seed)
     cases = ex.cases(random.Random(f"{name}:{seed}"))
     total = sum(c.points for c in cases)
@@ -186,9 +220,13 @@ def check(name: str, solution, seed: int | None = None, deadline_scale: float = 
             continue
         res = _run_case(ex, solution, case, ex.deadline * deadline_scale, share)
         if res.status == "not yet":
-            return Verdict(False, "not yet: the function raised NotYet when called",
-                           "write the function's body in its cell, run that cell, then this one",
-                           points=ex.points, cases=[res])
+            return Verdict(
+                False,
+                "not yet: the function raised NotYet when called",
+                "write the function's body in its cell, run that cell, then this one",
+                points=ex.points,
+                cases=[res],
+            )
         if res.status in ("deadline", "deadlock"):
             stop = "an earlier case did not finish"
         elif res.status == "forbidden":
@@ -199,11 +237,17 @@ def check(name: str, solution, seed: int | None = None, deadline_scale: float = 
     earned = round(sum(r.earned for r in results), 2)
     failed = [r for r in results if not r.passed]
     n_rand = sum(c.random for c in cases)
-    tally = f"{len(results) - len(failed)} of {len(results)} cases" + (f" ({n_rand} randomized, seed {seed})"
-                                                                        if n_rand else "")
+    tally = f"{len(results) - len(failed)} of {len(results)} cases" + (
+        f" ({n_rand} randomized, seed {seed})" if n_rand else ""
+    )
     if not failed:
-        return Verdict(True, (ex.summary or "every case matches") + f"; {tally}", points=ex.points,
-                       earned=ex.points, cases=results)
+        return Verdict(
+            True,
+            (ex.summary or "every case matches") + f"; {tally}",
+            points=ex.points,
+            earned=ex.points,
+            cases=results,
+        )
     first = failed[0]
     details = [f"passed {tally}"]
     seen = {first.message.splitlines()[0]}
@@ -212,8 +256,15 @@ def check(name: str, solution, seed: int | None = None, deadline_scale: float = 
         if r.status != "skipped" and line not in seen and len(details) < 4:
             details.append(f"also wrong: {r.name}: {line}")
         seen.add(line)
-    return Verdict(False, f"{first.name}: {first.message}", first.hint, details, points=ex.points, earned=earned,
-                   cases=results)
+    return Verdict(
+        False,
+        f"{first.name}: {first.message}",
+        first.hint,
+        details,
+        points=ex.points,
+        earned=earned,
+        cases=results,
+    )
 
 
 def _run_case(ex: Exercise, solution, case: Case, deadline: float, share: float) -> CaseResult:
@@ -221,17 +272,24 @@ def _run_case(ex: Exercise, solution, case: Case, deadline: float, share: float)
         return CaseResult(case.name, False, share, 0.0, message, hint, status)
 
     try:
-        outputs = launch(child, case.world_size, ex, solution, case, deadline=deadline,
-                         timeout=max(deadline, 5.0))
+        outputs = launch(
+            child, case.world_size, ex, solution, case, deadline=deadline, timeout=max(deadline, 5.0)
+        )
     except Deadlock as e:
         head = str(e).splitlines()[0].rstrip(":").strip() if str(e) else "deadlock"
-        return fail(f"{head}:{waits(e)}", "every rank is waiting for a message that no rank sends: post each "
-                    "step's send and receive together (comm.batch_p2p), or order them so that one side "
-                    "receives first", "deadlock")
+        return fail(
+            f"{head}:{waits(e)}",
+            "every rank is waiting for a message that no rank sends: post each "
+            "step's send and receive together (comm.batch_p2p), or order them so that one side "
+            "receives first",
+            "deadlock",
+        )
     except DeadlineExceeded as e:
-        return fail(f"did not finish within {deadline:g} s:{waits(e)}",
-                    "look at the line named above: a loop that never ends, or a wait for something that "
-                    "never comes", "deadline")
+        return fail(
+            f"did not finish within {deadline:g} s:{waits(e)}",
+            "look at the line named above: a loop that never ends, or a wait for something that never comes",
+            "deadline",
+        )
     except RankError as e:
         out = outcome(e.remote_traceback)
         if out is None:
@@ -239,18 +297,25 @@ def _run_case(ex: Exercise, solution, case: Case, deadline: float, share: float)
         if out["kind"] == "notyet":
             return CaseResult(case.name, False, share, 0.0, "not yet", status="not yet")
         if out["kind"] == "forbidden":
-            return fail(f"your solution calls {out['name']}, the package's own implementation that this "
-                        "exercise is compared with; the checker runs your code with it disabled",
-                        "write it yourself: reading the package's source is fine, calling it is not",
-                        "forbidden")
+            return fail(
+                f"your solution calls {out['name']}, the package's own implementation that this "
+                "exercise is compared with; the checker runs your code with it disabled",
+                "write it yourself: reading the package's source is fine, calling it is not",
+                "forbidden",
+            )
         where = f" on rank {e.rank}" if case.world_size > 1 else ""
-        return fail(f"your code raised {out['error']}{where}" + (f"\n{out['frames']}" if out["frames"] else ""),
-                    ex.crash_hint, "crashed")
+        return fail(
+            f"your code raised {out['error']}{where}" + (f"\n{out['frames']}" if out["frames"] else ""),
+            ex.crash_hint,
+            "crashed",
+        )
     try:
         verdict = ex.judge(case, outputs)
     except Exception as err:  # noqa: BLE001 - an output the judge cannot read is a wrong answer
-        return fail(f"the checker could not read what your function returned ({type(err).__name__}: {err})",
-                    "return exactly what the exercise text asks for")
+        return fail(
+            f"the checker could not read what your function returned ({type(err).__name__}: {err})",
+            "return exactly what the exercise text asks for",
+        )
     if verdict is None:
         return CaseResult(case.name, True, share, share)
     message, hint = verdict if isinstance(verdict, tuple) else (verdict, "")

@@ -5,6 +5,7 @@ Everything here runs in the child processes `check` launches, except the message
 (`is_student_file`, `place`, `waits`), which the checking process uses on the reports that come
 back (a traceback, or the runtime's stacks of a deadline or a deadlock).
 """
+
 from __future__ import annotations
 
 import builtins
@@ -18,8 +19,18 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["NotYet", "UsedReference", "student", "child", "outcome", "waits", "last_line", "student_frames",
-           "is_student_file", "place"]
+__all__ = [
+    "NotYet",
+    "UsedReference",
+    "student",
+    "child",
+    "outcome",
+    "waits",
+    "last_line",
+    "student_frames",
+    "is_student_file",
+    "place",
+]
 
 
 class NotYet(Exception):
@@ -35,14 +46,13 @@ class UsedReference(BaseException):
         super().__init__(f"{name} is disabled while your solution is checked")
 
 
-
 # ----------------------------------------------------------------------------- the child side
 class _Outcome(Exception):
     """Carries a classified failure of student code out of a rank as one JSON line."""
 
 
-_called: list = []   # forbidden functions called in this process (even if the student swallowed the raise)
-_active: list = []   # the exercise this (child) process checks
+_called: list = []  # forbidden functions called in this process (even if the student swallowed the raise)
+_active: list = []  # the exercise this (child) process checks
 
 
 def child(ex, solution, case):
@@ -72,8 +82,15 @@ def student(solution, *args, **kwargs):
     except _Outcome:
         raise
     except BaseException as e:  # noqa: BLE001 - everything the student's code raises is reported
-        raise _Outcome(json.dumps({"kind": "raised", "error": last_line("".join(
-            traceback.format_exception_only(type(e), e))), "frames": student_frames(e.__traceback__)})) from None
+        raise _Outcome(
+            json.dumps(
+                {
+                    "kind": "raised",
+                    "error": last_line("".join(traceback.format_exception_only(type(e), e))),
+                    "frames": student_frames(e.__traceback__),
+                }
+            )
+        ) from None
     if _called:
         raise _Outcome(json.dumps({"kind": "forbidden", "name": _called[0]}))
     return out
@@ -120,9 +137,16 @@ def _forbid(functions):
 
 
 # ----------------------------------------------------------------------------- messages
-_LIBS = tuple(os.path.realpath(p) for p in {os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                            sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
-                                            sysconfig.get_paths()["platlib"], os.path.dirname(torch.__file__)})
+_LIBS = tuple(
+    os.path.realpath(p)
+    for p in {
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        sysconfig.get_paths()["stdlib"],
+        sysconfig.get_paths()["purelib"],
+        sysconfig.get_paths()["platlib"],
+        os.path.dirname(torch.__file__),
+    }
+)
 
 
 def is_student_file(filename: str) -> bool:
@@ -152,8 +176,11 @@ def student_frames(tb) -> str:
     error was raised there), innermost last."""
     frames = traceback.extract_tb(tb)
     mine = [f for f in frames if is_student_file(f.filename)]
-    mine = [f for i, f in enumerate(mine)             # a comprehension's frame repeats its line: once is enough
-            if i == 0 or (f.filename, f.lineno) != (mine[i - 1].filename, mine[i - 1].lineno)]
+    mine = [
+        f
+        for i, f in enumerate(mine)  # a comprehension's frame repeats its line: once is enough
+        if i == 0 or (f.filename, f.lineno) != (mine[i - 1].filename, mine[i - 1].lineno)
+    ]
     lines = [f"  {place(f.filename, f.lineno)}, in {f.name}: {(f.line or '').strip()}" for f in mine]
     if frames and not is_student_file(frames[-1].filename) and mine:
         f = frames[-1]
@@ -171,12 +198,14 @@ def waits(e) -> str:
     where = getattr(e, "where", {}) or {}
     for r in sorted(set(stacks) | set(where)):
         m = re.match(r"(?:waiting in (?P<what>.*?))?(?:, )?(?:at (?P<at>.*))?$", where.get(r, ""))
-        frames = [f.groupdict() for f in _FRAME.finditer(stacks.get(r, ""))]   # innermost first
+        frames = [f.groupdict() for f in _FRAME.finditer(stacks.get(r, ""))]  # innermost first
         mine = next((f for f in frames if is_student_file(f["file"])), None)
         text = f"rank {r} was" + (f" waiting in {m['what']}" if m and m["what"] else "")
         if mine:
-            text += (f" at {place(mine['file'], mine['line'])}, in {mine['func']}: "
-                     f"{_source_line(mine['file'], int(mine['line']))}")
+            text += (
+                f" at {place(mine['file'], mine['line'])}, in {mine['func']}: "
+                f"{_source_line(mine['file'], int(mine['line']))}"
+            )
         elif m and m["at"]:
             text += f" at {_short(m['at'])}"
         parts.append(text)

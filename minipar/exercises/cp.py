@@ -8,6 +8,7 @@ The checker folds key blocks into the empty result (out 0, lse -inf), with moder
 large scores (|S| ~ 1000, where exp(lse) overflows fp32), against attention over all keys.
 `cp.merge_attention` is disabled while the student's code runs.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,15 +18,22 @@ from . import Case, Exercise, compare, exercise, student
 
 
 def _cases(rng):
-    fixed = [Case("moderate scores, 3 key blocks", (0, 1.0, (2, 7)), expect=1e-5),
-             Case("large scores (|S| ~ 1000), 3 key blocks", (1, 300.0, (2, 7)), expect=1e-3)]
+    fixed = [
+        Case("moderate scores, 3 key blocks", (0, 1.0, (2, 7)), expect=1e-5),
+        Case("large scores (|S| ~ 1000), 3 key blocks", (1, 300.0, (2, 7)), expect=1e-3),
+    ]
     drawn = []
     for _ in range(2):
         cuts = tuple(sorted(rng.sample(range(1, 12), rng.randint(1, 4))))
         scale = rng.choice([1.0, 30.0, 300.0])
-        drawn.append(Case(f"random case: scale {scale:g}, {len(cuts) + 1} key blocks",
-                          (rng.randint(2, 10_000), scale, cuts),
-                          random=True, expect=1e-5 if scale < 100 else 1e-3))
+        drawn.append(
+            Case(
+                f"random case: scale {scale:g}, {len(cuts) + 1} key blocks",
+                (rng.randint(2, 10_000), scale, cuts),
+                random=True,
+                expect=1e-5 if scale < 100 else 1e-3,
+            )
+        )
     return fixed + drawn
 
 
@@ -58,22 +66,40 @@ def _judge(case, outputs):
     q, _, k, v = _inputs(*case.args)
     want_out, want_lse = attend(q, k, v)
     if not (torch.isfinite(out).all() and torch.isfinite(lse).all()):
-        return ("the merged result has inf or nan",
-                "exp(lse) overflows fp32 beyond ~88: weight each part by exp(lse_part - lse_new) instead, "
-                "with lse_new computed by torch.logaddexp (it subtracts the max first)")
+        return (
+            "the merged result has inf or nan",
+            "exp(lse) overflows fp32 beyond ~88: weight each part by exp(lse_part - lse_new) instead, "
+            "with lse_new computed by torch.logaddexp (it subtracts the max first)",
+        )
     diff = compare(lse, want_lse, "merged lse", atol=tol * max(1.0, want_lse.abs().max().item()))
     if diff:
-        return (diff, "the new lse is log(e^lse_a + e^lse_b), not the max of the two; it must stay exact for the "
-                "next merge")
+        return (
+            diff,
+            "the new lse is log(e^lse_a + e^lse_b), not the max of the two; it must stay exact for the "
+            "next merge",
+        )
     diff = compare(out, want_out, "merged output", atol=tol)
     if diff:
-        return (diff, "each part's weight is its share of the total softmax mass: exp(lse_a - lse) for out_a and "
-                "exp(lse_b - lse) for out_b")
+        return (
+            diff,
+            "each part's weight is its share of the total softmax mass: exp(lse_a - lse) for out_a and "
+            "exp(lse_b - lse) for out_b",
+        )
     return None
 
 
-exercise(Exercise(
-    name="cp_merge", notebook="06_context_parallel", function="merge", cases=_cases, run=_run, judge=_judge,
-    forbidden=(merge_attention,), reveals=("merge_attention",), deadline=10.0,
-    summary="key blocks merge into exact attention over all keys, from the empty result, with moderate and "
-            "with large scores"))
+exercise(
+    Exercise(
+        name="cp_merge",
+        notebook="06_context_parallel",
+        function="merge",
+        cases=_cases,
+        run=_run,
+        judge=_judge,
+        forbidden=(merge_attention,),
+        reveals=("merge_attention",),
+        deadline=10.0,
+        summary="key blocks merge into exact attention over all keys, from the empty result, with moderate and "
+        "with large scores",
+    )
+)

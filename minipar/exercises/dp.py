@@ -8,6 +8,7 @@ zero_shard: `shard_gradient(flat_grad)` gets this rank's full flat gradient (num
     with zeros to a multiple of N, reduce-scatter, keep rank r's ceil(numel/N) elements
     (ZeRO, Rajbhandari et al. 2020, Sec. 5.2; FSDP pads its FlatParameter the same way).
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,7 +26,9 @@ _CFG = dict(vocab=32, seq=8, layers=1, heads=2, hidden=16)
 def _dp_cases(rng):
     fixed = [Case(f"{n} ranks, batch 8", (8, 1), world_size=n) for n in (2, 4)]
     seed = rng.randint(2, 10_000)
-    return fixed + [Case(f"random case: 3 ranks, batch 6, data seed {seed}", (6, seed), world_size=3, random=True)]
+    return fixed + [
+        Case(f"random case: 3 ranks, batch 6, data seed {seed}", (6, seed), world_size=3, random=True)
+    ]
 
 
 def _dp_run(solution, case):
@@ -47,25 +50,42 @@ def _dp_judge(case, outputs):
     for r, got in enumerate(outputs):
         for k, p in ref.named_parameters():
             if got[k] is None:
-                return (f"the gradient of {k} on rank {r} is None", "average p.grad in place; don't replace it")
+                return (
+                    f"the gradient of {k} on rank {r} is None",
+                    "average p.grad in place; don't replace it",
+                )
             err = compare(got[k], p.grad, f"gradient of {k}", atol=1e-6, rank=r)
             if err:
-                return (err, "each rank's gradient is the mean over its own rows; the global mean is the average "
-                        "of those means: all_reduce the sum, then divide by the world size")
+                return (
+                    err,
+                    "each rank's gradient is the mean over its own rows; the global mean is the average "
+                    "of those means: all_reduce the sum, then divide by the world size",
+                )
     return None
 
 
-exercise(Exercise(
-    name="dp_allreduce", notebook="01_data_parallel", function="allreduce_gradients", cases=_dp_cases,
-    run=_dp_run, judge=_dp_judge, forbidden=(comm.all_reduce_grads, DDP._finish, DDP._launch_ready), deadline=30.0,
-    summary="every rank holds the full-batch gradient"))
+exercise(
+    Exercise(
+        name="dp_allreduce",
+        notebook="01_data_parallel",
+        function="allreduce_gradients",
+        cases=_dp_cases,
+        run=_dp_run,
+        judge=_dp_judge,
+        forbidden=(comm.all_reduce_grads, DDP._finish, DDP._launch_ready),
+        deadline=30.0,
+        summary="every rank holds the full-batch gradient",
+    )
+)
 
 
 # ----------------------------------------------------------------------------- zero_shard
 def _zero_cases(rng):
     fixed = [Case(f"{n} ranks, 10 elements", (10,), world_size=n) for n in (2, 3, 4)]
-    drawn = [Case(f"random case: {n} ranks, {numel} elements", (numel,), world_size=n, random=True)
-             for n, numel in [(rng.randint(2, 5), rng.randint(1, 40)) for _ in range(2)]]
+    drawn = [
+        Case(f"random case: {n} ranks, {numel} elements", (numel,), world_size=n, random=True)
+        for n, numel in [(rng.randint(2, 5), rng.randint(1, 40)) for _ in range(2)]
+    ]
     return fixed + drawn
 
 
@@ -82,14 +102,26 @@ def _zero_judge(case, outputs):
     mean = sum(torch.arange(numel, dtype=torch.float32) * (r + 1) + 0.5 for r in range(n)) / n
     padded = torch.cat([mean, torch.zeros(shard * n - numel)])
     for r, got in enumerate(outputs):
-        err = compare(got, padded[r * shard:(r + 1) * shard], "your shard", atol=1e-5, rank=r)
+        err = compare(got, padded[r * shard : (r + 1) * shard], "your shard", atol=1e-5, rank=r)
         if err:
-            return (err, "pad to ceil(numel / N) * N, then comm.reduce_scatter(..., op='avg'): every rank gets "
-                    "the average, and only its own slice")
+            return (
+                err,
+                "pad to ceil(numel / N) * N, then comm.reduce_scatter(..., op='avg'): every rank gets "
+                "the average, and only its own slice",
+            )
     return None
 
 
-exercise(Exercise(
-    name="zero_shard", notebook="02_zero_fsdp", function="shard_gradient", cases=_zero_cases, run=_zero_run,
-    judge=_zero_judge, forbidden=(ZeRO._reduce_scatter,), deadline=20.0,
-    summary="padded, reduce-scattered and averaged correctly"))
+exercise(
+    Exercise(
+        name="zero_shard",
+        notebook="02_zero_fsdp",
+        function="shard_gradient",
+        cases=_zero_cases,
+        run=_zero_run,
+        judge=_zero_judge,
+        forbidden=(ZeRO._reduce_scatter,),
+        deadline=20.0,
+        summary="padded, reduce-scattered and averaged correctly",
+    )
+)

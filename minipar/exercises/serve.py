@@ -14,6 +14,7 @@ nothing may be admitted that the cache cannot hold, and every request must finis
 own rule (`Scheduler.can_join`, `BlockManager.can_admit`, `Request.cache_tokens`) is disabled
 while the student's code runs.
 """
+
 from __future__ import annotations
 
 from ..serve import BlockManager, Request, Scheduler, blocks_for, make_requests
@@ -21,8 +22,11 @@ from . import Case, Exercise, exercise, student
 
 
 def _expected(request, now, batch, max_batch, available_blocks, block_size) -> bool:
-    return (request.arrival <= now and batch < max_batch
-            and blocks_for(len(request.prompt) + request.max_new_tokens - 1, block_size) <= available_blocks)
+    return (
+        request.arrival <= now
+        and batch < max_batch
+        and blocks_for(len(request.prompt) + request.max_new_tokens - 1, block_size) <= available_blocks
+    )
 
 
 def _req(prompt: int, new: int, arrival: float = 0.0) -> Request:
@@ -33,16 +37,26 @@ def _req(prompt: int, new: int, arrival: float = 0.0) -> Request:
 SITUATIONS = [
     ("5 prompt + 4 new tokens cache 8 slots = 2 blocks of 4, 2 available", (5, 4, 0.0), 0.0, 0, 4, 2, 4),
     ("the same request with 1 block available", (5, 4, 0.0), 0.0, 0, 4, 1, 4),
-    ("4 + 5 tokens cache 8 slots (the last token is never fed back): 2 blocks fit", (4, 5, 0.0), 0.0, 1, 4, 2, 4),
+    (
+        "4 + 5 tokens cache 8 slots (the last token is never fed back): 2 blocks fit",
+        (4, 5, 0.0),
+        0.0,
+        1,
+        4,
+        2,
+        4,
+    ),
     ("6 + 4 tokens cache 9 slots = 3 blocks, 2 available", (6, 4, 0.0), 0.0, 1, 4, 2, 4),
     ("a request that arrives at t=1.0, asked at t=0.5", (3, 2, 1.0), 0.5, 0, 4, 8, 4),
     ("a full batch (4 of max 4)", (3, 2, 0.0), 0.0, 4, 4, 8, 4),
     ("a 1-token prompt asking for 1 token, block size 1", (1, 1, 0.0), 0.0, 0, 1, 1, 1),
 ]
-HINTS = {"blocks": "count the slots the request holds at its end: its prompt and every new token but the last; "
-                   "blocks = ceil(slots / block_size)",
-         "early": "a request that has not arrived yet (arrival > now) cannot join",
-         "full": "the batch is full when batch == max_batch"}
+HINTS = {
+    "blocks": "count the slots the request holds at its end: its prompt and every new token but the last; "
+    "blocks = ceil(slots / block_size)",
+    "early": "a request that has not arrived yet (arrival > now) cannot join",
+    "full": "the batch is full when batch == max_batch",
+}
 
 
 def _cases(rng):
@@ -50,15 +64,32 @@ def _cases(rng):
     for _ in range(3):
         p, n, bs = rng.randint(1, 12), rng.randint(1, 12), rng.choice([1, 2, 4, 8])
         need = blocks_for(p + n - 1, bs)
-        args = ((p, n, rng.choice([0.0, 1.0])), rng.choice([0.5, 2.0]), rng.randint(0, 4), 4,
-                need + rng.choice([-1, 0, 1]), bs)
-        cases.append(Case(f"random case: {p} prompt + {n} new tokens, block size {bs}, {args[4]} blocks free, "
-                          f"batch {args[2]} of 4, arrival {args[0][2]:g}, now {args[1]:g}", ("ask", *args),
-                          random=True))
+        args = (
+            (p, n, rng.choice([0.0, 1.0])),
+            rng.choice([0.5, 2.0]),
+            rng.randint(0, 4),
+            4,
+            need + rng.choice([-1, 0, 1]),
+            bs,
+        )
+        cases.append(
+            Case(
+                f"random case: {p} prompt + {n} new tokens, block size {bs}, {args[4]} blocks free, "
+                f"batch {args[2]} of 4, arrival {args[0][2]:g}, now {args[1]:g}",
+                ("ask", *args),
+                random=True,
+            )
+        )
     cases.append(Case("serving a 12-request trace through a 6-block cache", ("serve", 3), points=3))
     seed = rng.randint(4, 10_000)
-    cases.append(Case(f"random case: serving a 12-request trace (seed {seed}) through a 6-block cache",
-                      ("serve", seed), points=3, random=True))
+    cases.append(
+        Case(
+            f"random case: serving a 12-request trace (seed {seed}) through a 6-block cache",
+            ("serve", seed),
+            points=3,
+            random=True,
+        )
+    )
     return cases
 
 
@@ -70,21 +101,32 @@ class _Plugged(Scheduler):
         self.rule = rule
 
     def can_join(self, request, now, batch):
-        return bool(student(self.rule, request, now, batch, self.max_batch, self.blocks.available(),
-                            self.blocks.block_size))
+        return bool(
+            student(
+                self.rule,
+                request,
+                now,
+                batch,
+                self.max_batch,
+                self.blocks.available(),
+                self.blocks.block_size,
+            )
+        )
 
 
 def _serve(solution, seed: int):
     """(finished, requests, error) of serving a trace with the student's rule."""
     requests = make_requests(12, 64, "2:9", "1:8", arrival_rate=40.0, seed=seed)
-    sched = _Plugged(solution, num_blocks=6, block_size=4, max_batch=4)   # room for two long requests at a time
+    sched = _Plugged(
+        solution, num_blocks=6, block_size=4, max_batch=4
+    )  # room for two long requests at a time
     pending, finished, now = list(requests), set(), 0.0
     for _ in range(1000):
         while pending and pending[0].arrival <= now:
             sched.add(pending.pop(0))
         try:
             step = sched.step(now)
-        except RuntimeError as e:          # the block manager refuses to over-promise or over-grow
+        except RuntimeError as e:  # the block manager refuses to over-promise or over-grow
             return len(finished), len(requests), str(e)
         sched.blocks.check()
         finished |= {w.seq for w in step.works if w.last}
@@ -109,8 +151,10 @@ def _judge(case, outputs):
         if error:
             return (error, HINTS["blocks"])
         if finished < total:
-            return (f"{total - finished} of {total} requests never finished",
-                    "a request that fits must be admitted once blocks are free")
+            return (
+                f"{total - finished} of {total} requests never finished",
+                "a request that fits must be admitted once blocks are free",
+            )
         return None
     (p, n, arrival), now, batch, max_batch, avail, bs = case.args[1:]
     want = _expected(_req(p, n, arrival), now, batch, max_batch, avail, bs)
@@ -122,9 +166,17 @@ def _judge(case, outputs):
     return None
 
 
-exercise(Exercise(
-    name="serve_admission", notebook="11_parallel_inference", function="can_join", cases=_cases, run=_run,
-    judge=_judge, forbidden=(Scheduler.can_join, BlockManager.can_admit, Request.cache_tokens.fget, _expected),
-    deadline=20.0,
-    summary="the admission rule answers every situation and serves the traces through a cache too small for "
-            "everyone at once"))
+exercise(
+    Exercise(
+        name="serve_admission",
+        notebook="11_parallel_inference",
+        function="can_join",
+        cases=_cases,
+        run=_run,
+        judge=_judge,
+        forbidden=(Scheduler.can_join, BlockManager.can_admit, Request.cache_tokens.fget, _expected),
+        deadline=20.0,
+        summary="the admission rule answers every situation and serves the traces through a cache too small for "
+        "everyone at once",
+    )
+)

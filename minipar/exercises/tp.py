@@ -11,6 +11,7 @@ Both run on 2 and 4 simulated ranks against the reference MLP: output, input gra
 every parameter gradient; sp_mlp must also communicate exactly what SP prescribes. The
 package's own parallel layers are disabled while the student's code runs.
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,8 +41,11 @@ def _reference(seed=5):
 
 def _cases(rng):
     seed = rng.randint(7, 10_000)
-    return [Case("2 ranks", (5,), world_size=2), Case("4 ranks", (5,), world_size=4),
-            Case(f"random case: 2 ranks, inputs from seed {seed}", (seed,), world_size=2, random=True)]
+    return [
+        Case("2 ranks", (5,), world_size=2),
+        Case("4 ranks", (5,), world_size=4),
+        Case(f"random case: 2 ranks, inputs from seed {seed}", (seed,), world_size=2, random=True),
+    ]
 
 
 def _rank(solution, case, sp):
@@ -49,20 +53,30 @@ def _rank(solution, case, sp):
     Mesh(tp=dist.get_world_size())
     t, r = dist.get_world_size(), dist.get_rank()
     mlp, x_full, dy, _, _ = _reference(seed)
-    shard = {"fc.weight": (mlp.fc.weight, 0), "fc.bias": (mlp.fc.bias, 0), "proj.weight": (mlp.proj.weight, 1),
-             "proj.bias": (mlp.proj.bias, None)}
-    params = {n: torch.nn.Parameter((w if d is None else w.chunk(t, d)[r]).detach().clone())
-              for n, (w, d) in shard.items()}
+    shard = {
+        "fc.weight": (mlp.fc.weight, 0),
+        "fc.bias": (mlp.fc.bias, 0),
+        "proj.weight": (mlp.proj.weight, 1),
+        "proj.bias": (mlp.proj.bias, None),
+    }
+    params = {
+        n: torch.nn.Parameter((w if d is None else w.chunk(t, d)[r]).detach().clone())
+        for n, (w, d) in shard.items()
+    }
     x = x_full.detach().clone()
     if sp:
         x, dy = x.chunk(t, 1)[r].clone(), dy.chunk(t, 1)[r]
     x.requires_grad_(True)
     trace.reset()
-    y = student(solution, x, params["fc.weight"], params["fc.bias"], params["proj.weight"], params["proj.bias"], "tp")
+    y = student(
+        solution, x, params["fc.weight"], params["fc.bias"], params["proj.weight"], params["proj.bias"], "tp"
+    )
     if not isinstance(y, torch.Tensor) or y.shape != dy.shape:
-        return {"bad": f"returned {type(y).__name__} of shape {tuple(getattr(y, 'shape', ()))}, expected a tensor "
-                       f"of shape {tuple(dy.shape)}"}
-    student(y.backward, dy)   # the backward runs the student's autograd functions too
+        return {
+            "bad": f"returned {type(y).__name__} of shape {tuple(getattr(y, 'shape', ()))}, expected a tensor "
+            f"of shape {tuple(dy.shape)}"
+        }
+    student(y.backward, dy)  # the backward runs the student's autograd functions too
     ops = sorted(e.name for e in trace.events() if e.cat == "comm")
     return {"y": y.detach(), "dx": x.grad, "grads": {n: p.grad for n, p in params.items()}, "ops": ops}
 
@@ -73,42 +87,76 @@ def _judge(case, out, sp):
     if "bad" in out[0]:
         return (out[0]["bad"], "return the MLP's output on this rank")
     cat = (lambda k: torch.cat([o[k] for o in out], 1)) if sp else (lambda k: out[0][k])
-    if (err := compare(cat("y"), y_ref, "the output")):
-        return (err, "sum the row-parallel partial outputs over the ranks (g, or under SP a reduce-scatter), "
-                "and add proj's bias once, after the sum")
+    if err := compare(cat("y"), y_ref, "the output"):
+        return (
+            err,
+            "sum the row-parallel partial outputs over the ranks (g, or under SP a reduce-scatter), "
+            "and add proj's bias once, after the sum",
+        )
     if any(o["dx"] is None for o in out) or (err := compare(cat("dx"), x.grad, "the input gradient")):
-        return (err or "the input has no gradient", "each rank's input gradient is a partial sum: enter the region "
-                "with f (under SP: gather_along, whose backward reduce-scatters)")
+        return (
+            err or "the input has no gradient",
+            "each rank's input gradient is a partial sum: enter the region "
+            "with f (under SP: gather_along, whose backward reduce-scatters)",
+        )
     for n, want in g_ref.items():
         d = {"fc.weight": 0, "fc.bias": 0, "proj.weight": 1}.get(n)
         for r, o in enumerate(out):
             got = o["grads"][n]
             if sp and d is None and got is not None:  # a replicated bias saw s/t tokens: its gradients add up
                 got = sum(q["grads"][n] for q in out)
-            if got is None or (err := compare(got, want if d is None else want.chunk(t, d)[r],
-                                              f"the gradient of {n}", rank=r)):
-                return (err or f"{n} on rank {r} has no gradient",
-                        "check which shard each rank holds and that the bias is added after the sum")
+            if got is None or (
+                err := compare(
+                    got, want if d is None else want.chunk(t, d)[r], f"the gradient of {n}", rank=r
+                )
+            ):
+                return (
+                    err or f"{n} on rank {r} has no gradient",
+                    "check which shard each rank holds and that the bias is added after the sum",
+                )
     if sp:
         want_ops = ["all_gather", "all_gather", "reduce_scatter", "reduce_scatter"]
         if out[0]["ops"] != want_ops:
-            return (f"right numbers, but the communication was {out[0]['ops']}, expected {want_ops}",
-                    "an all-reduce then keeping your chunk moves twice the bytes of a reduce-scatter: "
-                    "use comm.gather_along on the way in and comm.reduce_scatter_along on the way out")
+            return (
+                f"right numbers, but the communication was {out[0]['ops']}, expected {want_ops}",
+                "an all-reduce then keeping your chunk moves twice the bytes of a reduce-scatter: "
+                "use comm.gather_along on the way in and comm.reduce_scatter_along on the way out",
+            )
     return None
 
 
-_FORBIDDEN = (ParallelMLP.forward, ColumnParallelLinear.forward, RowParallelLinear.forward, column_parallel,
-              gather_linear)
+_FORBIDDEN = (
+    ParallelMLP.forward,
+    ColumnParallelLinear.forward,
+    RowParallelLinear.forward,
+    column_parallel,
+    gather_linear,
+)
 
-exercise(Exercise(
-    name="tp_mlp", notebook="03_tensor_parallel", function="parallel_mlp", cases=_cases,
-    run=lambda solution, case: _rank(solution, case, False), judge=lambda case, out: _judge(case, out, False),
-    forbidden=_FORBIDDEN, deadline=30.0,
-    summary="output, input gradient and every parameter gradient match the single-device MLP"))
+exercise(
+    Exercise(
+        name="tp_mlp",
+        notebook="03_tensor_parallel",
+        function="parallel_mlp",
+        cases=_cases,
+        run=lambda solution, case: _rank(solution, case, False),
+        judge=lambda case, out: _judge(case, out, False),
+        forbidden=_FORBIDDEN,
+        deadline=30.0,
+        summary="output, input gradient and every parameter gradient match the single-device MLP",
+    )
+)
 
-exercise(Exercise(
-    name="sp_mlp", notebook="04_sequence_parallel", function="sp_mlp", cases=_cases,
-    run=lambda solution, case: _rank(solution, case, True), judge=lambda case, out: _judge(case, out, True),
-    forbidden=_FORBIDDEN, deadline=30.0,
-    summary="output and gradients match the single-device MLP, with one all-gather and one reduce-scatter each way"))
+exercise(
+    Exercise(
+        name="sp_mlp",
+        notebook="04_sequence_parallel",
+        function="sp_mlp",
+        cases=_cases,
+        run=lambda solution, case: _rank(solution, case, True),
+        judge=lambda case, out: _judge(case, out, True),
+        forbidden=_FORBIDDEN,
+        deadline=30.0,
+        summary="output and gradients match the single-device MLP, with one all-gather and one reduce-scatter each way",
+    )
+)

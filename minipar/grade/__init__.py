@@ -17,6 +17,7 @@ do not know. Each exercise is worth its points, with partial credit by case.
 Writes the CSV (a row per student: points and status per exercise, total) and, beside it, a
 feedback file per student with every case's result and the hints.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,10 +33,25 @@ from ..exercises import EXERCISES, check
 from .report import summary_line, write_csv, write_feedback
 from .submissions import SUFFIXES, Submission, extract, load
 
-__all__ = ["Submission", "extract", "load", "grade_student", "grade", "write_csv", "write_feedback", "SUFFIXES"]
+__all__ = [
+    "Submission",
+    "extract",
+    "load",
+    "grade_student",
+    "grade",
+    "write_csv",
+    "write_feedback",
+    "SUFFIXES",
+]
 
-STATUS = {"wrong": "not right", "crashed": "crashed", "forbidden": "refused (calls the package's answer)",
-          "deadline": "did not finish", "deadlock": "deadlock", "skipped": "not run"}
+STATUS = {
+    "wrong": "not right",
+    "crashed": "crashed",
+    "forbidden": "refused (calls the package's answer)",
+    "deadline": "did not finish",
+    "deadlock": "deadlock",
+    "skipped": "not run",
+}
 
 
 def grade_student(files: list[str], exercises: list[str], seed: int, deadline_scale: float) -> dict:
@@ -64,8 +80,12 @@ def grade_student(files: list[str], exercises: list[str], seed: int, deadline_sc
             v = check(name, fn, seed=seed, deadline_scale=deadline_scale)
             out[name] = dict(v.as_dict(), file=path, notes=sub.notes, kind=_kind(v), text=str(v))
     for name in exercises:
-        out.setdefault(name, _missing(name, "no answer found (no check call and no function named "
-                                            f"`{EXERCISES[name].function}`)"))
+        out.setdefault(
+            name,
+            _missing(
+                name, f"no answer found (no check call and no function named `{EXERCISES[name].function}`)"
+            ),
+        )
     return out
 
 
@@ -77,9 +97,20 @@ def _kind(v) -> str:
 
 
 def _missing(name: str, why: str) -> dict:
-    return {"passed": False, "status": "missing", "kind": "missing", "message": why, "hint": "",
-            "points": EXERCISES[name].points, "earned": 0.0, "cases": [], "details": [], "file": "", "notes": [],
-            "text": f"MISSING (0/{EXERCISES[name].points:g} points): {why}"}
+    return {
+        "passed": False,
+        "status": "missing",
+        "kind": "missing",
+        "message": why,
+        "hint": "",
+        "points": EXERCISES[name].points,
+        "earned": 0.0,
+        "cases": [],
+        "details": [],
+        "file": "",
+        "notes": [],
+        "text": f"MISSING (0/{EXERCISES[name].points:g} points): {why}",
+    }
 
 
 def _child(conn, files, exercises, seed, deadline_scale):
@@ -110,10 +141,12 @@ def _warm(students: dict) -> None:
             pass
 
 
-def grade(students: dict, exercises: list[str], seed: int, jobs: int, deadline_scale: float, log=print) -> dict:
+def grade(
+    students: dict, exercises: list[str], seed: int, jobs: int, deadline_scale: float, log=print
+) -> dict:
     """Grade `students` (name -> files), `jobs` at a time, each in a forked process. Returns
     name -> {exercise -> result}."""
-    torch.set_num_threads(1)               # forked children must not inherit an OpenMP pool
+    torch.set_num_threads(1)  # forked children must not inherit an OpenMP pool
     _warm(students)
     ctx = get_context("fork")
     todo, running, results = list(students.items()), {}, {}
@@ -135,15 +168,22 @@ def grade(students: dict, exercises: list[str], seed: int, jobs: int, deadline_s
                 except EOFError:
                     status, data = "err", f"the grading process died (exit code {p.exitcode})"
                 p.join(5)
-                results[name] = data if status == "ok" else {
-                    e: _missing(e, f"grading failed: {data.strip().splitlines()[-1]}") for e in exercises}
+                results[name] = (
+                    data
+                    if status == "ok"
+                    else {
+                        e: _missing(e, f"grading failed: {data.strip().splitlines()[-1]}") for e in exercises
+                    }
+                )
                 log(summary_line(name, results[name], time.monotonic() - t0))
             for conn, (name, p, t0) in list(running.items()):
                 if time.monotonic() - t0 > limit:
                     p.kill()
                     p.join(5)
                     running.pop(conn)
-                    results[name] = {e: _missing(e, f"grading stopped after {limit:.0f} s") for e in exercises}
+                    results[name] = {
+                        e: _missing(e, f"grading stopped after {limit:.0f} s") for e in exercises
+                    }
                     log(summary_line(name, results[name], time.monotonic() - t0))
     finally:
         for _, p, _ in running.values():

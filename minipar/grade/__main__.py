@@ -1,4 +1,5 @@
 """`python -m minipar.grade SUBMISSION... --out grades.csv`: the command line (see the package)."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,12 @@ def _students(paths, p: Problems) -> dict:
             continue
         if os.path.isdir(path):
             name = os.path.basename(os.path.normpath(path))
-            files = sorted(os.path.join(root, f) for root, dirs, fs in os.walk(path) for f in fs
-                           if f.endswith(SUFFIXES) and ".ipynb_checkpoints" not in root)
+            files = sorted(
+                os.path.join(root, f)
+                for root, dirs, fs in os.walk(path)
+                for f in fs
+                if f.endswith(SUFFIXES) and ".ipynb_checkpoints" not in root
+            )
             if not files:
                 p.add(f"{path}: the folder holds no .ipynb or .py file")
                 continue
@@ -38,18 +43,36 @@ def _students(paths, p: Problems) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = ArgumentParser(prog="python -m minipar.grade", description=DOC,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("submissions", nargs="+", metavar="SUBMISSION", help="a student's notebook, .py file, or folder")
+    ap = ArgumentParser(
+        prog="python -m minipar.grade", description=DOC, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "submissions", nargs="+", metavar="SUBMISSION", help="a student's notebook, .py file, or folder"
+    )
     ap.add_argument("--out", required=True, help="the CSV to write (one row per student)")
     ap.add_argument("--feedback", default=None, help="folder of per-student feedback (default: beside --out)")
-    ap.add_argument("--exercise", action="append", default=None,
-                    help="grade only this exercise (repeatable); default: every exercise any submission answers")
-    ap.add_argument("--seed", type=Int, default=None, help="seed of the randomized cases (default: "
-                    "MINIPAR_EXERCISE_SEED, else 0); pick one the students do not know")
-    ap.add_argument("--jobs", type=Int, default=max(1, min(4, os.cpu_count() or 1)), help="students graded at once")
-    ap.add_argument("--deadline-scale", type=Float, default=1.0,
-                    help="multiply every case's deadline (a slow or crowded machine: 2)")
+    ap.add_argument(
+        "--exercise",
+        action="append",
+        default=None,
+        help="grade only this exercise (repeatable); default: every exercise any submission answers",
+    )
+    ap.add_argument(
+        "--seed",
+        type=Int,
+        default=None,
+        help="seed of the randomized cases (default: "
+        "MINIPAR_EXERCISE_SEED, else 0); pick one the students do not know",
+    )
+    ap.add_argument(
+        "--jobs", type=Int, default=max(1, min(4, os.cpu_count() or 1)), help="students graded at once"
+    )
+    ap.add_argument(
+        "--deadline-scale",
+        type=Float,
+        default=1.0,
+        help="multiply every case's deadline (a slow or crowded machine: 2)",
+    )
     return ap
 
 
@@ -71,10 +94,14 @@ def main(argv=None) -> int:
             p.add(f"--exercise {name!r} is not an exercise; choose from: {', '.join(sorted(EXERCISES))}")
     p.raise_if_any("cannot grade")
     seed = a.seed if a.seed is not None else int(os.environ.get("MINIPAR_EXERCISE_SEED", 0))
-    exercises = a.exercise or sorted({n for files in students.values() for f in files for n in extract(f).answers})
+    exercises = a.exercise or sorted(
+        {n for files in students.values() for f in files for n in extract(f).answers}
+    )
     if not exercises:
-        p.add("no submission answers any exercise (no check(\"name\", function) call and no exercise's function "
-              "name); name the exercise with --exercise")
+        p.add(
+            'no submission answers any exercise (no check("name", function) call and no exercise\'s function '
+            "name); name the exercise with --exercise"
+        )
         p.raise_if_any("cannot grade")
     t = time.monotonic()
     results = grade(students, exercises, seed, a.jobs, a.deadline_scale)
@@ -82,8 +109,10 @@ def main(argv=None) -> int:
     for student, res in results.items():
         write_feedback(feedback, student, res, seed)
     summary = {e: sum(r[e]["passed"] for r in results.values()) for e in exercises}
-    print(f"graded {len(results)} students in {time.monotonic() - t:.0f} s: "
-          + ", ".join(f"{e} passed by {n}" for e, n in summary.items()))
+    print(
+        f"graded {len(results)} students in {time.monotonic() - t:.0f} s: "
+        + ", ".join(f"{e} passed by {n}" for e, n in summary.items())
+    )
     print(f"wrote {a.out} and {feedback}/ (seed {seed})")
     return 0
 

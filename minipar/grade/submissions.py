@@ -5,6 +5,7 @@ only definitions whose creation runs none of the student's code (no decorators, 
 arguments): grading never runs a notebook's training loops or plots, and nothing of the student's
 runs in the grading process before the checkers isolate it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -23,11 +24,12 @@ SUFFIXES = (".ipynb", ".py")
 @dataclass
 class Submission:
     """What the grader runs of one file: its definitions, cell by cell, and the exercises it answers."""
+
     path: str
-    cells: list = field(default_factory=list)       # (filename, source) of each code cell (a .py file: one)
-    answers: dict = field(default_factory=dict)     # exercise name -> function name
-    notes: list = field(default_factory=list)       # what was skipped, and why
-    imports: set = field(default_factory=set)       # the modules its imports name
+    cells: list = field(default_factory=list)  # (filename, source) of each code cell (a .py file: one)
+    answers: dict = field(default_factory=dict)  # exercise name -> function name
+    notes: list = field(default_factory=list)  # what was skipped, and why
+    imports: set = field(default_factory=set)  # the modules its imports name
     error: str = ""
 
 
@@ -48,11 +50,18 @@ def _safe_def(node) -> bool:
     if isinstance(node, ast.ClassDef):
         plain = all(isinstance(b, (ast.Name, ast.Attribute)) for b in node.bases) and not node.keywords
         body_ok = all(
-            (isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and all(
-                isinstance(d, ast.Name) and d.id in ("staticmethod", "classmethod") for d in n.decorator_list)
-             and all(_is_constant(d) for d in n.args.defaults))
+            (
+                isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                and all(
+                    isinstance(d, ast.Name) and d.id in ("staticmethod", "classmethod")
+                    for d in n.decorator_list
+                )
+                and all(_is_constant(d) for d in n.args.defaults)
+            )
             or (isinstance(n, ast.Assign) and _is_constant(n.value))
-            or (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)) for n in node.body)
+            or (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))
+            for n in node.body
+        )
         return plain and not node.decorator_list and body_ok
     return False
 
@@ -64,7 +73,7 @@ def _keep(node) -> bool:
         return _safe_def(node)
     if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
         value = node.value
-        if isinstance(value, ast.Lambda):   # `f = lambda p, m: ...` defines a function too
+        if isinstance(value, ast.Lambda):  # `f = lambda p, m: ...` defines a function too
             return all(_is_constant(d) for d in value.args.defaults)
         return _is_constant(value)
     return False
@@ -84,8 +93,13 @@ def _answers(tree, names: dict) -> dict:
     """check("exercise", function) calls (under any name for check), and known function names."""
     found = {}
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Call) and len(node.args) >= 2 and isinstance(node.args[0], ast.Constant)
-                and node.args[0].value in EXERCISES and isinstance(node.args[1], ast.Name)):
+        if (
+            isinstance(node, ast.Call)
+            and len(node.args) >= 2
+            and isinstance(node.args[0], ast.Constant)
+            and node.args[0].value in EXERCISES
+            and isinstance(node.args[1], ast.Name)
+        ):
             found[node.args[0].value] = node.args[1].id
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in names:
@@ -104,8 +118,11 @@ def extract(path: str) -> Submission:
     try:
         if path.endswith(".ipynb"):
             nb = nbformat.read(path, as_version=4)
-            cells = [(f"{path}, cell {i + 1}", _python(c.source)) for i, c in enumerate(nb.cells)
-                     if c.cell_type == "code"]
+            cells = [
+                (f"{path}, cell {i + 1}", _python(c.source))
+                for i, c in enumerate(nb.cells)
+                if c.cell_type == "code"
+            ]
         else:
             cells = [(path, open(path, encoding="utf-8").read())]
     except Exception as e:  # noqa: BLE001 - a broken file is this student's problem, not the class's
@@ -124,8 +141,10 @@ def extract(path: str) -> Submission:
             elif isinstance(n, ast.ImportFrom) and n.module and not n.level:
                 sub.imports.add(n.module)
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not _keep(n):
-                sub.notes.append(f"{filename}: skipped `{n.name}`: the grader runs no decorators and no "
-                                 "computed default arguments")
+                sub.notes.append(
+                    f"{filename}: skipped `{n.name}`: the grader runs no decorators and no "
+                    "computed default arguments"
+                )
         sub.cells.append((filename, source))
     return sub
 

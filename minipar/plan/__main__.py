@@ -7,6 +7,7 @@ that fit in memory by predicted step time, and explains the winner.
 
 picks a serving layout instead (see minipar.plan.serving).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,10 +26,17 @@ CUSTOM = ("layers", "hidden", "heads", "vocab", "seq", "global_batch")
 
 
 def parse_args(argv=None):
-    ap = ArgumentParser(prog="python -m minipar.plan", description=__doc__,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llama3-70b", help=f"a preset ({', '.join(MODELS)}) or 'custom' with "
-                    "--layers/--hidden/--heads/--vocab/--seq/--global-batch (default llama3-70b)")
+    ap = ArgumentParser(
+        prog="python -m minipar.plan",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--model",
+        default="llama3-70b",
+        help=f"a preset ({', '.join(MODELS)}) or 'custom' with "
+        "--layers/--hidden/--heads/--vocab/--seq/--global-batch (default llama3-70b)",
+    )
     ap.add_argument("--gpus", type=Int, default=64, help="number of GPUs (default 64)")
     ap.add_argument("--gpu", default="h100", help=f"one of {', '.join(GPUS)} (default h100)")
     ap.add_argument("--topology", help=f"the cluster, one of {', '.join(TOPOLOGIES)} (default: the GPU's)")
@@ -39,18 +47,37 @@ def parse_args(argv=None):
     for k in ("kv-heads", "ffn-hidden", "experts", "top-k"):
         ap.add_argument(f"--{k}", type=Int, help="for --model custom (optional)")
     ap.add_argument("--gated-mlp", action="store_true", help="for --model custom: SwiGLU's three matrices")
-    ap.add_argument("--gpus-per-node", type=Int, help="GPUs sharing NVLink and a host's NICs (overrides the topology)")
-    ap.add_argument("--network", help=f"link between nodes, one of {', '.join(LINKS)} (overrides the topology's NIC)")
+    ap.add_argument(
+        "--gpus-per-node", type=Int, help="GPUs sharing NVLink and a host's NICs (overrides the topology)"
+    )
+    ap.add_argument(
+        "--network", help=f"link between nodes, one of {', '.join(LINKS)} (overrides the topology's NIC)"
+    )
     ap.add_argument("--top", type=Int, default=5, help="how many layouts to list (default 5)")
-    ap.add_argument("--overlap-dp", action="store_true", help="hide the gradient reduce-scatter and parameter "
-                    "all-gather behind compute (Megatron-Core --overlap-grad-reduce --overlap-param-gather)")
-    ap.add_argument("--overlap-tp", action="store_true", help="hide TP collectives behind the GEMMs "
-                    "(Megatron-Core --tp-comm-overlap)")
-    ap.add_argument("--no-flash-attention", action="store_true",
-                    help="attention scores go through HBM (pre-2022 kernels); flash attention is the default")
-    ap.add_argument("--flash-attention", action="store_true", help=argparse.SUPPRESS)   # the old switch: now the default
-    ap.add_argument("--memory-reserve", type=Float, help=f"fraction of HBM kept free (default "
-                    f"{ASSUMPTIONS.memory_reserve})")
+    ap.add_argument(
+        "--overlap-dp",
+        action="store_true",
+        help="hide the gradient reduce-scatter and parameter "
+        "all-gather behind compute (Megatron-Core --overlap-grad-reduce --overlap-param-gather)",
+    )
+    ap.add_argument(
+        "--overlap-tp",
+        action="store_true",
+        help="hide TP collectives behind the GEMMs (Megatron-Core --tp-comm-overlap)",
+    )
+    ap.add_argument(
+        "--no-flash-attention",
+        action="store_true",
+        help="attention scores go through HBM (pre-2022 kernels); flash attention is the default",
+    )
+    ap.add_argument(
+        "--flash-attention", action="store_true", help=argparse.SUPPRESS
+    )  # the old switch: now the default
+    ap.add_argument(
+        "--memory-reserve",
+        type=Float,
+        help=f"fraction of HBM kept free (default {ASSUMPTIONS.memory_reserve})",
+    )
     return ap.parse_args(argv)
 
 
@@ -59,8 +86,18 @@ def check(a) -> ModelShape | str:
     p = Problems(cli=True)
     p.integer("gpus", a.gpus)
     p.integer("top", a.top)
-    for k in ("global_batch", "seq", "gpus_per_node", "layers", "hidden", "heads", "vocab", "kv_heads", "ffn_hidden",
-              "top_k"):
+    for k in (
+        "global_batch",
+        "seq",
+        "gpus_per_node",
+        "layers",
+        "hidden",
+        "heads",
+        "vocab",
+        "kv_heads",
+        "ffn_hidden",
+        "top_k",
+    ):
         if getattr(a, k) is not None:
             p.integer(k, getattr(a, k))
     if a.experts is not None:
@@ -83,27 +120,51 @@ def check(a) -> ModelShape | str:
     p.raise_if_any("the planner cannot run")
     if model == "custom":
         moe = dict(experts=a.experts, top_k=a.top_k or 1, expert_ffn_hidden=a.ffn_hidden) if a.experts else {}
-        model = ModelShape(a.layers, a.hidden, a.heads, a.vocab, a.seq, a.global_batch, "custom",
-                           kv_heads=a.kv_heads, ffn_hidden=a.ffn_hidden, gated_mlp=a.gated_mlp, **moe)
+        model = ModelShape(
+            a.layers,
+            a.hidden,
+            a.heads,
+            a.vocab,
+            a.seq,
+            a.global_batch,
+            "custom",
+            kv_heads=a.kv_heads,
+            ffn_hidden=a.ffn_hidden,
+            gated_mlp=a.gated_mlp,
+            **moe,
+        )
     return model
 
 
 @exit_on_error
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["serve"]:      # the serving planner: TP/PP layout under a latency target
+    if argv[:1] == ["serve"]:  # the serving planner: TP/PP layout under a latency target
         return serve_main(argv[1:])
     a = parse_args(argv)
     model = check(a)
-    A = replace(ASSUMPTIONS, flash_attention=not a.no_flash_attention,
-                **({"memory_reserve": a.memory_reserve} if a.memory_reserve is not None else {}))
+    A = replace(
+        ASSUMPTIONS,
+        flash_attention=not a.no_flash_attention,
+        **({"memory_reserve": a.memory_reserve} if a.memory_reserve is not None else {}),
+    )
     try:
-        p = plan(model, a.gpus, a.gpu, global_batch=a.global_batch, seq=a.seq, overlap_dp=a.overlap_dp,
-                 overlap_tp=a.overlap_tp, gpus_per_node=a.gpus_per_node, inter_node=a.network, topology=a.topology,
-                 assumptions=A)
+        p = plan(
+            model,
+            a.gpus,
+            a.gpu,
+            global_batch=a.global_batch,
+            seq=a.seq,
+            overlap_dp=a.overlap_dp,
+            overlap_tp=a.overlap_tp,
+            gpus_per_node=a.gpus_per_node,
+            inter_node=a.network,
+            topology=a.topology,
+            assumptions=A,
+        )
     except ConfigError:
         raise
-    except ValueError as e:        # no layout fits / none splits the batch: one line, how to fix it
+    except ValueError as e:  # no layout fits / none splits the batch: one line, how to fix it
         raise ConfigError([str(e)], "no plan") from None
     print(p.explain())
     print()

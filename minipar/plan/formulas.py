@@ -9,11 +9,21 @@ Bytes are counted with 2-byte (bf16/fp16) activations unless `bytes_per_value=`
 says otherwise. Communication is counted per GPU per training step, both as the
 logical payload of each collective and as what a ring algorithm puts on the wire.
 """
+
 from __future__ import annotations
 
-__all__ = ["num_params", "model_flops", "hardware_flops", "mfu", "activation_bytes_per_layer",
-           "in_flight_microbatches", "context_parallel_layer_bytes", "activation_bytes_per_gpu", "comm_bytes",
-           "RECOMPUTE"]
+__all__ = [
+    "num_params",
+    "model_flops",
+    "hardware_flops",
+    "mfu",
+    "activation_bytes_per_layer",
+    "in_flight_microbatches",
+    "context_parallel_layer_bytes",
+    "activation_bytes_per_gpu",
+    "comm_bytes",
+    "RECOMPUTE",
+]
 
 RECOMPUTE = (None, "selective", "full")
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
@@ -61,8 +71,9 @@ def hardware_flops(layers: int, hidden: int, vocab: int, seq: int, batch: int, r
                more (see the planner notebook); we count what the kernels execute."""
     _check_recompute(recompute)
     l, h, s, B = layers, hidden, seq, batch
-    extra = {None: 0.0, "selective": 4 * B * s**2 * l * h,
-             "full": 24 * B * s * l * h**2 * (1 + s / (6 * h))}[recompute]
+    extra = {None: 0.0, "selective": 4 * B * s**2 * l * h, "full": 24 * B * s * l * h**2 * (1 + s / (6 * h))}[
+        recompute
+    ]
     return model_flops(layers, hidden, vocab, seq, batch) + extra
 
 
@@ -75,9 +86,16 @@ def mfu(flops_per_step: float, step_time: float, gpus: int, peak_flops: float) -
     return flops_per_step / (step_time * gpus * peak_flops)
 
 
-def activation_bytes_per_layer(seq: int, micro_batch: int, hidden: int, heads: int, tp: int = 1,
-                               sequence_parallel: bool = False, recompute=None,
-                               bytes_per_value: float = 2) -> float:
+def activation_bytes_per_layer(
+    seq: int,
+    micro_batch: int,
+    hidden: int,
+    heads: int,
+    tp: int = 1,
+    sequence_parallel: bool = False,
+    recompute=None,
+    bytes_per_value: float = 2,
+) -> float:
     """Activation bytes one transformer layer keeps for backward (Korthikanti et al. 2022, Table 2).
 
         no recompute, TP:            s b h (10 + 24/t + 5as/(ht))
@@ -119,27 +137,43 @@ def in_flight_microbatches(schedule: str, pp: int, num_microbatches: int, v: int
     return float(min(m, p))
 
 
-def context_parallel_layer_bytes(seq, cp, micro_batch, hidden, heads, tp=1, sequence_parallel=False,
-                                 recompute=None, bytes_per_value=2) -> float:
+def context_parallel_layer_bytes(
+    seq, cp, micro_batch, hidden, heads, tp=1, sequence_parallel=False, recompute=None, bytes_per_value=2
+) -> float:
     """`activation_bytes_per_layer` on one of c context-parallel ranks: its s/c queries keep
     s/c of every per-token tensor, but their attention scores span all s keys, so the 5as/h
     term shrinks by c, not c² (Liu et al. 2023, ring attention)."""
     if seq % cp:
         raise ValueError(f"seq={seq} must be divisible by cp={cp}")
     s = seq // cp
-    out = activation_bytes_per_layer(s, micro_batch, hidden, heads, tp, sequence_parallel, recompute,
-                                     bytes_per_value)
+    out = activation_bytes_per_layer(
+        s, micro_batch, hidden, heads, tp, sequence_parallel, recompute, bytes_per_value
+    )
     if recompute is None and cp > 1:
-        scores = out - activation_bytes_per_layer(s, micro_batch, hidden, heads, tp, sequence_parallel,
-                                                  "selective", bytes_per_value)
+        scores = out - activation_bytes_per_layer(
+            s, micro_batch, hidden, heads, tp, sequence_parallel, "selective", bytes_per_value
+        )
         out += (cp - 1) * scores
     return out
 
 
-def activation_bytes_per_gpu(seq: int, micro_batch: int, hidden: int, heads: int, layers: int, vocab: int,
-                             tp: int = 1, pp: int = 1, cp: int = 1, num_microbatches: int = 1, v: int = 1,
-                             schedule: str = "1f1b", sequence_parallel: bool = False, recompute=None,
-                             bytes_per_value: float = 2) -> float:
+def activation_bytes_per_gpu(
+    seq: int,
+    micro_batch: int,
+    hidden: int,
+    heads: int,
+    layers: int,
+    vocab: int,
+    tp: int = 1,
+    pp: int = 1,
+    cp: int = 1,
+    num_microbatches: int = 1,
+    v: int = 1,
+    schedule: str = "1f1b",
+    sequence_parallel: bool = False,
+    recompute=None,
+    bytes_per_value: float = 2,
+) -> float:
     """Peak activation bytes on the busiest GPU (the first pipeline stage).
 
     (l/p) layers × in-flight micro-batches × per-layer bytes, plus the embedding's dropout
@@ -151,12 +185,14 @@ def activation_bytes_per_gpu(seq: int, micro_batch: int, hidden: int, heads: int
         raise ValueError(f"seq={seq} must be divisible by cp={cp}")
     s = seq // cp
     inflight = in_flight_microbatches(schedule, pp, num_microbatches, v)
-    per_layer = context_parallel_layer_bytes(seq, cp, micro_batch, hidden, heads, tp, sequence_parallel,
-                                             recompute, bytes_per_value)
+    per_layer = context_parallel_layer_bytes(
+        seq, cp, micro_batch, hidden, heads, tp, sequence_parallel, recompute, bytes_per_value
+    )
     total = (layers / pp) * inflight * per_layer
     if recompute == "full":  # one layer's activations are live while it is recomputed
-        total += context_parallel_layer_bytes(seq, cp, micro_batch, hidden, heads, tp, sequence_parallel,
-                                              None, bytes_per_value)
+        total += context_parallel_layer_bytes(
+            seq, cp, micro_batch, hidden, heads, tp, sequence_parallel, None, bytes_per_value
+        )
     sbh = s * micro_batch * hidden * bytes_per_value / 2
     total += sbh * min(pp, num_microbatches) / 2 / (tp if sequence_parallel else 1)
     if pp == 1:
@@ -164,11 +200,28 @@ def activation_bytes_per_gpu(seq: int, micro_batch: int, hidden: int, heads: int
     return total
 
 
-def comm_bytes(layers: int, hidden: int, seq: int, micro_batch: int, num_microbatches: int,
-               params_per_gpu: float, tp: int = 1, pp: int = 1, dp: int = 1, cp: int = 1, v: int = 1,
-               zero_stage: int = 1, recompute=None, sequence_parallel: bool = False, cp_kind: str = "ring",
-               ep: int = 1, moe_layers: int = 0, top_k: int = 1, grad_bytes: float = 2,
-               bytes_per_value: float = 2) -> dict:
+def comm_bytes(
+    layers: int,
+    hidden: int,
+    seq: int,
+    micro_batch: int,
+    num_microbatches: int,
+    params_per_gpu: float,
+    tp: int = 1,
+    pp: int = 1,
+    dp: int = 1,
+    cp: int = 1,
+    v: int = 1,
+    zero_stage: int = 1,
+    recompute=None,
+    sequence_parallel: bool = False,
+    cp_kind: str = "ring",
+    ep: int = 1,
+    moe_layers: int = 0,
+    top_k: int = 1,
+    grad_bytes: float = 2,
+    bytes_per_value: float = 2,
+) -> dict:
     """Bytes per GPU per step for each axis: {axis: {"payload", "wire", "count"}}.
 
     Ring cost per GPU (Patarasuk & Yuan 2009; NCCL docs): all-reduce of n bytes over k ranks
@@ -196,7 +249,7 @@ def comm_bytes(layers: int, hidden: int, seq: int, micro_batch: int, num_microba
         raise ValueError(f"cp_kind must be 'ring' or 'ulysses', got {cp_kind!r}")
     _check_recompute(recompute)
     l_stage, m, t = layers / pp, num_microbatches, tp
-    act = (seq / cp) * micro_batch * hidden * bytes_per_value   # one s b h tensor on this GPU
+    act = (seq / cp) * micro_batch * hidden * bytes_per_value  # one s b h tensor on this GPU
     out = {}
 
     def add(axis, payload, wire_factor, count):
@@ -204,11 +257,11 @@ def comm_bytes(layers: int, hidden: int, seq: int, micro_batch: int, num_microba
 
     grads = params_per_gpu * grad_bytes
     k = dp * cp
-    if zero_stage == 3:    # parameters gathered twice and gradients reduce-scattered, per micro-batch
+    if zero_stage == 3:  # parameters gathered twice and gradients reduce-scattered, per micro-batch
         add("dp", 3 * m * grads, (k - 1) / k, 3 * m if k > 1 else 0)
     elif zero_stage == 2:  # sharded gradients cannot accumulate: reduce-scatter every micro-batch
         add("dp", (m + 1) * grads, (k - 1) / k, m + 1 if k > 1 else 0)
-    else:                  # one all-reduce (ZeRO-1: reduce-scatter + all-gather) per step
+    else:  # one all-reduce (ZeRO-1: reduce-scatter + all-gather) per step
         add("dp", grads, 2 * (k - 1) / k, 1 if k > 1 else 0)
     n_tp = 4 + (2 if recompute == "full" else 0)
     add("tp", n_tp * l_stage * m * act, 2 * (t - 1) / t if t > 1 else 0, n_tp * l_stage * m if t > 1 else 0)
@@ -220,6 +273,10 @@ def comm_bytes(layers: int, hidden: int, seq: int, micro_batch: int, num_microba
     else:
         add("cp", 8 * l_stage * m * act / t, (cp - 1) / cp, 8 * l_stage * m if cp > 1 else 0)
     tokens = act * top_k
-    add("ep", 4 * moe_layers / pp * m * tokens, (ep - 1) / ep if ep > 1 else 0,
-        4 * moe_layers / pp * m if ep > 1 else 0)
+    add(
+        "ep",
+        4 * moe_layers / pp * m * tokens,
+        (ep - 1) / ep if ep > 1 else 0,
+        4 * moe_layers / pp * m if ep > 1 else 0,
+    )
     return out

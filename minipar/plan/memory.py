@@ -4,6 +4,7 @@
 the embedding on the first stage and the head on the last, their model states by ZeRO stage, and
 the activations of the micro-batches the rank holds in flight; the busiest rank is what must fit.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -13,8 +14,9 @@ from ..pp.partition import balance_stages
 __all__ = ["model_state_bytes", "stage_params", "partition", "in_flight", "stage_memory"]
 
 
-def model_state_bytes(num_params: float, dp: int, zero_stage: int, k: float = 12,
-                      param_bytes: float = 2, grad_bytes: float = 2) -> float:
+def model_state_bytes(
+    num_params: float, dp: int, zero_stage: int, k: float = 12, param_bytes: float = 2, grad_bytes: float = 2
+) -> float:
     """Per-device bytes of parameters, gradients and optimizer state (ZeRO, Rajbhandari et al. 2020, Sec. 5 / Fig. 1).
 
     With Ψ parameters, N data-parallel ranks and K bytes of optimizer state per parameter
@@ -61,9 +63,9 @@ def in_flight(schedule: str, p: int, m: int, v: int, rank: int) -> float:
     """Micro-batches (through one rank's whole share of layers) rank `rank` holds at its peak."""
     if schedule == "gpipe":
         return float(m)
-    if schedule == "interleaved_1f1b":          # Korthikanti 2022 Sec. 4.2.3 for rank 0
+    if schedule == "interleaved_1f1b":  # Korthikanti 2022 Sec. 4.2.3 for rank 0
         return min(m, p - rank + (p - 1) / v)
-    if schedule == "dualpipe":                  # DeepSeek-V3 Table 2: PP + 1 stages' activations
+    if schedule == "dualpipe":  # DeepSeek-V3 Table 2: PP + 1 stages' activations
         return (p + 1) / 2
     if schedule == "dualpipev":
         return (2 * p + 1) / 2
@@ -74,8 +76,11 @@ def in_flight(schedule: str, p: int, m: int, v: int, rank: int) -> float:
 def _layer_memory(M, b, moe, tp, sp, recompute, flash, cp, ep) -> tuple:
     """(dense params, expert params, activation bytes) of one layer on one GPU."""
     expert = M.experts * M.mlp_params(M.expert_ffn_hidden or M.ffn) if moe else 0
-    return ((M.layer_params(moe) - expert) / tp, expert / (tp * ep),
-            M.layer_activation_bytes(M.seq, b, moe, tp, sp, recompute, flash, cp))
+    return (
+        (M.layer_params(moe) - expert) / tp,
+        expert / (tp * ep),
+        M.layer_activation_bytes(M.seq, b, moe, tp, sp, recompute, flash, cp),
+    )
 
 
 def stage_memory(M, b, m, tp, pp, dp, cp, v, zero, recompute, sp, schedule, ep, stage_layers, flash):
@@ -87,12 +92,12 @@ def stage_memory(M, b, m, tp, pp, dp, cp, v, zero, recompute, sp, schedule, ep, 
     per_rank = {r: dict(dense=0.0, expert=0.0, acts=0.0, layers=0) for r in range(pp)}
     for s, n in enumerate(counts):
         r = rank_of(s)
-        n_moe = sum(kinds[i:i + n])
+        n_moe = sum(kinds[i : i + n])
         for moe, k in ((False, n - n_moe), (True, n_moe)):
             if not k:
                 continue
             d, e, a = _layer_memory(M, b, moe, tp, sp, recompute, flash, cp, ep)
-            for rr in {r, pp - 1 - r} if schedule == "dualpipe" else {r}:   # DualPipe keeps 2 copies
+            for rr in {r, pp - 1 - r} if schedule == "dualpipe" else {r}:  # DualPipe keeps 2 copies
                 per_rank[rr]["dense"] += k * d
                 per_rank[rr]["expert"] += k * e
             per_rank[r]["acts"] += k * a
@@ -104,18 +109,25 @@ def stage_memory(M, b, m, tp, pp, dp, cp, v, zero, recompute, sp, schedule, ep, 
     best = None
     for r, x in per_rank.items():
         k_dense, k_exp = dp * cp, max(1, dp * cp // ep)
-        states_d, states_e = model_state_bytes(x["dense"], k_dense, zero), model_state_bytes(x["expert"], k_exp, zero)
+        states_d, states_e = (
+            model_state_bytes(x["dense"], k_dense, zero),
+            model_state_bytes(x["expert"], k_exp, zero),
+        )
         params = 2 * (x["dense"] / (k_dense if zero == 3 else 1) + x["expert"] / (k_exp if zero == 3 else 1))
         grads = 2 * (x["dense"] / (k_dense if zero >= 2 else 1) + x["expert"] / (k_exp if zero >= 2 else 1))
         acts = x["acts"] * in_flight(schedule, pp, m, v, r)
-        if recompute == "full":       # one layer's full activations are live while it is recomputed
+        if recompute == "full":  # one layer's full activations are live while it is recomputed
             acts += _layer_memory(M, b, bool(M.experts), tp, sp, None, flash, cp, ep)[2]
-        if r == 0 and M.dropout:      # the embedding's dropout mask
+        if r == 0 and M.dropout:  # the embedding's dropout mask
             acts += sbh * min(pp, m) / 2 / (tp if sp else 1)
-        if r == rank_of(S - 1):       # fp32 logits and the final norm's input (Korthikanti Sec. 4.3)
+        if r == rank_of(S - 1):  # fp32 logits and the final norm's input (Korthikanti Sec. 4.3)
             acts += 4 * sbh * (1 + M.vocab / M.hidden) / tp
-        row = {"params": params, "grads": grads, "optimizer": states_d + states_e - params - grads,
-               "activations": acts}
+        row = {
+            "params": params,
+            "grads": grads,
+            "optimizer": states_d + states_e - params - grads,
+            "activations": acts,
+        }
         x.update(total=sum(row.values()), row=row, psi=x["dense"] + x["expert"])
         if best is None or x["total"] > best["total"]:
             best = x

@@ -18,6 +18,7 @@ The closed forms the search ranks with (the simulator reproduces them for equal 
     DualPipe(V):      m W + (p/2 - 1)(F&B + B - 3W) per the DeepSeek-V3 report, Table 2 (F&B = fb (F + B))
 each plus 2(p - 1) t_comm for the sends along the fill and drain.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -29,11 +30,11 @@ from ..pp.simulate import op_graph
 __all__ = ["pipeline_makespan", "simulator_available", "SCHEDULE_ALIASES", "PIPELINE_SCHEDULES"]
 
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "dualpipe", "dualpipev")
-SCHEDULE_ALIASES = {"interleaved": "interleaved_1f1b", "zb-h1": "zb_h1"}   # the planner's old names
+SCHEDULE_ALIASES = {"interleaved": "interleaved_1f1b", "zb-h1": "zb_h1"}  # the planner's old names
 
 
 def simulator_available() -> bool:
-    return True          # minipar.pp sits above plan in the layer diagram: always importable
+    return True  # minipar.pp sits above plan in the layer diagram: always importable
 
 
 def _stages_of(schedule: str, p: int, v: int) -> int:
@@ -62,7 +63,9 @@ def _graph(schedule: str, p: int, m: int, v: int) -> tuple:
 
 
 @lru_cache(maxsize=4096)
-def _simulated(schedule: str, p: int, m: int, v: int, t_f: tuple, t_b: tuple, r_c: float, r_fb: float) -> float:
+def _simulated(
+    schedule: str, p: int, m: int, v: int, t_f: tuple, t_b: tuple, r_c: float, r_fb: float
+) -> float:
     """Makespan in the units of the normalized stage times: every op priced at its own stage's time."""
     lanes, cross, pairs = _graph(schedule, p, m, v)
     for ops in lanes.values():
@@ -86,14 +89,23 @@ def _closed_form(schedule, p, m, v, t_f, t_b, t_comm, fb: float = 1.0) -> float:
     sends = 2 * (p - 1) * t_comm
     if schedule in ("gpipe", "1f1b", "interleaved_1f1b"):
         return m * max(W) + (sum(W) - max(W)) / (len(T) // p) + sends
-    if schedule == "zb_h1":   # the drain's backwards wait only for their I half
+    if schedule == "zb_h1":  # the drain's backwards wait only for their I half
         return m * max(W) + sum(t_f) - max(t_f) + sends
-    f, b = max(t_f) * len(T) / p / 2, max(t_b) * len(T) / p / 2        # one chunk's F and B
-    return fb * m * max(W) + (p / 2 - 1) * (fb * (f + b) + b - 1.5 * b) + sends     # F&B pairs cost fb(F + B)
+    f, b = max(t_f) * len(T) / p / 2, max(t_b) * len(T) / p / 2  # one chunk's F and B
+    return fb * m * max(W) + (p / 2 - 1) * (fb * (f + b) + b - 1.5 * b) + sends  # F&B pairs cost fb(F + B)
 
 
-def pipeline_makespan(schedule: str, p: int, m: int, v: int, t_f, t_b, t_comm: float = 0.0,
-                      use_simulator: bool = True, t_fb_ratio: float = 1.0) -> tuple[float, float]:
+def pipeline_makespan(
+    schedule: str,
+    p: int,
+    m: int,
+    v: int,
+    t_f,
+    t_b,
+    t_comm: float = 0.0,
+    use_simulator: bool = True,
+    t_fb_ratio: float = 1.0,
+) -> tuple[float, float]:
     """(makespan in seconds, bubble fraction = idle share of the busiest rank's time).
 
     `t_f`, `t_b`: per-micro-batch times of each (virtual) stage, in chain order (lists of
@@ -109,7 +121,9 @@ def pipeline_makespan(schedule: str, p: int, m: int, v: int, t_f, t_b, t_comm: f
         t_f, t_b = [t_f / k] * S, [t_b / k] * S
     t_f, t_b = list(t_f), list(t_b)
     if len(t_f) != S or len(t_b) != S:
-        raise ValueError(f"{schedule} with p={p}, v={v} has {S} stages; got {len(t_f)} and {len(t_b)} stage times")
+        raise ValueError(
+            f"{schedule} with p={p}, v={v} has {S} stages; got {len(t_f)} and {len(t_b)} stage times"
+        )
     if p == 1:
         return m * sum(t_f + t_b), 0.0
     work = m * max(_rank_work(schedule, p, [f + b for f, b in zip(t_f, t_b)]))
@@ -117,8 +131,13 @@ def pipeline_makespan(schedule: str, p: int, m: int, v: int, t_f, t_b, t_comm: f
         span = _closed_form(schedule, p, m, v, t_f, t_b, t_comm, t_fb_ratio)
         return span, max(0.0, 1 - work / span)
     unit = max(f + b for f, b in zip(t_f, t_b))
-    args = (v, _round(x / unit for x in t_f), _round(x / unit for x in t_b), float(f"{t_comm / unit:.10g}"),
-            float(f"{t_fb_ratio:.10g}"))
+    args = (
+        v,
+        _round(x / unit for x in t_f),
+        _round(x / unit for x in t_b),
+        float(f"{t_comm / unit:.10g}"),
+        float(f"{t_fb_ratio:.10g}"),
+    )
     lo_m = p if schedule in ("gpipe", "1f1b", "interleaved_1f1b") else 2 * p
     if m <= 2 * lo_m:
         span = _simulated(schedule, p, m, *args) * unit

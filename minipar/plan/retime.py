@@ -11,6 +11,7 @@ the chosen hardware would take, using the one simulator (`minipar.sim.retime`):
 The link of each event is its axis's: NVLink inside a node, the NIC for the axes named
 in `inter_node_axes` (e.g. ("dp",) for data parallelism across nodes).
 """
+
 from __future__ import annotations
 
 import re
@@ -24,7 +25,9 @@ __all__ = ["retime", "event_cost"]
 _KIND = re.compile(r"^\d*([FBIW])\d*$")
 
 
-def event_cost(ev, gpu="h100", flops=None, inter_node_axes=(), assumptions: Assumptions | None = None) -> float:
+def event_cost(
+    ev, gpu="h100", flops=None, inter_node_axes=(), assumptions: Assumptions | None = None
+) -> float:
     """Modeled seconds of one trace event (see the module docstring)."""
     A, g = assumptions or ASSUMPTIONS, get_gpu(gpu)
     if ev.cat == "comm":
@@ -39,8 +42,14 @@ def event_cost(ev, gpu="h100", flops=None, inter_node_axes=(), assumptions: Assu
     return work / (g.peak_flops * g.matmul_efficiency * A.kernel_efficiency)
 
 
-def retime(events: list, gpu="h100", flops=None, inter_node_axes=(), pp_axis: str = "pp",
-           assumptions: Assumptions | None = None) -> list:
+def retime(
+    events: list,
+    gpu="h100",
+    flops=None,
+    inter_node_axes=(),
+    pp_axis: str = "pp",
+    assumptions: Assumptions | None = None,
+) -> list:
     """Events of all ranks on the modeled clock of `gpu` (returns new trace.Events).
 
     `flops`: FLOPs of compute spans that did not record them: {name or kind letter: FLOPs}

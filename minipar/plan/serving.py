@@ -33,6 +33,7 @@ For Llama 2 70B on 8 H100s this says TP8 has the lowest per-token latency, PP8 t
 reads the weights of every stage in turn), and at high concurrency PP8's throughput passes TP8's
 once TP's all-reduces of b·h bytes grow (see `compare`, notebook 11).
 """
+
 from __future__ import annotations
 
 import math
@@ -42,12 +43,28 @@ from dataclasses import dataclass, field
 from ..validation import ArgumentParser, Float, Int, Problems, exit_on_error
 from .hardware import GPU, get_gpu, get_link
 
-__all__ = ["ServingModel", "SERVING_MODELS", "Layout", "decode_step", "token_latency", "decode_throughput",
-           "prefill_latency", "max_concurrency", "kv_bytes_per_token", "all_reduce_time", "step_cost", "hop_time",
-           "candidate_layouts", "choose_layout", "ServingPlan", "compare", "main"]
+__all__ = [
+    "ServingModel",
+    "SERVING_MODELS",
+    "Layout",
+    "decode_step",
+    "token_latency",
+    "decode_throughput",
+    "prefill_latency",
+    "max_concurrency",
+    "kv_bytes_per_token",
+    "all_reduce_time",
+    "step_cost",
+    "hop_time",
+    "candidate_layouts",
+    "choose_layout",
+    "ServingPlan",
+    "compare",
+    "main",
+]
 
-BYTES = 2            # bf16 weights, activations and cache
-RESERVE = 0.10       # of GPU memory kept for the CUDA context, NCCL and activations
+BYTES = 2  # bf16 weights, activations and cache
+RESERVE = 0.10  # of GPU memory kept for the CUDA context, NCCL and activations
 
 
 @dataclass(frozen=True)
@@ -56,10 +73,10 @@ class ServingModel:
     layers: int
     hidden: int
     heads: int
-    kv_heads: int          # grouped-query attention (Ainslie et al. 2023): K/V heads shared by heads/kv_heads
-    ffn: int               # MLP inner width
+    kv_heads: int  # grouped-query attention (Ainslie et al. 2023): K/V heads shared by heads/kv_heads
+    ffn: int  # MLP inner width
     vocab: int
-    gated: bool = True     # SwiGLU: three h x ffn matrices (GPT's MLP: two)
+    gated: bool = True  # SwiGLU: three h x ffn matrices (GPT's MLP: two)
     source: str = ""
 
     @property
@@ -70,7 +87,9 @@ class ServingModel:
     def params(self) -> float:
         """Ψ: per layer q, o (2h²), k, v (2·h·n_kv·d), the MLP; plus untied embedding and head (2Vh)."""
         h, L = self.hidden, self.layers
-        per_layer = 2 * h * h + 2 * h * self.kv_heads * self.head_dim + (3 if self.gated else 2) * h * self.ffn
+        per_layer = (
+            2 * h * h + 2 * h * self.kv_heads * self.head_dim + (3 if self.gated else 2) * h * self.ffn
+        )
         return L * per_layer + 2 * self.vocab * h
 
     @property
@@ -81,14 +100,19 @@ class ServingModel:
     @classmethod
     def from_gpt(cls, cfg, name: str = "minipar GPT") -> "ServingModel":
         """A minipar `GPTConfig` (GELU MLP of mlp_ratio·h, one K/V head per head)."""
-        return cls(name, cfg.layers, cfg.hidden, cfg.heads, cfg.heads, cfg.mlp_ratio * cfg.hidden, cfg.vocab, False)
+        return cls(
+            name, cfg.layers, cfg.hidden, cfg.heads, cfg.heads, cfg.mlp_ratio * cfg.hidden, cfg.vocab, False
+        )
 
 
 SERVING_MODELS = {
     "8b": ServingModel("8b", 32, 4096, 32, 8, 14336, 128256, True, "Llama 3 8B (Dubey et al. 2024, Table 3)"),
-    "70b": ServingModel("70b", 80, 8192, 64, 8, 28672, 32000, True,
-                        "Llama 2 70B (Touvron et al. 2023): GQA, 8 KV heads"),
-    "405b": ServingModel("405b", 126, 16384, 128, 8, 53248, 128256, True, "Llama 3 405B (Dubey et al. 2024, Table 3)"),
+    "70b": ServingModel(
+        "70b", 80, 8192, 64, 8, 28672, 32000, True, "Llama 2 70B (Touvron et al. 2023): GQA, 8 KV heads"
+    ),
+    "405b": ServingModel(
+        "405b", 126, 16384, 128, 8, 53248, 128256, True, "Llama 3 405B (Dubey et al. 2024, Table 3)"
+    ),
 }
 
 
@@ -111,7 +135,9 @@ def _model(model) -> ServingModel:
     if isinstance(model, ServingModel):
         return model
     if str(model).lower() not in SERVING_MODELS:
-        raise ValueError(f"unknown model {model!r}; choose one of {sorted(SERVING_MODELS)} or pass a ServingModel")
+        raise ValueError(
+            f"unknown model {model!r}; choose one of {sorted(SERVING_MODELS)} or pass a ServingModel"
+        )
     return SERVING_MODELS[str(model).lower()]
 
 
@@ -143,13 +169,17 @@ def hop_time(m, layout: Layout, gpu, tokens: float) -> float:
     m, gpu, p = _model(m), get_gpu(gpu), layout.pp
     if p == 1:
         return 0.0
-    nodes = math.ceil(layout.tp * p / gpu.gpus_per_node)          # a replica's stages span these nodes
+    nodes = math.ceil(layout.tp * p / gpu.gpus_per_node)  # a replica's stages span these nodes
     intra, inter = get_link(gpu.intra_node), get_link(gpu.inter_node)
     act = tokens * m.hidden * BYTES
-    cross = min(nodes - 1, p - 1)                                 # hops between consecutive nodes
+    cross = min(nodes - 1, p - 1)  # hops between consecutive nodes
     back = inter if nodes > 1 else intra
-    return ((p - 1 - cross) * (intra.latency + act / intra.bandwidth) + cross * (inter.latency + act / inter.bandwidth)
-            + back.latency + tokens * 8 / back.bandwidth)
+    return (
+        (p - 1 - cross) * (intra.latency + act / intra.bandwidth)
+        + cross * (inter.latency + act / inter.bandwidth)
+        + back.latency
+        + tokens * 8 / back.bandwidth
+    )
 
 
 def decode_step(m, layout: Layout, gpu, batch: float, context: float) -> dict:
@@ -162,8 +192,16 @@ def decode_step(m, layout: Layout, gpu, batch: float, context: float) -> dict:
     flops = (2 * m.matmul_params * batch + 4 * batch * context * m.hidden * m.layers) / (t * p)
     compute = flops / gpu.peak_flops
     comm = 2 * (m.layers / p) * all_reduce_time(batch * m.hidden * BYTES, t, _tp_link(gpu, layout))
-    return {"weights_bytes": weights, "kv_bytes": kv, "memory": memory, "flops": flops, "compute": compute,
-            "tp_comm": comm, "total": max(memory, compute) + comm, "memory_bound": memory >= compute}
+    return {
+        "weights_bytes": weights,
+        "kv_bytes": kv,
+        "memory": memory,
+        "flops": flops,
+        "compute": compute,
+        "tp_comm": comm,
+        "total": max(memory, compute) + comm,
+        "memory_bound": memory >= compute,
+    }
 
 
 def token_latency(m, layout: Layout, gpu="h100", batch: float = 1, context: float = 1024) -> float:
@@ -182,7 +220,7 @@ def prefill_latency(m, layout: Layout, gpu="h100", prompt: int = 1024, batch: in
     """TTFT of `batch` prompts of `prompt` tokens: compute-bound stages, tp all-reduces, pp hops."""
     m, gpu = _model(m), get_gpu(gpu)
     t, p, s = layout.tp, layout.pp, batch * prompt
-    flops = (2 * m.matmul_params * s + 2 * batch * prompt ** 2 * m.hidden * m.layers) / (t * p)
+    flops = (2 * m.matmul_params * s + 2 * batch * prompt**2 * m.hidden * m.layers) / (t * p)
     memory = (2 * m.matmul_params / (t * p) + s * kv_bytes_per_token(m, layout)) / gpu.memory_bandwidth
     comm = 2 * (m.layers / p) * all_reduce_time(s * m.hidden * BYTES, t, _tp_link(gpu, layout))
     return p * (max(flops / gpu.peak_flops, memory) + comm) + hop_time(m, layout, gpu, s)
@@ -205,11 +243,12 @@ def step_cost(m, layout: Layout, gpu="h100"):
     def cost(step) -> float:
         tokens = sum(w.tokens for w in step.works)
         ctx = sum(w.start + w.tokens for w in step.works if not w.prefill)
-        attn = sum(2 * w.tokens ** 2 if w.prefill else 4 * (w.start + 1) for w in step.works)
+        attn = sum(2 * w.tokens**2 if w.prefill else 4 * (w.start + 1) for w in step.works)
         flops = (2 * m.matmul_params * tokens + attn * m.hidden * m.layers) / (t * p)
         memory = (2 * m.matmul_params / (t * p) + (ctx + tokens) * kappa) / gpu.memory_bandwidth
         comm = 2 * (m.layers / p) * all_reduce_time(tokens * m.hidden * BYTES, t, _tp_link(gpu, layout))
         return max(memory, flops / gpu.peak_flops) + comm + hop_time(m, layout, gpu, len(step.works))
+
     return cost
 
 
@@ -229,9 +268,9 @@ class ServingPlan:
     model: ServingModel
     gpus: int
     gpu: str
-    target: float                   # seconds per token
+    target: float  # seconds per token
     context: int
-    rows: list = field(default_factory=list)   # dicts, best first
+    rows: list = field(default_factory=list)  # dicts, best first
     notes: list = field(default_factory=list)
 
     @property
@@ -239,10 +278,14 @@ class ServingPlan:
         return self.rows[0]
 
     def table(self, n: int = 8) -> str:
-        out = [f"{'layout':<12}{'ITL b=1 ms':>11}{'max conc.':>10}{'conc. at target':>16}{'ITL ms':>8}{'tokens/s':>10}"]
+        out = [
+            f"{'layout':<12}{'ITL b=1 ms':>11}{'max conc.':>10}{'conc. at target':>16}{'ITL ms':>8}{'tokens/s':>10}"
+        ]
         for r in self.rows[:n]:
-            out.append(f"{str(r['layout']):<12}{r['itl1'] * 1e3:>11.2f}{r['capacity']:>10}{r['concurrency']:>16}"
-                       f"{r['itl'] * 1e3:>8.2f}{r['throughput']:>10,.0f}")
+            out.append(
+                f"{str(r['layout']):<12}{r['itl1'] * 1e3:>11.2f}{r['capacity']:>10}{r['concurrency']:>16}"
+                f"{r['itl'] * 1e3:>8.2f}{r['throughput']:>10,.0f}"
+            )
         return "\n".join(out + [f"note: {n}" for n in self.notes])
 
 
@@ -257,29 +300,42 @@ def choose_layout(m, gpus: int, gpu="h100", latency_target: float = 0.05, contex
         if cap < 1 or itl1 > latency_target:
             rows.append(dict(layout=lay, itl1=itl1, capacity=cap, concurrency=0, itl=itl1, throughput=0.0))
             continue
-        lo, hi = 1, cap                                # the largest concurrency within the target
+        lo, hi = 1, cap  # the largest concurrency within the target
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if decode_throughput(m, lay, g, mid, context)[1] <= latency_target else (lo, mid - 1)
+            lo, hi = (
+                (mid, hi)
+                if decode_throughput(m, lay, g, mid, context)[1] <= latency_target
+                else (lo, mid - 1)
+            )
         tput, itl = decode_throughput(m, lay, g, lo, context)
         rows.append(dict(layout=lay, itl1=itl1, capacity=cap, concurrency=lo, itl=itl, throughput=tput))
     rows.sort(key=lambda r: (-r["throughput"], r["itl1"]))
     plan = ServingPlan(m, gpus, g.name, latency_target, context, rows)
     if not rows or rows[0]["throughput"] == 0:
-        plan.notes.append(f"no layout meets {latency_target * 1e3:g} ms per token; the fastest is listed first")
+        plan.notes.append(
+            f"no layout meets {latency_target * 1e3:g} ms per token; the fastest is listed first"
+        )
         plan.rows.sort(key=lambda r: r["itl1"])
     return plan
 
 
-def compare(m="70b", layouts=(Layout(tp=8), Layout(pp=8), Layout(tp=4, pp=2)), gpu="h100", context: int = 2048,
-            concurrency=(1, 8, 32, 128, 512)) -> str:
+def compare(
+    m="70b",
+    layouts=(Layout(tp=8), Layout(pp=8), Layout(tp=4, pp=2)),
+    gpu="h100",
+    context: int = 2048,
+    concurrency=(1, 8, 32, 128, 512),
+) -> str:
     """Per-token latency and throughput against concurrency, one row per layout."""
     head = f"{'layout':<10}{'ITL b=1 ms':>11}" + "".join(f"{f'N={n} tok/s':>14}" for n in concurrency)
     rows = [head]
     for lay in layouts:
         cap = max_concurrency(m, lay, gpu, context)
-        cells = [f"{decode_throughput(m, lay, gpu, n, context)[0]:>14,.0f}" if n <= cap else f"{'(no room)':>14}"
-                 for n in concurrency]
+        cells = [
+            f"{decode_throughput(m, lay, gpu, n, context)[0]:>14,.0f}" if n <= cap else f"{'(no room)':>14}"
+            for n in concurrency
+        ]
         rows.append(f"{str(lay):<10}{token_latency(m, lay, gpu, 1, context) * 1e3:>11.2f}" + "".join(cells))
     return "\n".join(rows)
 
@@ -303,12 +359,16 @@ def main(argv=None) -> int:
     p.raise_if_any("cannot plan this")
     plan = choose_layout(a.model, a.gpus, a.gpu, a.latency_ms / 1e3, a.context)
     m = plan.model
-    print(f"{m.name}: {m.params / 1e9:.1f}B parameters ({m.source}); {a.gpus} x {a.gpu}, context {a.context}, "
-          f"target {a.latency_ms:g} ms per token (roofline: peak HBM, FLOPs and links)\n")
+    print(
+        f"{m.name}: {m.params / 1e9:.1f}B parameters ({m.source}); {a.gpus} x {a.gpu}, context {a.context}, "
+        f"target {a.latency_ms:g} ms per token (roofline: peak HBM, FLOPs and links)\n"
+    )
     print(plan.table())
     best = plan.best
-    print(f"\npick {best['layout']}: {best['throughput']:,.0f} tokens/s at {best['concurrency']} concurrent sequences, "
-          f"{best['itl'] * 1e3:.2f} ms per token ({best['itl1'] * 1e3:.2f} ms alone)")
+    print(
+        f"\npick {best['layout']}: {best['throughput']:,.0f} tokens/s at {best['concurrency']} concurrent sequences, "
+        f"{best['itl'] * 1e3:.2f} ms per token ({best['itl1'] * 1e3:.2f} ms alone)"
+    )
     return 0
 
 

@@ -25,6 +25,7 @@ steps x latency + bytes / (bandwidth x efficiency), with (steps, bytes) from `al
 * an all-to-all across domains sends (k_in - 1)/k of its bytes over NVLink and the rest over
   the NICs, at the same time; the slower part sets the time.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,12 +40,12 @@ __all__ = ["Topology", "TOPOLOGIES", "add_topology", "get_topology", "collective
 @dataclass(frozen=True)
 class Topology:
     name: str
-    gpus_per_node: int      # GPUs per host (they share its NICs)
-    domain: int             # GPUs on one NVLink/NVSwitch fabric
-    nvlink: str             # link name inside the domain
-    nic: str                # link name of one NIC (the fabric)
+    gpus_per_node: int  # GPUs per host (they share its NICs)
+    domain: int  # GPUs on one NVLink/NVSwitch fabric
+    nvlink: str  # link name inside the domain
+    nic: str  # link name of one NIC (the fabric)
     nics_per_node: int
-    sharp: bool = False     # in-network reduction on the scale-out switches
+    sharp: bool = False  # in-network reduction on the scale-out switches
     source: str = ""
 
     @property
@@ -56,8 +57,13 @@ class Topology:
         """One GPU's share of the scale-out network, as a link."""
         nic = get_link(self.nic)
         share = nic.bandwidth * self.nics_per_node / self.gpus_per_node
-        return Link(f"{nic.name}x{self.nics_per_node}/{self.gpus_per_node}" if share != nic.bandwidth else nic.name,
-                    share, nic.latency, nic.source, nic.efficiency)
+        return Link(
+            f"{nic.name}x{self.nics_per_node}/{self.gpus_per_node}" if share != nic.bandwidth else nic.name,
+            share,
+            nic.latency,
+            nic.source,
+            nic.efficiency,
+        )
 
 
 TOPOLOGIES: dict[str, Topology] = {}
@@ -66,33 +72,99 @@ TOPOLOGIES: dict[str, Topology] = {}
 def add_topology(t: Topology) -> Topology:
     if t.gpus_per_node < 1 or t.domain < 1 or t.nics_per_node < 1:
         raise ValueError(f"topology {t.name!r}: gpus_per_node, domain and nics_per_node must be >= 1")
-    get_link(t.nvlink), get_link(t.nic)        # both must exist
+    get_link(t.nvlink), get_link(t.nic)  # both must exist
     TOPOLOGIES[t.name.lower()] = t
     return t
 
 
 def get_topology(t) -> Topology:
-    return lookup(TOPOLOGIES, t, Topology, "topology", "register yours with minipar.plan.add_topology(Topology(...))")
+    return lookup(
+        TOPOLOGIES, t, Topology, "topology", "register yours with minipar.plan.add_topology(Topology(...))"
+    )
 
 
 for _t in [
-    Topology("dgx-a100", 8, 8, "nvlink3", "ib-hdr", 8, False,
-             "DGX A100 / Selene: 8 A100 on NVSwitch, 8 HDR 200 Gb/s HCAs (Narayanan et al. 2021, Sec. 5)"),
-    Topology("jean-zay-a100", 8, 8, "nvlink3", "omnipath-100", 4, False,
-             "Jean Zay (BLOOM-176B): 8 A100 80GB per node, 4 Omni-Path 100 Gb/s links (BigScience 2022)"),
-    Topology("dgx-h100", 8, 8, "nvlink4", "ib-ndr", 8, False,
-             "DGX H100: 8 H100 on NVSwitch, 8 ConnectX-7 NDR 400 Gb/s (DGX H100 datasheet)"),
-    Topology("dgx-h100-sharp", 8, 8, "nvlink4", "ib-ndr", 8, True,
-             "DGX H100 on Quantum-2 switches with SHARPv3 in-network reduction"),
-    Topology("h100-roce", 8, 8, "nvlink4", "roce-400", 8, False,
-             "Meta Grand Teton: 8 H100 on NVLink, one 400 Gb/s RoCE NIC per GPU (Dubey et al. 2024, Sec. 3.3.1)"),
-    Topology("hgx-h800", 8, 8, "nvlink4-h800", "ib-ndr", 8, False,
-             "DeepSeek-V3's cluster: 8 H800 on NVLink, 8 InfiniBand 400 Gb/s NICs per node (DeepSeek-V3 report, Sec. 3.1)"),
-    Topology("dgx-b200", 8, 8, "nvlink5", "ib-ndr", 8, False,
-             "DGX B200: 8 B200 on NVLink 5, 8 ConnectX-7 400 Gb/s (DGX B200 datasheet)"),
-    Topology("gb200-nvl72", 4, 72, "nvlink5", "ib-ndr", 4, False,
-             "GB200 NVL72: 72 Blackwell GPUs in one NVLink domain (18 trays of 4), one 400 Gb/s ConnectX-7 per GPU "
-             "(GB200 NVL72 datasheet)"),
+    Topology(
+        "dgx-a100",
+        8,
+        8,
+        "nvlink3",
+        "ib-hdr",
+        8,
+        False,
+        "DGX A100 / Selene: 8 A100 on NVSwitch, 8 HDR 200 Gb/s HCAs (Narayanan et al. 2021, Sec. 5)",
+    ),
+    Topology(
+        "jean-zay-a100",
+        8,
+        8,
+        "nvlink3",
+        "omnipath-100",
+        4,
+        False,
+        "Jean Zay (BLOOM-176B): 8 A100 80GB per node, 4 Omni-Path 100 Gb/s links (BigScience 2022)",
+    ),
+    Topology(
+        "dgx-h100",
+        8,
+        8,
+        "nvlink4",
+        "ib-ndr",
+        8,
+        False,
+        "DGX H100: 8 H100 on NVSwitch, 8 ConnectX-7 NDR 400 Gb/s (DGX H100 datasheet)",
+    ),
+    Topology(
+        "dgx-h100-sharp",
+        8,
+        8,
+        "nvlink4",
+        "ib-ndr",
+        8,
+        True,
+        "DGX H100 on Quantum-2 switches with SHARPv3 in-network reduction",
+    ),
+    Topology(
+        "h100-roce",
+        8,
+        8,
+        "nvlink4",
+        "roce-400",
+        8,
+        False,
+        "Meta Grand Teton: 8 H100 on NVLink, one 400 Gb/s RoCE NIC per GPU (Dubey et al. 2024, Sec. 3.3.1)",
+    ),
+    Topology(
+        "hgx-h800",
+        8,
+        8,
+        "nvlink4-h800",
+        "ib-ndr",
+        8,
+        False,
+        "DeepSeek-V3's cluster: 8 H800 on NVLink, 8 InfiniBand 400 Gb/s NICs per node (DeepSeek-V3 report, Sec. 3.1)",
+    ),
+    Topology(
+        "dgx-b200",
+        8,
+        8,
+        "nvlink5",
+        "ib-ndr",
+        8,
+        False,
+        "DGX B200: 8 B200 on NVLink 5, 8 ConnectX-7 400 Gb/s (DGX B200 datasheet)",
+    ),
+    Topology(
+        "gb200-nvl72",
+        4,
+        72,
+        "nvlink5",
+        "ib-ndr",
+        4,
+        False,
+        "GB200 NVL72: 72 Blackwell GPUs in one NVLink domain (18 trays of 4), one 400 Gb/s ConnectX-7 per GPU "
+        "(GB200 NVL72 datasheet)",
+    ),
 ]:
     add_topology(_t)
 
@@ -116,7 +188,7 @@ def _flat(op: str, n: int, nbytes: float, link: Link, sharp: bool = False) -> tu
         return _time(link, *alpha_beta("pairwise", op, n, nbytes)), "pairwise"
     if op != "all_reduce":
         return _time(link, *alpha_beta("ring", op, n, nbytes)), "ring"
-    if sharp:   # the switch reduces: each rank sends its data once (half a ring's bytes), two hops
+    if sharp:  # the switch reduces: each rank sends its data once (half a ring's bytes), two hops
         steps, sent = alpha_beta("ring", op, n, nbytes)
         return _time(link, 2, sent / 2), "sharp"
     ring = _time(link, *alpha_beta("ring", op, n, nbytes))
@@ -140,11 +212,16 @@ def collective_time(op: str, nbytes: float, size: int, stride: int, topo) -> tup
         return t, f"{how} on {net.name}"
     if op == "all_to_all":
         steps, _ = alpha_beta("pairwise", op, size, nbytes)
-        t = steps * net.latency + max((k_in - 1) / size * nbytes / (nv.bandwidth * nv.efficiency),
-                                      (size - k_in) / size * nbytes / (net.bandwidth * net.efficiency))
+        t = steps * net.latency + max(
+            (k_in - 1) / size * nbytes / (nv.bandwidth * nv.efficiency),
+            (size - k_in) / size * nbytes / (net.bandwidth * net.efficiency),
+        )
         return t, f"pairwise on {nv.name}+{net.name}"
-    inner = {"all_reduce": ("reduce_scatter", "all_gather"), "reduce_scatter": ("reduce_scatter", None),
-             "all_gather": (None, "all_gather")}[op]
+    inner = {
+        "all_reduce": ("reduce_scatter", "all_gather"),
+        "reduce_scatter": ("reduce_scatter", None),
+        "all_gather": (None, "all_gather"),
+    }[op]
     t = sum(_flat(o, k_in, nbytes, nv)[0] for o in inner if o)
     t_out, how = _flat(op, k_out, nbytes / k_in, net, topo.sharp)
     return t + t_out, f"hierarchical: {'+'.join(o for o in inner if o)} on {nv.name}, {how} on {net.name}"

@@ -1,4 +1,5 @@
 """The data a pipeline schedule is made of: actions like `0F1` and the per-rank lists holding them."""
+
 from __future__ import annotations
 
 import re
@@ -15,7 +16,7 @@ class Action:
     stage: int
     kind: str
     mb: int
-    peer: int | None = field(default=None, compare=False)   # the other rank of a SEND/RECV
+    peer: int | None = field(default=None, compare=False)  # the other rank of a SEND/RECV
 
     def __str__(self) -> str:
         return f"{self.stage}{self.kind}{self.mb}"
@@ -48,6 +49,7 @@ class Schedule:
     `overlapped` maps the F of each of DualPipe's "F&B" pairs to its B: a forward and the
     next action on its rank, a backward of another stage, run as one unit that starts when
     both inputs have arrived (DeepSeek overlaps one's compute with the other's all-to-all)."""
+
     name: str
     num_ranks: int
     num_microbatches: int
@@ -83,7 +85,7 @@ class Schedule:
 
     def __str__(self) -> str:
         w = max(len(str(a)) for acts in self.actions.values() for a in acts)
-        return "\n".join(f"rank {r}: " + " ".join(f"{str(a):>{w}}" for a in acts)
-                         for r, acts in sorted(self.actions.items()))
-
-
+        return "\n".join(
+            f"rank {r}: " + " ".join(f"{str(a):>{w}}" for a in acts)
+            for r, acts in sorted(self.actions.items())
+        )

@@ -18,6 +18,7 @@ then the bubble the simulator measures is the table's exactly (tests/test_pp_sch
 every rank idles (PP/2-1)(F&B+B-3W) when F&B = F+B, and the worst rank does when the
 overlap hides some of it.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -53,31 +54,31 @@ def _dualpipe_rank(n, pos, chunks, s0, s1, first0, first1):
         if queue:
             acts.append(queue.pop(0))
 
-    def fb(f_ph, b_ph):                              # F&B: one phase's F overlapped with the other's B
+    def fb(f_ph, b_ph):  # F&B: one phase's F overlapped with the other's B
         f(f_ph), b(b_ph)
         pairs.append((acts[-2], acts[-1]))
 
-    for _ in range((n - pos - 1) * 2):              # 1: nF0
+    for _ in range((n - pos - 1) * 2):  # 1: nF0
         f(0)
-    for _ in range(pos + 1):                         # 2: nF0F1
+    for _ in range(pos + 1):  # 2: nF0F1
         f(0), f(1)
-    for _ in range(n - pos - 1):                     # 3: nB1W1F1 (zero bubble)
+    for _ in range(n - pos - 1):  # 3: nB1W1F1 (zero bubble)
         b(1, zb=True), w(), f(1)
-    for _ in range(chunks - 2 * n + pos + 1):        # 4: nF0B1F1B0 (main step)
+    for _ in range(chunks - 2 * n + pos + 1):  # 4: nF0B1F1B0 (main step)
         fb(0, 1), fb(1, 0)
-    for _ in range(n - pos - 1):                     # 5: nB1F1B0
+    for _ in range(n - pos - 1):  # 5: nB1F1B0
         b(1), fb(1, 0)
     zb = False
-    for i in range(pos + 1):                         # 6: nB1B0 (second half zero bubble)
+    for i in range(pos + 1):  # 6: nB1B0 (second half zero bubble)
         if i == (pos + 1) // 2 and pos % 2 == 1:
             zb = True
         b(1, zb)
         if i == (pos + 1) // 2 and pos % 2 == 0:
             zb = True
         b(0, zb)
-    for _ in range(n - pos - 1):                     # 7: nWB0 (zero bubble)
+    for _ in range(n - pos - 1):  # 7: nWB0 (zero bubble)
         w(), b(0, zb=True)
-    for _ in range(pos + 1):                         # 8: nW
+    for _ in range(pos + 1):  # 8: nW
         w()
     while queue:
         w()

@@ -16,6 +16,7 @@ Posting never blocks; a rank waits only when a compute action needs a received t
 `validate` checks the result under gloo's model (sends never block) and under NCCL's
 (in-order rendezvous per pair, `check_rendezvous`). Multi-GPU NCCL runs are still untested here.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -59,9 +60,13 @@ def pair_order(schedule: Schedule) -> dict:
     """{(lo, hi) ranks: [(src, dst, key)]}: every message between two ranks, in the order both
     post them. It is the order the simulator (unit costs) sends them in, ties broken by sender:
     a causal order, so neither rank ever has to post an operation whose data needs a later one."""
-    done = {k: op.end for k, op in sim.run(op_graph(schedule, 1.0, 2.0, 1.0)).items()}   # sim.Deadlock if none
-    msgs = sorted((done[a], r, *out) for r, acts in schedule.actions.items() for a in acts
-                  if (out := message_out(schedule, a)))
+    done = {k: op.end for k, op in sim.run(op_graph(schedule, 1.0, 2.0, 1.0)).items()}  # sim.Deadlock if none
+    msgs = sorted(
+        (done[a], r, *out)
+        for r, acts in schedule.actions.items()
+        for a in acts
+        if (out := message_out(schedule, a))
+    )
     order = defaultdict(list)
     for _, src, dst, key in msgs:
         order[min(src, dst), max(src, dst)].append((src, dst, key))
@@ -71,8 +76,11 @@ def pair_order(schedule: Schedule) -> dict:
 def inputs_of(schedule: Schedule, a: Action) -> list:
     """[(src rank, message key)] compute action `a` waits for: its own input and, for the F of
     an F&B pair, its partner's (the pair starts as one unit)."""
-    return [need for x in (a, schedule.overlapped.get(a)) if x is not None
-            and (need := messages_in(schedule, x)) is not None]
+    return [
+        need
+        for x in (a, schedule.overlapped.get(a))
+        if x is not None and (need := messages_in(schedule, x)) is not None
+    ]
 
 
 def lower(schedule: Schedule) -> dict[int, list[Action]]:
@@ -82,7 +90,7 @@ def lower(schedule: Schedule) -> dict[int, list[Action]]:
     lowered = {}
     for r, acts in sorted(schedule.actions.items()):
         mine = {(lo if hi == r else hi): msgs for (lo, hi), msgs in order.items() if r in (lo, hi)}
-        at, sent, out = defaultdict(int), set(), []   # peer -> position reached in the pair's order
+        at, sent, out = defaultdict(int), set(), []  # peer -> position reached in the pair's order
 
         def advance(peer, until=None) -> bool:
             """Post the pair's receives in order, up to message `until` (True once it is posted),
@@ -113,12 +121,12 @@ def lower(schedule: Schedule) -> dict[int, list[Action]]:
         for i, a in enumerate(acts):
             post_for(a, True)
             if i + 1 < len(acts):
-                post_for(acts[i + 1], False)          # posted early: the transfer overlaps `a`
+                post_for(acts[i + 1], False)  # posted early: the transfer overlaps `a`
             out.append(a)
             msg = message_out(schedule, a)
             if msg:
                 sent.add(msg)
-                advance(msg[0], (r, *msg))            # first the receives ordered before it, if any
+                advance(msg[0], (r, *msg))  # first the receives ordered before it, if any
                 out.append(Action(a.stage, "SEND_F" if a.kind == "F" else "SEND_B", a.mb, peer=msg[0]))
         lowered[r] = out
     return lowered

@@ -23,13 +23,14 @@ transformer layers only and every stage gets at least one. `layer_costs` builds 
 list for a GPT-shaped model. Pure Python (no torch): the planner and the training
 command share it.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
 
 __all__ = ["balance_stages", "layer_costs", "stage_costs"]
 
-_REL = 1e-9      # costs within this relative distance are equal (sums of floats)
+_REL = 1e-9  # costs within this relative distance are equal (sums of floats)
 
 
 def _check(costs, num_stages) -> tuple:
@@ -37,8 +38,10 @@ def _check(costs, num_stages) -> tuple:
         raise ValueError(f"num_stages must be a whole number >= 1, got {num_stages!r}")
     costs = tuple(float(c) for c in costs)
     if len(costs) < num_stages:
-        raise ValueError(f"{len(costs)} layers cannot fill {num_stages} stages (each stage needs at least one "
-                         "layer): use fewer pipeline stages")
+        raise ValueError(
+            f"{len(costs)} layers cannot fill {num_stages} stages (each stage needs at least one "
+            "layer): use fewer pipeline stages"
+        )
     if any(not (c >= 0) or c == float("inf") for c in costs):
         raise ValueError(f"layer costs must be finite and >= 0, got {costs}")
     return costs
@@ -53,10 +56,12 @@ def balance_stages(costs: list[float], num_stages: int) -> list[int]:
 def stage_costs(costs: list[float], stage_layers: list[int]) -> list[float]:
     """Summed cost of each stage of a partition (len(stage_layers) stages)."""
     if sum(stage_layers) != len(costs) or any(n < 1 for n in stage_layers):
-        raise ValueError(f"stage_layers={list(stage_layers)} must be >= 1 each and sum to {len(costs)} layers")
+        raise ValueError(
+            f"stage_layers={list(stage_layers)} must be >= 1 each and sum to {len(costs)} layers"
+        )
     out, i = [], 0
     for n in stage_layers:
-        out.append(sum(costs[i:i + n]))
+        out.append(sum(costs[i : i + n]))
         i += n
     return out
 
@@ -76,8 +81,8 @@ def _balance(costs: tuple, p: int) -> tuple:
     for k in range(1, p + 1):
         prev, row = top[k - 1], top[k]
         for i in range(L - k, -1, -1):
-            lo, hi = i + 1, L - k + 1               # j: the first layer of the next stage
-            while lo < hi:                          # smallest j with C(i, j) >= top[k-1][j]
+            lo, hi = i + 1, L - k + 1  # j: the first layer of the next stage
+            while lo < hi:  # smallest j with C(i, j) >= top[k-1][j]
                 mid = (lo + hi) // 2
                 if prefix[mid] - prefix[i] >= prev[mid]:
                     hi = mid
@@ -111,9 +116,18 @@ def _balance(costs: tuple, p: int) -> tuple:
     return tuple(out)
 
 
-def layer_costs(layers: int, hidden: int, vocab: int, seq: int, *, ffn_hidden: int | None = None,
-                kv_heads: int | None = None, heads: int | None = None, gated_mlp: bool = False,
-                embedding_cost: float = 0.0) -> list[float]:
+def layer_costs(
+    layers: int,
+    hidden: int,
+    vocab: int,
+    seq: int,
+    *,
+    ffn_hidden: int | None = None,
+    kv_heads: int | None = None,
+    heads: int | None = None,
+    gated_mlp: bool = False,
+    embedding_cost: float = 0.0,
+) -> list[float]:
     """Forward FLOPs per token of each transformer layer of a GPT-shaped model, with the
     output head folded into the last layer and `embedding_cost` into the first.
 

@@ -19,6 +19,7 @@ PipeDream-2BW (Narayanan et al., ICML 2021, Sec. 3.1) accumulates the gradients 
 `pipedream_reference` replays the same version pattern on one device; the tests
 require equal losses and weights, and that each backward used its forward's version.
 """
+
 from __future__ import annotations
 
 import torch
@@ -57,13 +58,13 @@ class StashingRunner(StepRunner):
         self.loss_scale = 1.0 / schedule.update_every
         self.opt = {s: make_optimizer(st.parameters(), **optim) for s, st in stages.items()}
         self.version = {s: 0 for s in stages}
-        self.stash = {s: {} for s in stages}               # stage -> {version: [tensors]}
+        self.stash = {s: {} for s in stages}  # stage -> {version: [tensors]}
         self.used, self.backs = {}, {s: 0 for s in stages}
         self.log, self.max_live = [], {s: 0 for s in stages}
 
     def forward(self, stage, x, mb):
         v, st = self.version[stage], self.stages[stage]
-        if v not in self.stash[stage]:   # the live weights are version v until the next update
+        if v not in self.stash[stage]:  # the live weights are version v until the next update
             self.stash[stage][v] = [p.detach().clone().requires_grad_() for p in st.parameters()]
         self.max_live[stage] = max(self.max_live[stage], len(self.stash[stage]))
         self.used[stage, mb] = v
@@ -87,22 +88,29 @@ class StashingRunner(StepRunner):
         self.stash[stage] = {v: t for v, t in self.stash[stage].items() if v in alive}
 
 
-def train_pipedream(schedule: Schedule, cfg: GPTConfig, mb_size: int = 2, seed: int = 0, **optim) -> TrainResult:
+def train_pipedream(
+    schedule: Schedule, cfg: GPTConfig, mb_size: int = 2, seed: int = 0, **optim
+) -> TrainResult:
     """Run under `launch(train_pipedream, p, ...)`: the schedule's m micro-batches as one stream.
     Returns per rank {"losses": {mb: loss}, "params", "log": [(F|B, stage, mb, version)], "max_live"}.
     `optim`: overrides of `make_optimizer` (kind="sgd" for parity tests)."""
     if schedule.update_every is None:
-        raise ValueError(f"{schedule.name} is synchronous; build 'pipedream' or 'pipedream_2bw' for this runner")
+        raise ValueError(
+            f"{schedule.name} is synchronous; build 'pipedream' or 'pipedream_2bw' for this runner"
+        )
     rank, m = runtime.rank(), schedule.num_microbatches
     check_config(schedule, cfg)
     stages = build_stages(GPT(cfg, seed), schedule, rank)
-    runner = StashingRunner(schedule, validate(schedule)[rank], stages, lambda mb: (mb_size, cfg.seq, cfg.hidden),
-                            **optim)
+    runner = StashingRunner(
+        schedule, validate(schedule)[rank], stages, lambda mb: (mb_size, cfg.seq, cfg.hidden), **optim
+    )
     x, y = SyntheticData(cfg.vocab, cfg.seq, seed).batch(0, m * mb_size)
     runner.run(x.chunk(m), y.chunk(m))
-    return TrainResult(runner.mb_losses, params={n: p.detach().clone() for st in stages.values()
-                                                  for n, p in st.named_parameters()},
-                       extra=dict(log=runner.log, max_live=runner.max_live))
+    return TrainResult(
+        runner.mb_losses,
+        params={n: p.detach().clone() for st in stages.values() for n, p in st.named_parameters()},
+        extra=dict(log=runner.log, max_live=runner.max_live),
+    )
 
 
 def pipedream_reference(schedule: Schedule, cfg: GPTConfig, mb_size: int = 2, seed: int = 0, **optim):
@@ -136,4 +144,3 @@ def pipedream_reference(schedule: Schedule, cfg: GPTConfig, mb_size: int = 2, se
                 opts[s].zero_grad(set_to_none=True)
                 history[s].append([p.detach().clone() for p in st.parameters()])
     return losses, {nm: p.detach().clone() for st in stages for nm, p in st.named_parameters()}
-

@@ -22,6 +22,7 @@ slice (stage k and its mirror p+k); their gradients are summed across the two
 ranks before the optimizer step, so both copies stay identical.
 Every compute action is a `trace.span` named like `0F1`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,7 +44,9 @@ from .wgrad import WeightGradStore, install
 __all__ = ["check_config", "StepRunner", "train_pipeline", "loss_fn"]
 
 
-def check_config(schedule: Schedule, cfg: GPTConfig, batch_size: int | None = None, stage_layers=None) -> None:
+def check_config(
+    schedule: Schedule, cfg: GPTConfig, batch_size: int | None = None, stage_layers=None
+) -> None:
     """Raise a ConfigError that says how to fix a configuration the executor cannot run.
     Call it before `launch` (train_pipeline calls it again on every rank)."""
     p = Problems()
@@ -52,8 +55,10 @@ def check_config(schedule: Schedule, cfg: GPTConfig, batch_size: int | None = No
     if batch_size is not None:
         p.integer("batch_size", batch_size, low=1)
         p.divides("num_microbatches", m, "batch_size", batch_size, "each micro-batch gets the same sequences")
-    if cfg.experts:   # capacity and the aux loss are per group: each micro-batch holds whole groups
-        p.divides("num_microbatches", m, "moe_groups", cfg.moe_groups, "each micro-batch must hold whole groups")
+    if cfg.experts:  # capacity and the aux loss are per group: each micro-batch holds whole groups
+        p.divides(
+            "num_microbatches", m, "moe_groups", cfg.moe_groups, "each micro-batch must hold whole groups"
+        )
     p.raise_if_any("the pipeline cannot run")
 
 
@@ -72,19 +77,38 @@ class StepRunner:
     the global rank of pipeline rank r in this rank's pp `group`, and `loss(logits, y)` the
     loss (e.g. vocab-parallel under TP). By default the world is the pipeline."""
 
-    def __init__(self, schedule: Schedule, lowered: list, stages: dict, act_shape, recompute=False, *,
-                 rank: int | None = None, peer=None, loss=None, group=None):
-        self.sch, self.lowered, self.stages, self.shape, self.recompute = schedule, lowered, stages, act_shape, recompute
+    def __init__(
+        self,
+        schedule: Schedule,
+        lowered: list,
+        stages: dict,
+        act_shape,
+        recompute=False,
+        *,
+        rank: int | None = None,
+        peer=None,
+        loss=None,
+        group=None,
+    ):
+        self.sch, self.lowered, self.stages, self.shape, self.recompute = (
+            schedule,
+            lowered,
+            stages,
+            act_shape,
+            recompute,
+        )
         self.rank = runtime.rank() if rank is None else rank
         self.peer, self.loss, self.group = peer or (lambda r: r), loss or loss_fn, group
         self.store = WeightGradStore()
-        self.params = {s: list(st.parameters()) for s, st in stages.items()}   # walked once, not per action
+        self.params = {s: list(st.parameters()) for s, st in stages.items()}  # walked once, not per action
         # Route linear layers through the weight-gradient store only if the schedule splits B
         # into I and W: the custom backward costs Python overhead that plain B does not need.
-        self.split = {(a.stage, a.mb) for a in lowered if a.kind == "I"}   # whose backward is I then W
+        self.split = {(a.stage, a.mb) for a in lowered if a.kind == "I"}  # whose backward is I then W
         split = bool(self.split)
-        self.eager = {s: install(st, self.store) if split else list(st.parameters()) for s, st in stages.items()}
-        self.loss_scale = 1.0 / schedule.num_microbatches   # the mean over micro-batches, as the reference
+        self.eager = {
+            s: install(st, self.store) if split else list(st.parameters()) for s, st in stages.items()
+        }
+        self.loss_scale = 1.0 / schedule.num_microbatches  # the mean over micro-batches, as the reference
 
     # ---- hooks PipeDream overrides
     def forward(self, stage, x, mb):
@@ -105,18 +129,18 @@ class StepRunner:
         dev = runtime.device()
         self.inp, self.out, self.local, self.dx = {}, {}, {}, {}
         self.xs, self.ys, self.loss_sum, self.mb_losses = xs, ys, 0.0, {}
-        self.aux_sum, self.aux_out = 0.0, {}   # MoE stages' load-balancing losses (scaled by 1/m)
+        self.aux_sum, self.aux_out = 0.0, {}  # MoE stages' load-balancing losses (scaled by 1/m)
         recvs, sends, posted, early = {}, [], {}, {}
         for a in self.lowered:
             if a.kind.startswith("RECV"):
-                k = posted[a.peer] = posted.get(a.peer, -1) + 1       # k-th receive from this peer
+                k = posted[a.peer] = posted.get(a.peer, -1) + 1  # k-th receive from this peer
                 h = comm.irecv(torch.empty(self.shape(a.mb), device=dev), self.peer(a.peer), group=self.group)
                 recvs[a.kind[-1], a.stage, a.mb] = (h, (a.peer, k))
             elif a.kind.startswith("SEND"):
                 key = (a.stage, a.mb)
                 if a.kind == "SEND_B":
                     t = self.dx.pop(key)
-                else:   # with recompute the output is not kept past its send
+                else:  # with recompute the output is not kept past its send
                     t = self.out.pop(key) if self.recompute else self.out[key]
                 sends.append(comm.isend(t.detach().contiguous(), self.peer(a.peer), group=self.group))
             else:
@@ -124,7 +148,7 @@ class StepRunner:
                 # of an F&B pair also waits for its partner's input: the pair starts as one unit.
                 got, src = self._receive(a, recvs)
                 srcs = [src] if src else []
-                if a in self.sch.overlapped:                  # DualPipe's F&B pairs: F -> its B
+                if a in self.sch.overlapped:  # DualPipe's F&B pairs: F -> its B
                     b = self.sch.overlapped[a]
                     early[b] = self._receive(b, recvs)
                     srcs += [early[b][1]] if early[b][1] else []
@@ -132,17 +156,21 @@ class StepRunner:
                     got, _ = early.pop(a)
                 # `recv` names the messages this action waited for, so the modeled clock (sim.retime)
                 # knows what it waited for.
-                with trace.span(str(a), stage=a.stage, mb=a.mb, kind=a.kind, **({"recv": srcs} if srcs else {})):
+                with trace.span(
+                    str(a), stage=a.stage, mb=a.mb, kind=a.kind, **({"recv": srcs} if srcs else {})
+                ):
                     self.compute(a, got)
-            for h in sends:             # close the sends that have gone out (ends their trace spans)
+            for h in sends:  # close the sends that have gone out (ends their trace spans)
                 if h.work.is_completed():
                     h.wait()
             sends = [h for h in sends if not h.done]
         for h in sends:
             h.wait()
         if len(self.store) or recvs:
-            raise RuntimeError(f"rank {self.rank}: the schedule left work undone: W of {list(self.store.pending)}, "
-                               f"receives {list(recvs)}")
+            raise RuntimeError(
+                f"rank {self.rank}: the schedule left work undone: W of {list(self.store.pending)}, "
+                f"receives {list(recvs)}"
+            )
         return self.loss_sum
 
     def _receive(self, a, recvs):
@@ -182,7 +210,7 @@ class StepRunner:
         if nxt is not None and self.sch.stage_to_rank[nxt] == self.rank:
             self.local["F", nxt, a.mb] = y.detach()
         if self.recompute and (nxt is None or self.sch.stage_to_rank[nxt] == self.rank):
-            del self.out[key]                 # else kept only until its SEND
+            del self.out[key]  # else kept only until its SEND
 
     def _backward(self, a, dy):
         """B (input and weight gradients in one pass) or I (input gradient now, the linear
@@ -190,7 +218,7 @@ class StepRunner:
         key, path = (a.stage, a.mb), self.sch.paths[a.mb]
         first, last = path[0] == a.stage, path[-1] == a.stage
         x, y, aux = self.inp.pop(key), self.out.pop(key, None), self.aux_out.pop(key, None)
-        if self.recompute:   # re-materialize the stage's activations from its input
+        if self.recompute:  # re-materialize the stage's activations from its input
             y, aux = self._run_stage(a, x, last)
             if aux is not None and last:
                 y, aux = y + aux, None
@@ -203,7 +231,7 @@ class StepRunner:
             ws = self.weights(a.stage, a.mb)
             torch.autograd.backward(y, g, inputs=([] if first else [x]) + ws)
             dx = None if first else x.grad
-            if ws is not self.params[a.stage]:   # stashed copies (PipeDream): pass their gradients on
+            if ws is not self.params[a.stage]:  # stashed copies (PipeDream): pass their gradients on
                 self.accumulate(a.stage, a.mb, [w.grad for w in ws])
                 for w in ws:
                     w.grad = None
@@ -212,7 +240,7 @@ class StepRunner:
             with self.store.defer(key):
                 grads = torch.autograd.grad(y, ([] if first else [x]) + self.eager[a.stage], g)
             dx = None if first else grads[0]
-            for p, gp in zip(self.eager[a.stage], grads[0 if first else 1:]):
+            for p, gp in zip(self.eager[a.stage], grads[0 if first else 1 :]):
                 p.grad = gp if p.grad is None else p.grad + gp
         if dx is not None:
             prev = self.sch.prev_stage(a.stage, a.mb)
@@ -229,7 +257,7 @@ class StepRunner:
     def _run_stage(self, a, x, last):
         """The stage's output (the scaled loss on the last stage) and its scaled auxiliary loss
         (MoE load balancing: a stage module with `aux_loss()`), or None."""
-        self.store.record = (a.stage, a.mb) in self.split    # only an I needs the store's linear layers
+        self.store.record = (a.stage, a.mb) in self.split  # only an I needs the store's linear layers
         y = self.forward(a.stage, x, a.mb)
         if last:
             y = self.loss(y, self.ys[a.mb].to(y.device)) * self.loss_scale
@@ -253,8 +281,16 @@ def _mirror_groups(schedule):
     return groups
 
 
-def train_pipeline(schedule: Schedule, cfg: GPTConfig, steps: int = 2, batch_size: int = 8, seed: int = 0,
-                   recompute: bool = False, stage_layers=None, **optim) -> TrainResult:
+def train_pipeline(
+    schedule: Schedule,
+    cfg: GPTConfig,
+    steps: int = 2,
+    batch_size: int = 8,
+    seed: int = 0,
+    recompute: bool = False,
+    stage_layers=None,
+    **optim,
+) -> TrainResult:
     """Run under `minipar.launch(train_pipeline, p, ...)`: `steps` AdamW steps on the reference data
     (`optim`: overrides of `make_optimizer`, e.g. kind="sgd" for parity tests).
 
@@ -268,20 +304,22 @@ def train_pipeline(schedule: Schedule, cfg: GPTConfig, steps: int = 2, batch_siz
     m = schedule.num_microbatches
     lowered = validate(schedule)[rank]
     gpt = GPT(cfg, seed)
-    for layer in moe_layers(gpt):   # each micro-batch's forward holds moe_groups/m whole groups
+    for layer in moe_layers(gpt):  # each micro-batch's forward holds moe_groups/m whole groups
         layer.groups = cfg.moe_groups // m
     stages = {s: st.to(runtime.device()) for s, st in build_stages(gpt, schedule, rank, stage_layers).items()}
     mirror = _mirror_groups(schedule) if schedule.name == "dualpipe" else None
     opt = make_optimizer([p for st in stages.values() for p in st.parameters()], **optim)
     data = SyntheticData(cfg.vocab, cfg.seq, seed)
-    runner = StepRunner(schedule, lowered, stages, lambda mb: (batch_size // m, cfg.seq, cfg.hidden), recompute)
+    runner = StepRunner(
+        schedule, lowered, stages, lambda mb: (batch_size // m, cfg.seq, cfg.hidden), recompute
+    )
     losses, grads, first, times = [], {}, {}, []
     for step in range(steps):
         t0 = runtime.wall()
         x, y = data.batch(step, batch_size)
         opt.zero_grad(set_to_none=True)
         losses.append(runner.run(x.chunk(m), y.chunk(m)) + runner.aux_sum)
-        if mirror is not None:   # sum the two copies' gradients, ordered by layer slice on both ranks
+        if mirror is not None:  # sum the two copies' gradients, ordered by layer slice on both ranks
             ps = [p for s in sorted(stages, key=lambda s: schedule.part[s]) for p in stages[s].parameters()]
             comm.all_reduce_grads(ps, group=mirror[rank])
         grads = {n: p.grad.clone() for st in stages.values() for n, p in st.named_parameters()}
@@ -289,5 +327,10 @@ def train_pipeline(schedule: Schedule, cfg: GPTConfig, steps: int = 2, batch_siz
         opt.step()
         times.append(runtime.wall() - t0)
     params = {n: p.detach().clone() for st in stages.values() for n, p in st.named_parameters()}
-    return TrainResult(losses, first_grads=first, grads=grads, params=params,
-                       extra=dict(times=times, events=trace.events()[n_events:]))
+    return TrainResult(
+        losses,
+        first_grads=first,
+        grads=grads,
+        params=params,
+        extra=dict(times=times, events=trace.events()[n_events:]),
+    )

@@ -14,15 +14,16 @@ t_f / t_b the forward / backward time of one micro-batch on one rank.
 | naive | no micro-batching | p | (p-1)/p of the step | 1 |
 | gpipe | Huang et al. 2019 | p | (p-1)(t_f+t_b) | m |
 | 1f1b | PipeDream-Flush, Narayanan et al. 2021 | p | (p-1)(t_f+t_b) | p |
-| interleaved_1f1b | Megatron-LM, Narayanan et al. 2021, Sec. 2.2 | vp, looped | (p-1)(t_f+t_b)/v | more than p |
-| zb_h1 / zb_h2 / zbv | Zero Bubble, Qi et al. 2024 (`zerobubble.py`) | p / p / 2p in a V | see there | p / 2p-1 / 2p chunks |
-| dualpipe / dualpipev | DeepSeek-V3 report (`dualpipe.py`) | 2p mirrored / 2p in a V | (PP/2-1)(F&B+B-3W) | p+1 / 2p+1 chunks |
+| interleaved_1f1b | Narayanan et al. 2021, Sec. 2.2 | vp, looped | (p-1)(t_f+t_b)/v | more than p |
+| zb_h1 / zb_h2 / zbv | Qi et al. 2024 (`zerobubble.py`) | p / p / 2p in a V | see there | p / 2p-1 / 2p |
+| dualpipe / dualpipev | DeepSeek-V3 (`dualpipe.py`) | 2p mirrored / 2p in a V | (PP/2-1)(F&B+B-3W) | p+1 / 2p+1 |
 | pipedream(_2bw) | Narayanan et al. 2019 / 2021 (`pipedream.py`) | p | 1F1B order, no flush | p |
 
 Each generator is `fn(p, m, v) -> {rank: [Action]}` (DualPipe's also returns its overlapped
 F&B pairs); `build_schedule` checks the configuration first and wraps the lists with their
 placement in a `Schedule`.
 """
+
 from __future__ import annotations
 
 from .actions import COMM, COMPUTE, Action, Schedule, parse_action
@@ -44,7 +45,9 @@ def _naive(p, m, v):
 
 
 def _gpipe(p, m, v):
-    return {r: [Action(r, "F", i) for i in range(m)] + [Action(r, "B", i) for i in range(m)] for r in range(p)}
+    return {
+        r: [Action(r, "F", i) for i in range(m)] + [Action(r, "B", i) for i in range(m)] for r in range(p)
+    }
 
 
 def _one_f_one_b(p, m, v):
@@ -66,7 +69,7 @@ def _interleaved(p, m, v):
     out = {}
     total = m * v
 
-    def fwd(k):   # the k-th forward on this rank: (chunk, micro-batch)
+    def fwd(k):  # the k-th forward on this rank: (chunk, micro-batch)
         return (k // p) % v, (k // (p * v)) * p + k % p
 
     def bwd(k):
@@ -102,33 +105,52 @@ def _check(name, p, m, v, update_every):
     _need(isinstance(m, int) and m >= 1, f"num_microbatches must be an int >= 1, got {m!r}")
     _need(isinstance(v, int) and v >= 1, f"num_chunks must be an int >= 1, got {v!r}")
     if name == "interleaved_1f1b":
-        _need(m % p == 0, f"interleaved_1f1b needs num_microbatches divisible by num_ranks "
-                          f"(Megatron-LM walks micro-batches in groups of p): m={m}, p={p}; try m={max(p, m // p * p)}")
+        _need(
+            m % p == 0,
+            f"interleaved_1f1b needs num_microbatches divisible by num_ranks "
+            f"(Megatron-LM walks micro-batches in groups of p): m={m}, p={p}; try m={max(p, m // p * p)}",
+        )
     elif name in ("zbv", "dualpipev", "dualpipe"):
         _need(v in (1, 2), f"{name} always places 2 chunks per rank; pass num_chunks=2 (or leave it at 1)")
     else:
         _need(v == 1, f"{name} has one stage per rank; num_chunks={v} only applies to interleaved_1f1b")
     if name == "dualpipe":
         _need(p % 2 == 0, f"dualpipe needs an even number of ranks (two mirrored halves), got num_ranks={p}")
-        _need(m % 2 == 0 and m >= 2 * p, f"dualpipe needs an even num_microbatches >= 2 * num_ranks = {2 * p} "
-                                         f"(each direction must fill its pipeline), got {m}")
+        _need(
+            m % 2 == 0 and m >= 2 * p,
+            f"dualpipe needs an even num_microbatches >= 2 * num_ranks = {2 * p} "
+            f"(each direction must fill its pipeline), got {m}",
+        )
     if name == "dualpipev":
         _need(m >= 2 * p, f"dualpipev needs num_microbatches >= 2 * num_ranks = {2 * p}, got {m}")
     if name == "pipedream_2bw":
-        _need(update_every >= p and m % update_every == 0,
-              f"pipedream_2bw accumulates update_every={update_every} micro-batches per update; it must be "
-              f">= num_ranks={p} (so two weight versions suffice, Narayanan et al. 2021 Sec. 3.1) and divide "
-              f"num_microbatches={m}")
+        _need(
+            update_every >= p and m % update_every == 0,
+            f"pipedream_2bw accumulates update_every={update_every} micro-batches per update; it must be "
+            f">= num_ranks={p} (so two weight versions suffice, Narayanan et al. 2021 Sec. 3.1) and divide "
+            f"num_microbatches={m}",
+        )
 
 
-_GEN = {"naive": _naive, "gpipe": _gpipe, "1f1b": _one_f_one_b, "interleaved_1f1b": _interleaved,
-        "zb_h1": _zb_h1, "zb_h2": _zb_h2, "zbv": _zbv, "dualpipe": _dualpipe, "dualpipev": _dualpipev,
-        "pipedream": _pipedream, "pipedream_2bw": _pipedream}
+_GEN = {
+    "naive": _naive,
+    "gpipe": _gpipe,
+    "1f1b": _one_f_one_b,
+    "interleaved_1f1b": _interleaved,
+    "zb_h1": _zb_h1,
+    "zb_h2": _zb_h2,
+    "zbv": _zbv,
+    "dualpipe": _dualpipe,
+    "dualpipev": _dualpipev,
+    "pipedream": _pipedream,
+    "pipedream_2bw": _pipedream,
+}
 SCHEDULES = tuple(_GEN)
 
 
-def build_schedule(name: str, num_ranks: int, num_microbatches: int, num_chunks: int = 1, *,
-                   update_every: int | None = None) -> Schedule:
+def build_schedule(
+    name: str, num_ranks: int, num_microbatches: int, num_chunks: int = 1, *, update_every: int | None = None
+) -> Schedule:
     """Generate schedule `name` (one of SCHEDULES) for p ranks, m micro-batches, v chunks per rank.
 
     `update_every` only applies to pipedream_2bw: micro-batches per weight update (default p)."""
@@ -138,11 +160,11 @@ def build_schedule(name: str, num_ranks: int, num_microbatches: int, num_chunks:
     update_every = (p if update_every is None else update_every) if name == "pipedream_2bw" else update_every
     _check(name, p, m, v, update_every)
     if name in ("zbv", "dualpipev"):
-        v, placement = 2, tuple(range(p)) + tuple(reversed(range(p)))        # V: 0..p-1, then back up
+        v, placement = 2, tuple(range(p)) + tuple(reversed(range(p)))  # V: 0..p-1, then back up
     elif name == "dualpipe":
-        v, placement = 2, tuple(range(p)) + tuple(reversed(range(p)))        # the mirrored pipeline
+        v, placement = 2, tuple(range(p)) + tuple(reversed(range(p)))  # the mirrored pipeline
     else:
-        placement = tuple(s % p for s in range(p * v))                         # looped
+        placement = tuple(s % p for s in range(p * v))  # looped
     S = len(placement)
     if name == "dualpipe":
         paths = tuple(tuple(range(p)) if i < m // 2 else tuple(range(p, 2 * p)) for i in range(m))
@@ -152,5 +174,5 @@ def build_schedule(name: str, num_ranks: int, num_microbatches: int, num_chunks:
     if name == "pipedream":
         update_every = 1
     acts = _GEN[name](p, m, v)
-    acts, overlapped = acts if isinstance(acts, tuple) else (acts, {})    # DualPipe's F&B pairs
+    acts, overlapped = acts if isinstance(acts, tuple) else (acts, {})  # DualPipe's F&B pairs
     return Schedule(name, p, m, v, placement, acts, paths, part, chunk_cost, update_every, overlapped)

@@ -31,6 +31,7 @@ take t_fb (default t_f + t_b: overlap hides nothing); F's output leaves when its
 t_fb * t_f / (t_f + t_b), is done. With t_fb = t_f + t_b every rank idles the table's
 amount; with max(t_f, t_b) <= t_fb < t_f + t_b the ranks nearest the middle do.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ class SimResult:
     span: dict
     bubble_fraction: float
     peak_activations: dict
-    times: dict          # Action -> (start, end)
+    times: dict  # Action -> (start, end)
 
     @property
     def bubble(self) -> dict:
@@ -60,8 +61,10 @@ class SimResult:
     def events(self) -> list:
         """trace.Events on the modeled clock, for `plot_timeline(..., clock="modeled")`."""
         rank = {a: r for r, acts in self.schedule.actions.items() for a in acts}
-        return sorted((Event(rank[a], str(a), "compute", s, e) for a, (s, e) in self.times.items()),
-                      key=lambda e: (e.rank, e.start))
+        return sorted(
+            (Event(rank[a], str(a), "compute", s, e) for a, (s, e) in self.times.items()),
+            key=lambda e: (e.rank, e.start),
+        )
 
 
 def grad_producer(schedule: Schedule, stage: int, mb: int, present: set) -> Action | None:
@@ -78,16 +81,22 @@ def deps_of(schedule: Schedule, a: Action, present: set) -> list:
     s, mb = a.stage, a.mb
     if a.kind == "F":
         prev = schedule.prev_stage(s, mb)
-        own = [] if prev is None else [(Action(prev, "F", mb), schedule.stage_to_rank[prev] != schedule.stage_to_rank[s])]
+        own = (
+            []
+            if prev is None
+            else [(Action(prev, "F", mb), schedule.stage_to_rank[prev] != schedule.stage_to_rank[s])]
+        )
         partner = schedule.overlapped.get(a)
-        return own + ([] if partner is None else [d for d in deps_of(schedule, partner, present) if d[0] != a])
+        return own + (
+            [] if partner is None else [d for d in deps_of(schedule, partner, present) if d[0] != a]
+        )
     if a.kind in ("B", "I"):
         out = [(Action(s, "F", mb), False)]
         g = grad_producer(schedule, s, mb, present)
         if g is not None:
             out.append((g, schedule.stage_to_rank[g.stage] != schedule.stage_to_rank[s]))
         return out
-    return [(Action(s, "I", mb), False)]        # W after its own I
+    return [(Action(s, "I", mb), False)]  # W after its own I
 
 
 def op_graph(schedule: Schedule, t_f=1.0, t_b=2.0, t_w=None, t_comm=0.0, t_fb=None) -> dict:
@@ -98,18 +107,29 @@ def op_graph(schedule: Schedule, t_f=1.0, t_b=2.0, t_w=None, t_comm=0.0, t_fb=No
         raise ValueError(f"t_w={t_w} must lie in [0, t_b={t_b}]: W is part of the backward")
     t_fb = t_f + t_b if t_fb is None else t_fb
     if not max(t_f, t_b) <= t_fb <= t_f + t_b:
-        raise ValueError(f"t_fb={t_fb} must lie in [max(t_f, t_b), t_f + t_b] = [{max(t_f, t_b)}, {t_f + t_b}]: "
-                         "overlapping an F with a B cannot take longer than running them in turn, "
-                         "nor less than the longer of the two")
+        raise ValueError(
+            f"t_fb={t_fb} must lie in [max(t_f, t_b), t_f + t_b] = [{max(t_f, t_b)}, {t_f + t_b}]: "
+            "overlapping an F with a B cannot take longer than running them in turn, "
+            "nor less than the longer of the two"
+        )
     c = schedule.chunk_cost
     cost = {"F": t_f * c, "B": t_b * c, "I": (t_b - t_w) * c, "W": t_w * c}
     in_pair = set(schedule.overlapped) | set(schedule.overlapped.values())
-    shrink = t_fb / (t_f + t_b) if t_f + t_b else 1.0          # an F&B pair shares t_fb in proportion
+    shrink = t_fb / (t_f + t_b) if t_f + t_b else 1.0  # an F&B pair shares t_fb in proportion
     present = {a for acts in schedule.actions.values() for a in acts}
-    return {r: [sim.Op(a, r, cost[a.kind] * (shrink if a in in_pair else 1.0),
-                       tuple((d, t_comm if cross else 0.0) for d, cross in deps_of(schedule, a, present)))
-                for a in acts if a.is_compute]
-            for r, acts in sorted(schedule.actions.items())}
+    return {
+        r: [
+            sim.Op(
+                a,
+                r,
+                cost[a.kind] * (shrink if a in in_pair else 1.0),
+                tuple((d, t_comm if cross else 0.0) for d, cross in deps_of(schedule, a, present)),
+            )
+            for a in acts
+            if a.is_compute
+        ]
+        for r, acts in sorted(schedule.actions.items())
+    }
 
 
 def peak_activations(schedule: Schedule) -> dict:
@@ -124,8 +144,14 @@ def peak_activations(schedule: Schedule) -> dict:
     return out
 
 
-def simulate(schedule: Schedule, t_f: float = 1.0, t_b: float = 2.0, t_w: float | None = None,
-             t_comm: float = 0.0, t_fb: float | None = None) -> SimResult:
+def simulate(
+    schedule: Schedule,
+    t_f: float = 1.0,
+    t_b: float = 2.0,
+    t_w: float | None = None,
+    t_comm: float = 0.0,
+    t_fb: float | None = None,
+) -> SimResult:
     """Time `schedule`; see the module docstring for what each number means. `t_fb` is the
     cost of one of DualPipe's overlapped F&B pairs in the units of t_f + t_b (default t_f + t_b)."""
     done = sim.run(op_graph(schedule, t_f, t_b, t_w, t_comm, t_fb))

@@ -13,6 +13,7 @@ exactly what the user gives (`--stage-layers 3,4,4,3`).
 two copies of each slice on two ranks); `minipar.compose` passes its own stage class, which
 swaps the copies for tensor-, context- and expert-parallel modules.
 """
+
 from __future__ import annotations
 
 import copy
@@ -44,7 +45,7 @@ class Stage(nn.Module):
 
     def forward(self, x):
         if self.first:
-            x = self.wte(x) + self.wpe(self.pos[:x.shape[1]])
+            x = self.wte(x) + self.wpe(self.pos[: x.shape[1]])
         for blk in self.blocks.values():
             x = blk(x)
         return self.logits(self.ln_f(x)) if self.last else x
@@ -61,13 +62,25 @@ def stage_layer_counts(cfg: GPTConfig, parts: int, stage_layers=None) -> list[in
     """Transformer blocks per model part (pipeline stage or chunk), in order."""
     if stage_layers is not None:
         counts = list(stage_layers)
-        if len(counts) != parts or any(not isinstance(n, int) or n < 1 for n in counts) or sum(counts) != cfg.layers:
-            raise ConfigError([f"the stage layer counts {','.join(map(str, counts))} must be {parts} positive numbers "
-                               f"(one per model part: pp*chunks) that sum to the {cfg.layers} layers"])
+        if (
+            len(counts) != parts
+            or any(not isinstance(n, int) or n < 1 for n in counts)
+            or sum(counts) != cfg.layers
+        ):
+            raise ConfigError(
+                [
+                    f"the stage layer counts {','.join(map(str, counts))} must be {parts} positive numbers "
+                    f"(one per model part: pp*chunks) that sum to the {cfg.layers} layers"
+                ]
+            )
         return counts
     if cfg.layers < parts:
-        raise ConfigError([f"layers={cfg.layers} cannot fill {parts} model parts (pp*chunks): every pipeline stage "
-                           f"needs at least one block; use layers >= {parts} or a smaller pp"])
+        raise ConfigError(
+            [
+                f"layers={cfg.layers} cannot fill {parts} model parts (pp*chunks): every pipeline stage "
+                f"needs at least one block; use layers >= {parts} or a smaller pp"
+            ]
+        )
     if cfg.layers % parts == 0:
         return [cfg.layers // parts] * parts
     return balance_stages(layer_costs(cfg.layers, cfg.hidden, cfg.vocab, cfg.seq, heads=cfg.heads), parts)
@@ -80,11 +93,15 @@ def part_ranges(cfg: GPTConfig, parts: int, stage_layers=None) -> list[range]:
     return [range(a, a + n) for a, n in zip(starts, counts)]
 
 
-def build_stages(gpt: GPT, schedule: Schedule | None, rank: int, stage_layers=None, make=Stage) -> dict[int, Stage]:
+def build_stages(
+    gpt: GPT, schedule: Schedule | None, rank: int, stage_layers=None, make=Stage
+) -> dict[int, Stage]:
     """{stage index: make(gpt, blocks, first, last)} for the stages `schedule` puts on `rank`
     (schedule None: one stage holding the whole model)."""
     if schedule is None:
         return {0: make(gpt, range(gpt.cfg.layers), True, True)}
     ranges = part_ranges(gpt.cfg, schedule.num_parts, stage_layers)
-    return {s: make(gpt, ranges[schedule.part[s]], schedule.part[s] == 0, schedule.part[s] == len(ranges) - 1)
-            for s in schedule.stages_of(rank)}
+    return {
+        s: make(gpt, ranges[schedule.part[s]], schedule.part[s] == 0, schedule.part[s] == len(ranges) - 1)
+        for s in schedule.stages_of(rank)
+    }

@@ -16,6 +16,7 @@ Checks, each with a message that names the offending action:
      with its receive. `lower` posts each pair's messages in one causal order on both
      ranks, which is what makes this hold.
 """
+
 from __future__ import annotations
 
 from collections import Counter, defaultdict
@@ -39,12 +40,18 @@ def validate(schedule: Schedule) -> dict:
     for r, acts in schedule.actions.items():
         for a in acts:
             if not a.is_compute:
-                raise ScheduleError(f"rank {r}: {a} is not a compute action (F, B, I, W); lower() adds SEND/RECV")
+                raise ScheduleError(
+                    f"rank {r}: {a} is not a compute action (F, B, I, W); lower() adds SEND/RECV"
+                )
             if not 0 <= a.stage < S or schedule.stage_to_rank[a.stage] != r:
-                raise ScheduleError(f"rank {r}: {a} runs stage {a.stage}, which lives on rank "
-                                    f"{schedule.stage_to_rank[a.stage] if 0 <= a.stage < S else '(none)'}")
+                raise ScheduleError(
+                    f"rank {r}: {a} runs stage {a.stage}, which lives on rank "
+                    f"{schedule.stage_to_rank[a.stage] if 0 <= a.stage < S else '(none)'}"
+                )
             if not 0 <= a.mb < schedule.num_microbatches or a.stage not in schedule.paths[a.mb]:
-                raise ScheduleError(f"rank {r}: {a}: micro-batch {a.mb} does not pass through stage {a.stage}")
+                raise ScheduleError(
+                    f"rank {r}: {a}: micro-batch {a.mb} does not pass through stage {a.stage}"
+                )
             seen[a.stage, a.kind, a.mb] += 1
     for (s, k, i), n in seen.items():
         if n > 1:
@@ -53,14 +60,20 @@ def validate(schedule: Schedule) -> dict:
         for s in path:
             f, b, inp, w = (seen[s, k, i] for k in "FBIW")
             if not f:
-                raise ScheduleError(f"{Action(s, 'F', i)} is missing: every stage on a micro-batch's path runs F")
+                raise ScheduleError(
+                    f"{Action(s, 'F', i)} is missing: every stage on a micro-batch's path runs F"
+                )
             if b + inp == 0:
-                raise ScheduleError(f"{Action(s, 'B', i)} (or {Action(s, 'I', i)} + {Action(s, 'W', i)}) is missing")
+                raise ScheduleError(
+                    f"{Action(s, 'B', i)} (or {Action(s, 'I', i)} + {Action(s, 'W', i)}) is missing"
+                )
             if b and (inp or w):
                 raise ScheduleError(f"{Action(s, 'B', i)} and its I/W both appear; use B, or I then W")
             if inp != w:
-                raise ScheduleError(f"{Action(s, 'I' if inp else 'W', i)} has no matching "
-                                    f"{Action(s, 'W' if inp else 'I', i)}: a split backward needs both halves")
+                raise ScheduleError(
+                    f"{Action(s, 'I' if inp else 'W', i)} has no matching "
+                    f"{Action(s, 'W' if inp else 'I', i)}: a split backward needs both halves"
+                )
     for r, acts in schedule.actions.items():
         pos = {a: j for j, a in enumerate(acts)}
         for a in acts:
@@ -71,10 +84,18 @@ def validate(schedule: Schedule) -> dict:
         r = schedule.stage_to_rank[f.stage]
         acts = schedule.actions.get(r, [])
         i = acts.index(f) if f in acts else -1
-        if f.kind != "F" or b.kind not in ("B", "I") or f.stage == b.stage or i < 0 or acts[i + 1:i + 2] != [b]:
-            raise ScheduleError(f"overlapped pair ({f}, {b}): an F&B pair is an F followed directly on its rank "
-                                "by a backward (B or I) of another stage")
-    try:                 # lower() simulates the schedule: can its compute actions run in these orders?
+        if (
+            f.kind != "F"
+            or b.kind not in ("B", "I")
+            or f.stage == b.stage
+            or i < 0
+            or acts[i + 1 : i + 2] != [b]
+        ):
+            raise ScheduleError(
+                f"overlapped pair ({f}, {b}): an F&B pair is an F followed directly on its rank "
+                "by a backward (B or I) of another stage"
+            )
+    try:  # lower() simulates the schedule: can its compute actions run in these orders?
         lowered = lower(schedule)
     except sim.Deadlock as e:
         raise ScheduleError(f"the schedule deadlocks: {e}") from None
@@ -90,11 +111,11 @@ def check_rendezvous(schedule: Schedule, lowered: dict) -> None:
     message (a rendezvous: a send larger than NCCL's buffers waits for its receive). A compute
     action waits for the receives it consumes; posting never blocks the host."""
     pc = {r: 0 for r in lowered}
-    queue, count, got = defaultdict(list), Counter(), defaultdict(set)   # (rank, peer) -> ops
+    queue, count, got = defaultdict(list), Counter(), defaultdict(set)  # (rank, peer) -> ops
     moved = True
     while moved:
         moved = False
-        for r, acts in lowered.items():                # each host runs until a compute must wait
+        for r, acts in lowered.items():  # each host runs until a compute must wait
             while pc[r] < len(acts):
                 a = acts[pc[r]]
                 if a.is_compute:
@@ -107,7 +128,7 @@ def check_rendezvous(schedule: Schedule, lowered: dict) -> None:
                     count[r, a.peer, a.kind[:4]] += 1
                 pc[r] += 1
                 moved = True
-        for (r, peer), q in list(queue.items()):       # match the heads of each pair's queues
+        for (r, peer), q in list(queue.items()):  # match the heads of each pair's queues
             other = queue[peer, r]
             while q and other and q[0][:3] == other[0][:3]:
                 for src, dst, _, key in (q.pop(0), other.pop(0)):
@@ -116,7 +137,9 @@ def check_rendezvous(schedule: Schedule, lowered: dict) -> None:
                 moved = True
     stuck = {r: str(lowered[r][pc[r]]) for r in lowered if pc[r] < len(lowered[r])}
     if stuck:
-        raise ScheduleError(f"the lowered schedule deadlocks under NCCL's in-order rendezvous: ranks stuck at {stuck}")
+        raise ScheduleError(
+            f"the lowered schedule deadlocks under NCCL's in-order rendezvous: ranks stuck at {stuck}"
+        )
 
 
 def _check_lowered(schedule: Schedule, lowered: dict) -> None:
@@ -132,8 +155,10 @@ def _check_lowered(schedule: Schedule, lowered: dict) -> None:
                 recvs[a.peer, r].append((a.kind[-1], a.stage, a.mb))
     for pair in set(sends) | set(recvs):
         if sends[pair] != recvs[pair]:
-            raise ScheduleError(f"ranks {pair[0]}->{pair[1]}: sends {sends[pair]} but receives {recvs[pair]} "
-                                "(point-to-point messages match in FIFO order)")
+            raise ScheduleError(
+                f"ranks {pair[0]}->{pair[1]}: sends {sends[pair]} but receives {recvs[pair]} "
+                "(point-to-point messages match in FIFO order)"
+            )
     # Deadlock: run the lowered program on the simulator with unit costs.
     lanes, msg_index = {}, {}
     for (src, dst), keys in sends.items():
@@ -146,13 +171,14 @@ def _check_lowered(schedule: Schedule, lowered: dict) -> None:
                 k = count[r, a.peer]
                 count[r, a.peer] += 1
                 lane.append(sim.Op(("send", r, a.peer, k), r, 0.0))
-                lanes[("msg", r, a.peer, k)] = [sim.Op(("msg", r, a.peer, k), ("link", r, a.peer, k), 0.0,
-                                                       (("send", r, a.peer, k),))]
+                lanes[("msg", r, a.peer, k)] = [
+                    sim.Op(("msg", r, a.peer, k), ("link", r, a.peer, k), 0.0, (("send", r, a.peer, k),))
+                ]
             elif a.kind.startswith("RECV"):
                 posted.add((a.kind[-1], a.stage, a.mb))
             else:
                 deps = [d for d, cross in deps_of(schedule, a, present) if not cross]
-                for _, key in inputs_of(schedule, a):   # an F&B pair waits for both halves' inputs
+                for _, key in inputs_of(schedule, a):  # an F&B pair waits for both halves' inputs
                     if key not in posted:
                         raise ScheduleError(f"rank {r}: {a} runs before its receive of {key} is posted")
                     deps.append(msg_index[r, key])

@@ -10,6 +10,7 @@ input-gradient GEMMs and a W action the weight GEMMs: together exactly one backw
 LayerNorm and embedding weights (elementwise, cheap) get their gradients in I.
 Outside `defer`, the layers are ordinary linear layers.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -23,8 +24,8 @@ __all__ = ["WeightGradStore", "install"]
 
 class WeightGradStore:
     def __init__(self):
-        self.queue = None           # closures of the open defer() block, else None
-        self.pending: dict = {}     # key -> closures waiting for their W
+        self.queue = None  # closures of the open defer() block, else None
+        self.pending: dict = {}  # key -> closures waiting for their W
         # Whether the next forward's linear layers go through the store's Function. A forward
         # whose backward will be a plain B (DualPipe runs most of its backwards whole) keeps
         # torch's own F.linear, and so autograd's C++ backward instead of a Python one.
@@ -75,7 +76,10 @@ def install(module: nn.Module, store: WeightGradStore) -> list:
     deferred = set()
     for mod in module.modules():
         if isinstance(mod, nn.Linear):
-            mod.forward = lambda x, mod=mod: (_Linear.apply(x, mod.weight, mod.bias, store) if store.record
-                                              else F.linear(x, mod.weight, mod.bias))
+            mod.forward = lambda x, mod=mod: (
+                _Linear.apply(x, mod.weight, mod.bias, store)
+                if store.record
+                else F.linear(x, mod.weight, mod.bias)
+            )
             deferred.add(id(mod.weight))
     return [p for p in module.parameters() if id(p) not in deferred]

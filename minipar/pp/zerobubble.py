@@ -7,6 +7,7 @@ The backward splits into I (input gradient: the previous stage waits for it) and
     ZB-H2  bubble (p-1)(T_F+T_B-2T_W)   memory (2p-1) M_B   (0 when T_F=T_B=T_W)
     ZB-V   bubble ~0, memory p M_B, two chunks per rank in a V (Sec. 6)
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -38,8 +39,10 @@ def _zero_bubble(p, m, limit):
             a, nf[r] = Action(r, "F", nf[r]), nf[r] + 1
         elif nw[r] < ni[r]:
             a, nw[r] = Action(r, "W", nw[r]), nw[r] + 1
-        if a is None:   # nothing ready: wait for the next thing to finish anywhere
-            later = [e for e in end.values() if e > t] + [free[q] for q in range(p) if free[q] > t and nw[q] < m]
+        if a is None:  # nothing ready: wait for the next thing to finish anywhere
+            later = [e for e in end.values() if e > t] + [
+                free[q] for q in range(p) if free[q] > t and nw[q] < m
+            ]
             if later:
                 free[r] = min(later)
             else:
@@ -79,7 +82,7 @@ def _zbv(p, m, v):
     rank 0 holds both the first and the loss stage. Order as in torch.distributed.pipelining's
     ScheduleZBVZeroBubble: warm up chunk 0, then chunk 1, then F0 I0 W0 F1 I1 W1 steps."""
     out = {}
-    n = max(2 * p - 1, m)   # plan for enough micro-batches to fill the V, then drop the extra ones
+    n = max(2 * p - 1, m)  # plan for enough micro-batches to fill the V, then drop the extra ones
     for r in range(p):
         s0, s1 = r, 2 * p - 1 - r
         cnt = defaultdict(int)

@@ -12,13 +12,48 @@ Pieces, vLLM-shaped (one file each):
     engine.py     the lockstep serving loop on every rank; `serve()` validates and launches it
     workload.py   seeded requests with Poisson arrivals; TTFT/ITL/throughput; the modeled-clock twin
 """
+
 from .blocks import BlockManager, blocks_for, slots_of
 from .engine import RankLoop, ServeConfig, ServeResult, check_requests, check_serve, serve, serve_rank
 from .runner import StageRunner, paged_attention
 from .scheduler import POLICIES, Frontend, Request, Router, Scheduler, Step, Work
-from .workload import Record, Simulated, format_summary, make_requests, parse_range, reference, simulate, summarize
+from .workload import (
+    Record,
+    Simulated,
+    format_summary,
+    make_requests,
+    parse_range,
+    reference,
+    simulate,
+    summarize,
+)
 
-__all__ = ["BlockManager", "blocks_for", "slots_of", "ServeConfig", "ServeResult", "check_serve", "check_requests",
-           "serve", "serve_rank", "RankLoop", "StageRunner", "paged_attention", "POLICIES", "Frontend", "Request",
-           "Router", "Scheduler", "Step", "Work", "Record", "Simulated", "format_summary", "make_requests",
-           "parse_range", "reference", "simulate", "summarize"]
+__all__ = [
+    "BlockManager",
+    "blocks_for",
+    "slots_of",
+    "ServeConfig",
+    "ServeResult",
+    "check_serve",
+    "check_requests",
+    "serve",
+    "serve_rank",
+    "RankLoop",
+    "StageRunner",
+    "paged_attention",
+    "POLICIES",
+    "Frontend",
+    "Request",
+    "Router",
+    "Scheduler",
+    "Step",
+    "Work",
+    "Record",
+    "Simulated",
+    "format_summary",
+    "make_requests",
+    "parse_range",
+    "reference",
+    "simulate",
+    "summarize",
+]

@@ -23,6 +23,7 @@ is preempted, nothing crashes, and a full cache only makes admission wait.
 One BlockManager serves every layer of a replica: each layer (on whichever pipeline stage
 holds it) has its own pool tensor, indexed by the same tables.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -50,9 +51,9 @@ class BlockManager:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be >= 1")
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.free: deque[int] = deque(range(num_blocks))   # FIFO: freed blocks go to the back
+        self.free: deque[int] = deque(range(num_blocks))  # FIFO: freed blocks go to the back
         self.tables: dict[int, list[int]] = {}
-        self.promised: dict[int, int] = {}                  # seq -> blocks it will still take
+        self.promised: dict[int, int] = {}  # seq -> blocks it will still take
 
     @property
     def reserved(self) -> int:
@@ -71,8 +72,10 @@ class BlockManager:
         if seq in self.tables:
             raise ValueError(f"sequence {seq} is already in the cache")
         if not self.can_admit(tokens):
-            raise RuntimeError(f"sequence {seq} needs {blocks_for(tokens, self.block_size)} blocks, "
-                               f"{self.available()} are available: call can_admit first")
+            raise RuntimeError(
+                f"sequence {seq} needs {blocks_for(tokens, self.block_size)} blocks, "
+                f"{self.available()} are available: call can_admit first"
+            )
         self.tables[seq], self.promised[seq] = [], blocks_for(tokens, self.block_size)
 
     def grow(self, seq: int, tokens: int) -> list[int]:
@@ -94,7 +97,9 @@ class BlockManager:
         """Raise AssertionError if a block is lost, owned twice, or over-promised."""
         owned = [b for t in self.tables.values() for b in t]
         every = owned + list(self.free)
-        assert len(every) == len(set(every)) == self.num_blocks, \
+        assert len(every) == len(set(every)) == self.num_blocks, (
             f"blocks lost or owned twice: {sorted(every)} (of {self.num_blocks})"
-        assert all(n >= 0 for n in self.promised.values()) and self.available() >= 0, \
+        )
+        assert all(n >= 0 for n in self.promised.values()) and self.available() >= 0, (
             f"over-promised: {len(self.free)} free, {self.reserved} promised"
+        )

@@ -20,6 +20,7 @@ One tick, on every rank (the engine runs in lockstep):
 A token's time is taken when the last stage has it. Everything the ranks do is traced
 (`trace.span` per step, every collective through `comm`), so the CLI draws the timeline.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,16 @@ from .runner import StageRunner
 from .scheduler import POLICIES, Frontend, Request
 from .workload import Record, summarize
 
-__all__ = ["ServeConfig", "ServeResult", "serve", "serve_rank", "RankLoop", "check_serve", "check_requests",
-           "sizes_ok"]
+__all__ = [
+    "ServeConfig",
+    "ServeResult",
+    "serve",
+    "serve_rank",
+    "RankLoop",
+    "check_serve",
+    "check_requests",
+    "sizes_ok",
+]
 
 
 @dataclass(frozen=True)
@@ -51,12 +60,12 @@ class ServeConfig:
     pp: int = 1
     ep: int = 1
     dp: int = 1
-    max_batch: int = 8                 # sequences per step (per micro-batch under pp)
-    block_size: int = 4                # token slots per KV-cache block
-    num_blocks: int | None = None      # blocks per replica; None: max_batch longest requests per micro-batch
-    policy: str = "continuous"         # or "static" (request-level batching, the baseline)
-    seed: int = 0                      # the weights' seed (the reference GPT(cfg, seed))
-    timeout: float = 120.0             # seconds any collective may wait
+    max_batch: int = 8  # sequences per step (per micro-batch under pp)
+    block_size: int = 4  # token slots per KV-cache block
+    num_blocks: int | None = None  # blocks per replica; None: max_batch longest requests per micro-batch
+    policy: str = "continuous"  # or "static" (request-level batching, the baseline)
+    seed: int = 0  # the weights' seed (the reference GPT(cfg, seed))
+    timeout: float = 120.0  # seconds any collective may wait
 
     @property
     def world_size(self) -> int:
@@ -74,8 +83,10 @@ class ServeConfig:
         return self.num_blocks or blocks_for(longest, self.block_size) * self.max_batch * self.pp
 
     def describe(self) -> str:
-        return " x ".join(f"{a}{getattr(self, a)}" for a in ("pp", "dp", "ep", "tp") if getattr(self, a) > 1) \
+        return (
+            " x ".join(f"{a}{getattr(self, a)}" for a in ("pp", "dp", "ep", "tp") if getattr(self, a) > 1)
             or "1 rank"
+        )
 
 
 def sizes_ok(*values) -> bool:
@@ -83,8 +94,9 @@ def sizes_ok(*values) -> bool:
     return all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
 
 
-def check_serve(cfg, sc: ServeConfig, longest_prompt: int | None, longest_request: int | None,
-                p: Problems | None = None) -> Problems:
+def check_serve(
+    cfg, sc: ServeConfig, longest_prompt: int | None, longest_request: int | None, p: Problems | None = None
+) -> Problems:
     """Every problem of this layout and workload (requests of up to `longest_prompt` prompt tokens
     and `longest_request` prompt + new tokens; None: unknown), one line each. `cfg` is a GPTConfig
     or anything with its fields; a check whose inputs are not valid sizes is skipped (their own
@@ -94,8 +106,10 @@ def check_serve(cfg, sc: ServeConfig, longest_prompt: int | None, longest_reques
     p.divides("tp", t, "heads", cfg.heads, "each tp rank holds heads/tp whole attention heads")
     p.divides("tp", t, "vocab", cfg.vocab, "the embedding and head are split by rows over tp (no padding)")
     if sizes_ok(cfg.layers, sc.pp) and cfg.layers % sc.pp:
-        p.add(f"{p.show('layers', cfg.layers)} must be divisible by {p.name('pp')}={sc.pp}: "
-              "every pipeline stage holds the same number of blocks")
+        p.add(
+            f"{p.show('layers', cfg.layers)} must be divisible by {p.name('pp')}={sc.pp}: "
+            "every pipeline stage holds the same number of blocks"
+        )
     if sizes_ok(sc.ep) and sc.ep > 1 and cfg.experts == 0:
         p.add(f"{p.show('ep', sc.ep)} needs an MoE model: set {p.name('experts')} to a multiple of {sc.ep}")
     if sizes_ok(cfg.experts):
@@ -105,30 +119,38 @@ def check_serve(cfg, sc: ServeConfig, longest_prompt: int | None, longest_reques
     if sc.policy not in POLICIES:
         p.add(f"{p.show('policy', sc.policy)}: choose one of {', '.join(POLICIES)}")
     if longest_request is not None and sizes_ok(cfg.seq) and longest_request > cfg.seq:
-        p.add(f"a request of {longest_prompt} prompt tokens and {longest_request - longest_prompt} new ones "
-              f"needs {longest_request} positions but the model has {p.name('seq')}={cfg.seq}: raise "
-              f"{p.name('seq')} or shorten {p.name('prompt_len')} / {p.name('max_new_tokens')}")
+        p.add(
+            f"a request of {longest_prompt} prompt tokens and {longest_request - longest_prompt} new ones "
+            f"needs {longest_request} positions but the model has {p.name('seq')}={cfg.seq}: raise "
+            f"{p.name('seq')} or shorten {p.name('prompt_len')} / {p.name('max_new_tokens')}"
+        )
     if longest_request is not None and sizes_ok(sc.block_size, sc.max_batch, sc.pp, sc.num_blocks or 1):
         need, have = blocks_for(longest_request - 1, sc.block_size), sc.blocks(longest_request - 1)
         if need > have:
-            p.add(f"{p.show('num_blocks', have)} of {sc.block_size} tokens cannot hold even one request: the "
-                  f"longest holds {longest_request - 1} tokens in its cache, {need} blocks; raise "
-                  f"{p.name('num_blocks')} to >= {need} (a cache too small for all requests at once is fine: "
-                  "admission waits)")
+            p.add(
+                f"{p.show('num_blocks', have)} of {sc.block_size} tokens cannot hold even one request: the "
+                f"longest holds {longest_request - 1} tokens in its cache, {need} blocks; raise "
+                f"{p.name('num_blocks')} to >= {need} (a cache too small for all requests at once is fine: "
+                "admission waits)"
+            )
     torchrun_world = int(os.environ["WORLD_SIZE"]) if runtime.is_torchrun() else None
     if torchrun_world and sizes_ok(sc.tp, sc.pp, sc.ep, sc.dp) and torchrun_world != sc.world_size:
-        p.add(f"torchrun started {os.environ['WORLD_SIZE']} processes but tp*pp*ep*dp = {sc.world_size}: "
-              "make --nproc_per_node (times nodes) equal the product")
+        p.add(
+            f"torchrun started {os.environ['WORLD_SIZE']} processes but tp*pp*ep*dp = {sc.world_size}: "
+            "make --nproc_per_node (times nodes) equal the product"
+        )
     return p
 
 
 @dataclass
 class ServeResult:
-    records: list                     # Record per request, by id
-    events: list                      # every rank's trace events, merged (wall clock)
+    records: list  # Record per request, by id
+    events: list  # every rank's trace events, merged (wall clock)
     config: ServeConfig
-    cache_waits: list = field(default_factory=list)   # per replica: steps in which admission waited for blocks
-    free_blocks: list = field(default_factory=list)   # per replica, after the run (all of them: nothing leaked)
+    cache_waits: list = field(default_factory=list)  # per replica: steps in which admission waited for blocks
+    free_blocks: list = field(
+        default_factory=list
+    )  # per replica, after the run (all of them: nothing leaked)
     wall: float = 0.0
 
     def summary(self) -> dict:
@@ -144,7 +166,7 @@ def _now(front: Frontend, t0: float) -> float:
         if front.drained and nxt is not None:
             time.sleep(min(0.5, max(0.0, nxt - (runtime.wall() - t0))))
         t[0] = runtime.wall() - t0
-    with trace.enabled(False):        # the control plane; the timeline shows the model's work
+    with trace.enabled(False):  # the control plane; the timeline shows the model's work
         comm.broadcast(t, 0)
     return t.item()
 
@@ -158,38 +180,50 @@ class RankLoop:
         self.cfg, self.dev, self.p, self.s = cfg, runtime.device(), sc.pp, mesh.index("pp")
         self.num_blocks = sc.blocks(max(r.cache_tokens for r in requests))
         self.runner = StageRunner(cfg, sc.parallel(), mesh, sc.seed, self.num_blocks, sc.block_size)
-        self.front = Frontend(requests, sc.replicas, sc.pp, sc.max_batch, self.num_blocks, sc.block_size, sc.policy)
-        self.me = mesh.index("dp") * sc.ep + mesh.index("ep")             # this rank's replica
-        self.peer = {k: mesh.rank_of(**{**mesh.coords(), "pp": k % self.p})            # global ranks
-                     for k in (self.s - 1, self.s + 1, 0, self.p - 1)}
+        self.front = Frontend(
+            requests, sc.replicas, sc.pp, sc.max_batch, self.num_blocks, sc.block_size, sc.policy
+        )
+        self.me = mesh.index("dp") * sc.ep + mesh.index("ep")  # this rank's replica
+        self.peer = {
+            k: mesh.rank_of(**{**mesh.coords(), "pp": k % self.p})  # global ranks
+            for k in (self.s - 1, self.s + 1, 0, self.p - 1)
+        }
         self.recorder = self.runner.last and mesh.index("tp") == 0
         self.by_id = {r.id: r for r in requests}
         self.records: dict[int, Record] = {}
-        self.history: list = []        # every replica's steps of the last p+1 ticks, newest first
+        self.history: list = []  # every replica's steps of the last p+1 ticks, newest first
         self.fed: dict[int, int] = {}  # stage 0: each running sequence's newest token
-        self.outbox: list = []         # sends made this tick, posted with the next tick's receives
-        self.bar = tqdm(total=sum(r.max_new_tokens for r in requests), desc=f"serving ({sc.describe()})",
-                        unit="tok", file=sys.stdout, disable=not progress or runtime.rank() != 0)
+        self.outbox: list = []  # sends made this tick, posted with the next tick's receives
+        self.bar = tqdm(
+            total=sum(r.max_new_tokens for r in requests),
+            desc=f"serving ({sc.describe()})",
+            unit="tok",
+            file=sys.stdout,
+            disable=not progress or runtime.rank() != 0,
+        )
 
     def run(self) -> dict:
         comm.barrier()
         self.t0 = runtime.wall()
         while not self.front.done:
-            self.history = [self.front.advance(_now(self.front, self.t0))] + self.history[:self.p]
-            mine = self.history[self.s][self.me] if len(self.history) > self.s else None   # tick k - s
+            self.history = [self.front.advance(_now(self.front, self.t0))] + self.history[: self.p]
+            mine = self.history[self.s][self.me] if len(self.history) > self.s else None  # tick k - s
             act = self.exchange(mine)
             if self.runner.must_run(mine):
                 self.compute(mine, act)
-            if len(self.history) >= self.p:                # the steps leaving the last stage now
+            if len(self.history) >= self.p:  # the steps leaving the last stage now
                 self.bar.update(sum(len(st.works) for st in self.history[self.p - 1]))
         self.bar.close()
         assert not self.outbox, "a send was left unposted at the end"
         for sch in self.front.schedulers:
             sch.blocks.check()
         events, first = trace.gather(), runtime.rank() == 0
-        return {"records": list(self.records.values()), "events": events if first else None,
-                "cache_waits": [sch.cache_waits for sch in self.front.schedulers] if first else None,
-                "free_blocks": [len(sch.blocks.free) for sch in self.front.schedulers] if first else None}
+        return {
+            "records": list(self.records.values()),
+            "events": events if first else None,
+            "cache_waits": [sch.cache_waits for sch in self.front.schedulers] if first else None,
+            "free_blocks": [len(sch.blocks.free) for sch in self.front.schedulers] if first else None,
+        }
 
     def exchange(self, mine):
         """Post last tick's sends with this tick's receives, in one batch: the hidden states of `mine`
@@ -214,14 +248,23 @@ class RankLoop:
     def compute(self, mine, act) -> None:
         """Embed (stage 0), this stage's blocks, argmax (last stage); queue the sends."""
         run, prefills = self.runner, sum(w.prefill for w in mine.works)
-        with trace.span("prefill" if prefills else "decode", tokens=mine.num_tokens, seqs=len(mine.works),
-                        prefills=prefills, tick=mine.tick, replica=self.me):
+        with trace.span(
+            "prefill" if prefills else "decode",
+            tokens=mine.num_tokens,
+            seqs=len(mine.works),
+            prefills=prefills,
+            tick=mine.tick,
+            replica=self.me,
+        ):
             if run.first:
-                ids = [t for w in mine.works
-                       for t in (self.by_id[w.seq].prompt if w.prefill else (self.fed[w.seq],))]
+                ids = [
+                    t
+                    for w in mine.works
+                    for t in (self.by_id[w.seq].prompt if w.prefill else (self.fed[w.seq],))
+                ]
                 x = run.embed(mine, ids)
             else:
-                x = act if mine else torch.zeros(0, self.cfg.hidden, device=self.dev)   # ep lockstep, no work
+                x = act if mine else torch.zeros(0, self.cfg.hidden, device=self.dev)  # ep lockstep, no work
             x = run.forward(mine, x)
             tokens = run.sample(mine, x) if run.last and mine else []
         if not run.last and mine:
@@ -232,7 +275,9 @@ class RankLoop:
             if self.p == 1:
                 self.fed.update(going_on)
             elif going_on:
-                self.outbox.append((torch.tensor([tok for _, tok in going_on], device=self.dev), self.peer[0]))
+                self.outbox.append(
+                    (torch.tensor([tok for _, tok in going_on], device=self.dev), self.peer[0])
+                )
 
     def emit(self, step, tokens, t) -> None:
         if not self.recorder:
@@ -266,8 +311,9 @@ def check_requests(cfg: GPTConfig, requests: list[Request], p: Problems) -> Requ
     return max(requests, key=lambda r: len(r.prompt) + r.max_new_tokens)
 
 
-def serve(cfg: GPTConfig, requests: list[Request], sc: ServeConfig = ServeConfig(),
-          progress: bool = False) -> ServeResult:
+def serve(
+    cfg: GPTConfig, requests: list[Request], sc: ServeConfig = ServeConfig(), progress: bool = False
+) -> ServeResult:
     """Validate, then serve `requests` greedily with the layout of `sc` on sc.world_size ranks
     (local processes, or the torchrun processes). Raises ConfigError listing every problem."""
     p = Problems()
@@ -276,10 +322,17 @@ def serve(cfg: GPTConfig, requests: list[Request], sc: ServeConfig = ServeConfig
     if sc.num_blocks is not None:
         p.integer("num_blocks", sc.num_blocks, low=1)
     longest = check_requests(cfg, requests, p)
-    check_serve(cfg, sc, len(longest.prompt) if longest else None,
-                len(longest.prompt) + longest.max_new_tokens if longest else None, p)
+    check_serve(
+        cfg,
+        sc,
+        len(longest.prompt) if longest else None,
+        len(longest.prompt) + longest.max_new_tokens if longest else None,
+        p,
+    )
     p.raise_if_any("this serving configuration cannot run")
     t = time.time()
     out = launch(serve_rank, sc.world_size, cfg, sc, requests, progress, timeout=sc.timeout)
     records = sorted((r for o in out for r in o["records"]), key=lambda r: r.id)
-    return ServeResult(records, out[0]["events"], sc, out[0]["cache_waits"], out[0]["free_blocks"], time.time() - t)
+    return ServeResult(
+        records, out[0]["events"], sc, out[0]["cache_waits"], out[0]["free_blocks"], time.time() - t
+    )

@@ -23,6 +23,7 @@ the MLP's row-parallel projections, the g of Megatron), and under ep one all-to-
 back per MoE block (the dispatcher `ep.expert_parallel` installs). The greedy token is the argmax over the
 vocab-parallel logits (`tp_generate.vocab_parallel_argmax`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,29 +48,33 @@ def paged_attention(attn, x, spans, k_pool, v_pool):
     the slots of its new positions and the slots of all its positions so far (both tensors).
     Works on the reference `Attention` and on tp's `ParallelAttention` (both have q, k, v, proj)."""
     d = attn.head_dim
-    q, k, v = (lin(x).unflatten(-1, (-1, d)) for lin in (attn.q, attn.k, attn.v))   # [N, a/t, d]
+    q, k, v = (lin(x).unflatten(-1, (-1, d)) for lin in (attn.q, attn.k, attn.v))  # [N, a/t, d]
     out = []
     for lo, hi, new, seen in spans:
         k_pool[new], v_pool[new] = k[lo:hi], v[lo:hi]
-        qs, ks, vs = (t.transpose(0, 1)[None] for t in (q[lo:hi], k_pool[seen], v_pool[seen]))  # [1, a/t, ., d]
+        qs, ks, vs = (
+            t.transpose(0, 1)[None] for t in (q[lo:hi], k_pool[seen], v_pool[seen])
+        )  # [1, a/t, ., d]
         # a prefill starts at position 0, so the causal mask is the usual lower triangle;
         # a decode is one query that may see every cached key
         y = F.scaled_dot_product_attention(qs, ks, vs, is_causal=hi - lo > 1)
         out.append(y[0].transpose(0, 1).flatten(1))
     y = torch.cat(out) if out else x.new_zeros(0, q.shape[1] * d)
-    return attn.proj(y)      # row-parallel under tp: partial sums, then g (all-reduce)
+    return attn.proj(y)  # row-parallel under tp: partial sums, then g (all-reduce)
 
 
 class StageRunner:
     """This rank's stage of one replica (call inside `launch`, after building the Mesh)."""
 
-    def __init__(self, cfg: GPTConfig, pc: ParallelConfig, mesh: Mesh, seed: int, num_blocks: int, block_size: int):
+    def __init__(
+        self, cfg: GPTConfig, pc: ParallelConfig, mesh: Mesh, seed: int, num_blocks: int, block_size: int
+    ):
         ref = GPT(cfg, seed)
         if cfg.experts:
             if pc.ep > 1:
                 expert_parallel(ref, mesh, groups=1)
             for layer in moe_layers(ref):
-                layer.groups = 1          # dropless: one group per forward, whatever its size
+                layer.groups = 1  # dropless: one group per forward, whatever its size
         s = mesh.index("pp")
         self.layers = part_ranges(cfg, pc.pp, pc.stage_layers)[s]
         self.first, self.last, self.tp = s == 0, s == pc.pp - 1, pc.tp
@@ -114,6 +119,6 @@ class StageRunner:
     def sample(self, step: Step, x: torch.Tensor) -> list[int]:
         """Last stage: the greedy token of each sequence, from its last new position."""
         last = torch.tensor([w.tokens for w in step.works], device=self.dev).cumsum(0) - 1
-        logits = self.module.head(self.module.ln_f(x[last]))          # [B, V/t]
+        logits = self.module.head(self.module.ln_f(x[last]))  # [B, V/t]
         tokens = vocab_parallel_argmax(logits, "tp") if self.tp > 1 else logits.argmax(-1)
         return tokens.tolist()

@@ -24,6 +24,7 @@ arriving request to the replica with the least outstanding work. It is determini
 rank runs the same frontend on the same clock readings and so agrees on every decision
 without exchanging the decisions themselves.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -41,7 +42,7 @@ class Request:
     id: int
     prompt: tuple
     max_new_tokens: int
-    arrival: float = 0.0        # seconds after the start
+    arrival: float = 0.0  # seconds after the start
 
     @property
     def cache_tokens(self) -> int:
@@ -53,11 +54,12 @@ class Request:
 @dataclass(frozen=True)
 class Work:
     """One sequence's part of a step: feed positions start..start+tokens-1, get one token."""
+
     seq: int
     start: int
     tokens: int
-    table: tuple                # the sequence's block table after this step's growth
-    last: bool                  # the token it yields is the request's final one
+    table: tuple  # the sequence's block table after this step's growth
+    last: bool  # the token it yields is the request's final one
 
     @property
     def prefill(self) -> bool:
@@ -84,8 +86,14 @@ class Scheduler:
     `policy="static"` is the request-level baseline: a micro-batch admits only when it is
     empty, so nobody joins a running batch."""
 
-    def __init__(self, num_blocks: int, block_size: int, max_batch: int, micro_batches: int = 1,
-                 policy: str = "continuous"):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        max_batch: int,
+        micro_batches: int = 1,
+        policy: str = "continuous",
+    ):
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r}: choose one of {POLICIES}")
         if max_batch < 1 or micro_batches < 1:
@@ -93,16 +101,18 @@ class Scheduler:
         self.blocks = BlockManager(num_blocks, block_size)
         self.max_batch, self.micro_batches, self.policy = max_batch, micro_batches, policy
         self.waiting: deque[Request] = deque()
-        self.running: list[list[list]] = [[] for _ in range(micro_batches)]   # [request, tokens yielded]
-        self.leaving: list[int] = []     # finished last step; their blocks return at the next one
+        self.running: list[list[list]] = [[] for _ in range(micro_batches)]  # [request, tokens yielded]
+        self.leaving: list[int] = []  # finished last step; their blocks return at the next one
         self.tick = 0
-        self.cache_waits = 0             # steps in which an arrived request had room in the batch but no blocks
+        self.cache_waits = 0  # steps in which an arrived request had room in the batch but no blocks
 
     def add(self, request: Request) -> None:
         need = blocks_for(request.cache_tokens, self.blocks.block_size)
         if need > self.blocks.num_blocks:
-            raise ValueError(f"request {request.id} needs {need} cache blocks over its life but the cache has "
-                             f"{self.blocks.num_blocks}: it could never be admitted")
+            raise ValueError(
+                f"request {request.id} needs {need} cache blocks over its life but the cache has "
+                f"{self.blocks.num_blocks}: it could never be admitted"
+            )
         self.waiting.append(request)
 
     @property
@@ -111,37 +121,41 @@ class Scheduler:
 
     def outstanding(self) -> int:
         """Tokens still to process: whole waiting requests, the rest of the running ones."""
-        return (sum(len(r.prompt) + r.max_new_tokens for r in self.waiting)
-                + sum(r.max_new_tokens - n for mb in self.running for r, n in mb))
+        return sum(len(r.prompt) + r.max_new_tokens for r in self.waiting) + sum(
+            r.max_new_tokens - n for mb in self.running for r, n in mb
+        )
 
     def can_join(self, request: Request, now: float, batch: int) -> bool:
         """The admission rule: arrived, room in the batch, and blocks for its whole life."""
-        return request.arrival <= now and batch < self.max_batch and self.blocks.can_admit(request.cache_tokens)
+        return (
+            request.arrival <= now and batch < self.max_batch and self.blocks.can_admit(request.cache_tokens)
+        )
 
     def step(self, now: float) -> Step:
         """Schedule the next iteration (for micro-batch tick mod p) at time `now`."""
         v = self.tick % self.micro_batches
         step, bm, batch = Step(self.tick, v), self.blocks, self.running[v]
-        for seq in self.leaving:                         # their last step has been issued: reuse is safe
+        for seq in self.leaving:  # their last step has been issued: reuse is safe
             bm.release(seq)
         self.leaving = []
-        for entry in batch:                              # 1. decode
+        for entry in batch:  # 1. decode
             r, n = entry
-            pos = len(r.prompt) + n - 1                  # the position of the token yielded last time
+            pos = len(r.prompt) + n - 1  # the position of the token yielded last time
             step.works.append(Work(r.id, pos, 1, tuple(bm.grow(r.id, pos + 1)), n + 1 == r.max_new_tokens))
-        if self.policy == "continuous" or not batch:     # 3. join (static: only an empty batch)
+        if self.policy == "continuous" or not batch:  # 3. join (static: only an empty batch)
             while self.waiting and self.can_join(self.waiting[0], now, len(batch)):
                 r = self.waiting.popleft()
                 bm.admit(r.id, r.cache_tokens)
-                step.works.append(Work(r.id, 0, len(r.prompt), tuple(bm.grow(r.id, len(r.prompt))),
-                                       r.max_new_tokens == 1))
+                step.works.append(
+                    Work(r.id, 0, len(r.prompt), tuple(bm.grow(r.id, len(r.prompt))), r.max_new_tokens == 1)
+                )
                 batch.append([r, 0])
             head = self.waiting[0] if self.waiting else None
             if head is not None and head.arrival <= now and len(batch) < self.max_batch:
-                self.cache_waits += 1                    # the cache is full: admission waits
-        for entry in batch:                              # every work yields one token
+                self.cache_waits += 1  # the cache is full: admission waits
+        for entry in batch:  # every work yields one token
             entry[1] += 1
-        self.leaving = [r.id for r, n in batch if n == r.max_new_tokens]     # 2. leave
+        self.leaving = [r.id for r, n in batch if n == r.max_new_tokens]  # 2. leave
         batch[:] = [e for e in batch if e[1] < e[0].max_new_tokens]
         self.tick += 1
         return step
@@ -166,8 +180,16 @@ class Frontend:
     `advance(now)` routes the requests that have arrived by `now` and returns one Step per
     replica. With p pipeline stages the step of tick k leaves the last stage at tick k+p-1."""
 
-    def __init__(self, requests, replicas: int = 1, pp: int = 1, max_batch: int = 8, num_blocks: int = 64,
-                 block_size: int = 4, policy: str = "continuous"):
+    def __init__(
+        self,
+        requests,
+        replicas: int = 1,
+        pp: int = 1,
+        max_batch: int = 8,
+        num_blocks: int = 64,
+        block_size: int = 4,
+        policy: str = "continuous",
+    ):
         self.schedulers = [Scheduler(num_blocks, block_size, max_batch, pp, policy) for _ in range(replicas)]
         self.router = Router(self.schedulers)
         self.pending = deque(sorted(requests, key=lambda r: (r.arrival, r.id)))

@@ -13,6 +13,7 @@ Metrics (per request; the usual serving vocabulary):
 function per tick instead of reading the wall clock; with a roofline cost from
 `minipar.plan.serving` it says what the schedule would do on GPUs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -23,8 +24,16 @@ import torch
 from ..trace import Event
 from .scheduler import Frontend, Request
 
-__all__ = ["make_requests", "Record", "summarize", "format_summary", "simulate", "Simulated", "parse_range",
-           "reference"]
+__all__ = [
+    "make_requests",
+    "Record",
+    "summarize",
+    "format_summary",
+    "simulate",
+    "Simulated",
+    "parse_range",
+    "reference",
+]
 
 
 def parse_range(value) -> tuple[int, int]:
@@ -42,24 +51,36 @@ def parse_range(value) -> tuple[int, int]:
     return lo, hi
 
 
-def make_requests(n: int, vocab: int, prompt_len=(4, 12), max_new_tokens=(4, 12), arrival_rate: float | None = None,
-                  seed: int = 0) -> list[Request]:
+def make_requests(
+    n: int,
+    vocab: int,
+    prompt_len=(4, 12),
+    max_new_tokens=(4, 12),
+    arrival_rate: float | None = None,
+    seed: int = 0,
+) -> list[Request]:
     """`n` requests: lengths uniform in the inclusive ranges, tokens uniform over the vocabulary,
     arrivals a Poisson process of `arrival_rate` per second (None: all at time 0)."""
     (p_lo, p_hi), (g_lo, g_hi) = parse_range(prompt_len), parse_range(max_new_tokens)
     gen = torch.Generator().manual_seed(1_000_033 + seed)
     plen = torch.randint(p_lo, p_hi + 1, (n,), generator=gen).tolist()
     glen = torch.randint(g_lo, g_hi + 1, (n,), generator=gen).tolist()
-    gaps = -torch.log1p(-torch.rand(n, generator=gen, dtype=torch.float64)) / arrival_rate if arrival_rate \
+    gaps = (
+        -torch.log1p(-torch.rand(n, generator=gen, dtype=torch.float64)) / arrival_rate
+        if arrival_rate
         else torch.zeros(n, dtype=torch.float64)
+    )
     arrivals = gaps.cumsum(0).tolist()
-    return [Request(i, tuple(torch.randint(0, vocab, (plen[i],), generator=gen).tolist()), glen[i], arrivals[i])
-            for i in range(n)]
+    return [
+        Request(i, tuple(torch.randint(0, vocab, (plen[i],), generator=gen).tolist()), glen[i], arrivals[i])
+        for i in range(n)
+    ]
 
 
 @dataclass
 class Record:
     """What one request got: its tokens and when each left the last stage (seconds after the start)."""
+
     id: int
     prompt: list
     arrival: float
@@ -76,8 +97,13 @@ class Record:
         return [b - a for a, b in zip(self.times, self.times[1:])]
 
     def to_json(self) -> dict:
-        return {"id": self.id, "prompt": list(self.prompt), "tokens": list(self.tokens), "ttft": self.ttft,
-                "itl": self.itl}
+        return {
+            "id": self.id,
+            "prompt": list(self.prompt),
+            "tokens": list(self.tokens),
+            "ttft": self.ttft,
+            "itl": self.itl,
+        }
 
 
 def summarize(records: list[Record]) -> dict:
@@ -86,30 +112,48 @@ def summarize(records: list[Record]) -> dict:
     itl = np.array([x for r in records for x in r.itl]) if any(r.itl for r in records) else np.zeros(1)
     tokens = sum(len(r.tokens) for r in records)
     span = max(r.times[-1] for r in records) - min(r.arrival for r in records)
-    return {"requests": len(records), "tokens": tokens, "seconds": span, "throughput": tokens / span,
-            "ttft_p50": float(np.percentile(ttft, 50)), "ttft_p99": float(np.percentile(ttft, 99)),
-            "itl_p50": float(np.percentile(itl, 50)), "itl_p99": float(np.percentile(itl, 99))}
+    return {
+        "requests": len(records),
+        "tokens": tokens,
+        "seconds": span,
+        "throughput": tokens / span,
+        "ttft_p50": float(np.percentile(ttft, 50)),
+        "ttft_p99": float(np.percentile(ttft, 99)),
+        "itl_p50": float(np.percentile(itl, 50)),
+        "itl_p99": float(np.percentile(itl, 99)),
+    }
 
 
 def format_summary(s: dict, unit: str = "ms") -> str:
     k = {"ms": 1e3, "s": 1.0, "us": 1e6}[unit]
-    return (f"{s['requests']} requests, {s['tokens']} tokens in {s['seconds']:.3g} s: "
-            f"{s['throughput']:,.1f} tokens/s; TTFT p50 {s['ttft_p50'] * k:.3g} {unit}, p99 {s['ttft_p99'] * k:.3g} "
-            f"{unit}; ITL p50 {s['itl_p50'] * k:.3g} {unit}, p99 {s['itl_p99'] * k:.3g} {unit}")
+    return (
+        f"{s['requests']} requests, {s['tokens']} tokens in {s['seconds']:.3g} s: "
+        f"{s['throughput']:,.1f} tokens/s; TTFT p50 {s['ttft_p50'] * k:.3g} {unit}, p99 {s['ttft_p99'] * k:.3g} "
+        f"{unit}; ITL p50 {s['itl_p50'] * k:.3g} {unit}, p99 {s['itl_p99'] * k:.3g} {unit}"
+    )
 
 
 @dataclass
 class Simulated:
-    records: list          # Record per request (tokens are placeholders: the clock is modeled)
-    events: list           # trace.Events, one row per request: waiting, prefill, decoding (merged while unbroken)
-    ticks: list            # (start, end, [per-replica Step]) of every tick
+    records: list  # Record per request (tokens are placeholders: the clock is modeled)
+    events: list  # trace.Events, one row per request: waiting, prefill, decoding (merged while unbroken)
+    ticks: list  # (start, end, [per-replica Step]) of every tick
 
     def summary(self) -> dict:
         return summarize(self.records)
 
 
-def simulate(requests, step_time, replicas: int = 1, pp: int = 1, max_batch: int = 8, num_blocks: int = 64,
-             block_size: int = 4, policy: str = "continuous", hop: float = 0.0) -> Simulated:
+def simulate(
+    requests,
+    step_time,
+    replicas: int = 1,
+    pp: int = 1,
+    max_batch: int = 8,
+    num_blocks: int = 64,
+    block_size: int = 4,
+    policy: str = "continuous",
+    hop: float = 0.0,
+) -> Simulated:
     """Serve `requests` on a modeled clock: the ranks' `Frontend`, with each tick lasting the
     longest `step_time(step)` over the replicas' steps in flight on any stage (the engine ticks
     in lockstep), plus `hop` per tick when pp > 1. An idle engine jumps to the next arrival."""
@@ -121,11 +165,11 @@ def simulate(requests, step_time, replicas: int = 1, pp: int = 1, max_batch: int
         if front.drained and nxt is not None and nxt > clock:
             clock = nxt
         steps = front.advance(clock)
-        inflight = [steps] + inflight[:pp - 1]          # inflight[s]: the steps stage s works on
+        inflight = [steps] + inflight[: pp - 1]  # inflight[s]: the steps stage s works on
         dt = max((step_time(st) for sts in inflight for st in sts if st), default=0.0)
         dt += hop if pp > 1 and dt else 0.0
         ticks.append((clock, clock + dt, steps))
-        if len(inflight) == pp:                         # the oldest steps leave the last stage now
+        if len(inflight) == pp:  # the oldest steps leave the last stage now
             for r, st in enumerate(inflight[-1]):
                 for w in st.works:
                     rec = recs[w.seq]
@@ -133,13 +177,25 @@ def simulate(requests, step_time, replicas: int = 1, pp: int = 1, max_batch: int
                     rec.tokens.append(0)
                     rec.times.append(clock + dt)
                     if w.prefill:
-                        events.append(Event(w.seq, "wait", "compute", rec.arrival, start, meta={"kind": "opt"}))
+                        events.append(
+                            Event(w.seq, "wait", "compute", rec.arrival, start, meta={"kind": "opt"})
+                        )
                     last = decoding.get(w.seq)
-                    if not w.prefill and last is not None and last.end == start:   # one bar while it keeps decoding
+                    if (
+                        not w.prefill and last is not None and last.end == start
+                    ):  # one bar while it keeps decoding
                         last.end = clock + dt
                         continue
-                    events.append(Event(w.seq, "prefill" if w.prefill else "decode", "compute", start, clock + dt,
-                                        meta={"kind": "B" if w.prefill else "F"}))
+                    events.append(
+                        Event(
+                            w.seq,
+                            "prefill" if w.prefill else "decode",
+                            "compute",
+                            start,
+                            clock + dt,
+                            meta={"kind": "B" if w.prefill else "F"},
+                        )
+                    )
                     if not w.prefill:
                         decoding[w.seq] = events[-1]
         clock += dt
@@ -155,5 +211,5 @@ def reference(model, request: Request) -> tuple[list, float]:
     needs a gap well above it."""
     n = len(request.prompt)
     out = model.generate(torch.tensor([request.prompt]), request.max_new_tokens)
-    top = model(out[:, -model.cfg.seq:])[0, n - 1 - out.shape[1]:-1].topk(2, dim=-1).values
+    top = model(out[:, -model.cfg.seq :])[0, n - 1 - out.shape[1] : -1].topk(2, dim=-1).values
     return out[0, n:].tolist(), (top[:, 0] - top[:, 1]).min().item()

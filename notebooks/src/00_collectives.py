@@ -22,7 +22,6 @@
 
 # %%
 import inspect
-import json
 import math
 import os
 import tempfile
@@ -56,7 +55,7 @@ minipar.launch(hello, N)
 
 # %%
 def every_collective():
-    r, n = runtime.rank(), runtime.world_size()
+    r = runtime.rank()
     x = torch.arange(4.0) + 10 * r                      # 4 values per rank
     out = {"input": x}
     out["all_reduce"] = comm.all_reduce(x.clone())
@@ -113,6 +112,7 @@ assert states[1]["all_to_all"] == [1.0, 11.0, 21.0, 31.0]
 
 # %%
 from minipar.collectives import ring_all_reduce, ring_reduce_scatter
+
 print(inspect.getsource(ring_reduce_scatter))
 print(inspect.getsource(ring_all_reduce))
 
@@ -194,8 +194,17 @@ assert measured == formula
 # near the ring's at large sizes). Here is the tree:
 
 # %%
-from minipar.collectives import (alpha_beta, critical_path, halving_doubling_all_reduce, hierarchical_all_reduce,
-                                 hierarchical_alpha_beta, pairwise_all_to_all, traffic, tree_all_reduce)
+from minipar.collectives import (
+    alpha_beta,
+    critical_path,
+    halving_doubling_all_reduce,
+    hierarchical_all_reduce,
+    hierarchical_alpha_beta,
+    pairwise_all_to_all,
+    traffic,
+    tree_all_reduce,
+)
+
 print(inspect.getsource(tree_all_reduce))
 
 # %% [markdown]
@@ -311,7 +320,7 @@ print(inspect.getsource(hierarchical_all_reduce))
 
 
 def two_nodes():
-    mesh = Mesh(node=2, gpu=4)                          # the last axis is consecutive ranks: the node
+    Mesh(node=2, gpu=4)                                 # the last axis is consecutive ranks: the node
     x = torch.randint(-100, 100, (NUMEL,), generator=torch.Generator().manual_seed(runtime.rank()), dtype=torch.float64)
     want = x.clone()
     torch.distributed.all_reduce(want)
@@ -407,8 +416,8 @@ print(minipar.launch(hello, 2))
 # The checker runs your function on 4 ranks against `comm.all_gather` and counts the bytes.
 
 # %%
-from minipar.collectives import ring_neighbours
 from minipar.exercises import NotYet, check
+
 
 # %% tags=["exercise"]
 def ring_all_gather(x, group=None):

@@ -23,10 +23,10 @@ import torch
 
 import minipar
 from minipar import trace
+from minipar.activations import SavedActivations
 from minipar.dp import DDP, train_ddp, train_steps
 from minipar.model import GPT, GPTConfig, make_optimizer, train_reference
 from minipar.plan import model_state_bytes
-from minipar.activations import SavedActivations
 from minipar.recompute import apply_recompute
 from minipar.timeline import COLORS, plot_timeline
 
@@ -218,8 +218,8 @@ assert all(torch.equal(a, b) for m in ("selective", "full") for a, b in zip(grad
 # it on 2 and 4 ranks and compares with one device that sees the whole batch.
 
 # %%
-from minipar import comm
 from minipar.exercises import NotYet, check
+
 
 # %% tags=["exercise"]
 def allreduce_gradients(model):

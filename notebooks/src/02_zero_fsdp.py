@@ -311,8 +311,8 @@ assert gb == model_state_bytes(7.5e9, 64, 3) / 1e9 == 1.875   # the paper's Ψ =
 # and on randomized sizes.
 
 # %%
-from minipar import comm
 from minipar.exercises import check
+
 
 # %% tags=["exercise"]
 def shard_gradient(flat_grad):

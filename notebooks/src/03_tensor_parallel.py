@@ -25,18 +25,16 @@
 
 # %%
 import inspect
-import time
 
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
 import minipar
-from minipar import Mesh, comm, trace
-from minipar.model import GPT, GPTConfig, SyntheticData, train_reference
-from minipar.timeline import COLORS
-from minipar import tp, sp, tp_generate
+from minipar import Mesh, comm, sp, tp, tp_generate, trace
+from minipar.model import GPT, GPTConfig, train_reference
 from minipar.plan import serving
+from minipar.timeline import COLORS
 
 RANK_COLORS = [COLORS["F"], COLORS["B"], COLORS["W"], COLORS["recompute"]]
 cfg = GPTConfig(vocab=64, seq=16, layers=2, heads=4, hidden=32)
@@ -237,6 +235,7 @@ assert serving.token_latency(LLAMA_7B, serving.Layout(tp=4)) < serving.token_lat
 
 # %%
 from minipar.exercises import NotYet, check
+
 
 # %% tags=["exercise"]
 def parallel_mlp(x, fc_w, fc_b, proj_w, proj_b, group):

@@ -35,7 +35,7 @@ import matplotlib.pyplot as plt
 import torch
 
 import minipar
-from minipar import Mesh, comm, mappings, sp, tp
+from minipar import Mesh, mappings, sp, tp
 from minipar.model import GPTConfig, train_reference
 from minipar.timeline import COLORS, plot_timeline
 
@@ -187,8 +187,8 @@ for t in (2, 4):
 # right numbers with twice the wire bytes).
 
 # %%
-import torch.nn.functional as F
 from minipar.exercises import NotYet, check
+
 
 # %% tags=["exercise"]
 def sp_mlp(x_shard, fc_w, fc_b, proj_w, proj_b, group):

@@ -37,7 +37,7 @@ from minipar import ep as EP
 from minipar import trace
 from minipar.exercises import NotYet, check
 from minipar.model import GPT, GPTConfig
-from minipar.moe import MoE, capacity, switch_aux_loss
+from minipar.moe import MoE, capacity
 from minipar.timeline import COLORS, plot_timeline
 
 torch.set_num_threads(1)   # tiny models: one thread is fastest, and it matches the simulated ranks
@@ -270,7 +270,6 @@ assert {"all_to_all", "all_gather", "all_reduce"} <= kinds
 # while your function runs.
 
 # %%
-from minipar.exercises import check
 
 # %% tags=["exercise"]
 def my_topk_route(probs, k, capacity):

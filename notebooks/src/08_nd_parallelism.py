@@ -33,7 +33,6 @@ import io
 import os
 
 import matplotlib.pyplot as plt
-import numpy as np
 
 import minipar
 from minipar import plan, trace
@@ -287,7 +286,9 @@ except ValueError as e:
 # planner's best predicted MFU. The checker uses `minipar.plan.estimate`.
 
 # %%
-from minipar.exercises import NotYet, check as check_exercise
+from minipar.exercises import NotYet
+from minipar.exercises import check as check_exercise
+
 
 # %% tags=["exercise"]
 def pick_layout():

@@ -29,7 +29,6 @@ import inspect
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
-from IPython.display import display
 
 import minipar
 from minipar import plan
@@ -418,7 +417,7 @@ ax.grid(alpha=0.3)
 # Pick a model, a GPU count and a GPU; the best layouts appear with their memory and time bars.
 
 # %%
-from minipar.explore import explorer   # controls above one picture, redrawn in place on each change
+from minipar.explore import explorer  # controls above one picture, redrawn in place on each change
 
 
 def show(model, gpus, gpu):
@@ -477,7 +476,7 @@ assert comm_us > 0
 
 # %%
 from minipar import plan
-from minipar.exercises import check
+
 
 # %% tags=["exercise"]
 def memory_per_gpu(psi, layers, hidden, heads, seq, micro_batch, tp, pp, dp, zero_stage, recompute):

@@ -468,9 +468,9 @@ print(f"per-rank bytes from top to bottom: {total[0]:,} -> {total[-1]:,} ({total
 # the history, and a zero history.
 
 # %%
-import math
 
 from minipar.exercises import NotYet, check
+
 
 # %% tags=["exercise"]
 def fp8_fake_quant(x, amax_history, fmt):

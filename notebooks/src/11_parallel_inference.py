@@ -40,8 +40,18 @@ from minipar.mesh import Mesh
 from minipar.model import GPT, GPTConfig
 from minipar.plan import serving as S
 from minipar.plan.hardware import get_gpu, get_link
-from minipar.serve import (BlockManager, Frontend, Request, Scheduler, ServeConfig, StageRunner, make_requests,
-                           paged_attention, reference, serve, simulate)
+from minipar.serve import (
+    Frontend,
+    Request,
+    Scheduler,
+    ServeConfig,
+    StageRunner,
+    make_requests,
+    paged_attention,
+    reference,
+    serve,
+    simulate,
+)
 from minipar.timeline import COLORS, plot_timeline
 
 torch.set_num_threads(1)   # tiny models: one thread is fastest, and it matches the simulated ranks
@@ -357,7 +367,6 @@ assert S.choose_layout("70b", 8, "h100", 0.008, 2048).best["layout"] == S.Layout
 # working answer (the student copy, `scripts/make_student_copies.py`, empties it).
 
 # %%
-from minipar.exercises import check
 
 # %% tags=["exercise"]
 def can_join(request, now, batch, max_batch, available_blocks, block_size):
