@@ -118,7 +118,7 @@ def graded(tmp_path_factory):
     paths.append(str(d / "broken.ipynb"))
     out = d / "grades.csv"
     t = time.time()
-    assert main(paths + ["--out", str(out), "--seed", "7", "--jobs", "2", "--deadline-scale", "0.3"]) == 0
+    assert main(paths + ["--out", str(out), "--seed", "7", "--jobs", "2", "--deadline-scale", "0.5"]) == 0
     took = time.time() - t
     rows = {r["student"]: r for r in csv.DictReader(open(out))}
     return d, rows, took
@@ -130,7 +130,7 @@ def test_a_class_of_submissions_is_graded_as_it_deserves(graded):
     assert len(rows) == len(PP) + len(MOE) + 2 >= 20
     for student, (_, status, points) in PP.items():
         r = rows[student]
-        assert r["pp_1f1b status"].startswith(status), (student, r)
+        assert r["pp_1f1b status"].startswith(status), (student, r["pp_1f1b status"], r)
         if points is not None:
             assert float(r["pp_1f1b"]) == points, (student, r)
         else:
@@ -153,7 +153,7 @@ def test_feedback_says_why_with_the_students_own_lines(graded):
     fb = d / "grades_feedback"
     assert sorted(p[:-4] for p in os.listdir(fb)) == sorted(rows)
     spins = (fb / "spins.txt").read_text()
-    assert "did not finish within 3 s" in spins and "rank 0" in spins and "spins.ipynb, cell" in spins
+    assert "did not finish within 5 s" in spins and "rank 0" in spins and "spins.ipynb, cell" in spins
     assert "while True" in spins or "in my_1f1b: pass" in spins  # the loop it was stuck in
     crash = (fb / "name_error.txt").read_text()
     assert "NameError" in crash and "name_error.ipynb, cell" in crash and "actions[r]" in crash

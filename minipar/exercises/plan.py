@@ -15,15 +15,8 @@ from . import Case, Exercise, exercise, student
 def _expected(psi, layers, hidden, heads, seq, micro_batch, tp, pp, dp, zero_stage, recompute):
     states = model_state_bytes(psi / (tp * pp), dp, zero_stage)
     in_flight = pp  # 1F1B: stage 0 holds p micro-batches at its peak
-    acts = (
-        layers
-        / pp
-        * in_flight
-        * activation_bytes_per_layer(
-            seq, micro_batch, hidden, heads, tp, sequence_parallel=True, recompute=recompute
-        )
-    )
-    return states + acts
+    one_layer = activation_bytes_per_layer(seq, micro_batch, hidden, heads, tp, True, recompute)  # with SP
+    return states + layers / pp * in_flight * one_layer
 
 
 # (Ψ, l, h, a, s, b, t, p, d, ZeRO, recompute): small and large, each term dominant somewhere
