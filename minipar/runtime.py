@@ -385,7 +385,7 @@ def _watch(procs, conns, board, dump_paths, limits, started) -> dict:
                     if r in pending and not pending[r].poll(0.5):
                         raise RankError(
                             r,
-                            f"process exited with code {procs[r].exitcode} "
+                            f"process exited with code {_exit_code(procs[r])} "
                             "without reporting (killed, or crashed in C code)",
                         )
                     continue
@@ -393,7 +393,7 @@ def _watch(procs, conns, board, dump_paths, limits, started) -> dict:
                 try:
                     status, data = obj.recv()
                 except EOFError:
-                    raise RankError(r, f"process died (exit code {procs[r].exitcode})") from None
+                    raise RankError(r, f"process died (exit code {_exit_code(procs[r])})") from None
                 del pending[r]
                 if status == "rendezvous":  # a process group that never formed: no fn has run
                     raise _RendezvousFailed(r, data)
@@ -406,6 +406,13 @@ def _watch(procs, conns, board, dump_paths, limits, started) -> dict:
         for s, h in handlers.items():
             signal.signal(s, h)
     return results
+
+
+def _exit_code(proc) -> int | None:
+    """A dead rank's exit code. Its pipe closes as it dies, a moment before the OS lets us reap it,
+    so wait for that (briefly) instead of reading None."""
+    proc.join(2.0)
+    return proc.exitcode
 
 
 def _check_progress(procs, pending, board, dump_paths, limits, started, stop) -> None:
