@@ -45,8 +45,17 @@ from multiprocessing.connection import wait
 
 import torch
 import torch.distributed as dist
+from tqdm import std as tqdm_std
 
 from .validation import Problems
+
+# tqdm's default write lock is a threading lock plus a multiprocessing one shared by every forked
+# process. A rank forked while a thread held the first inherited it held forever, and a rank killed
+# while it held the second (a fault test's SIGKILL) held it for everyone: both hung later ranks in
+# their first progress bar. So: no monitor thread (it takes the lock every few seconds), and every
+# process, the launcher and each rank, writes its bars under a threading lock of its own.
+tqdm_std.tqdm.monitor_interval = 0
+tqdm_std.tqdm.set_lock(threading.RLock())
 
 __all__ = [
     "launch",
@@ -280,6 +289,7 @@ def _child(fn, args, kwargs, r, n, limits, conn, board, dump_path) -> None:
         conn.send(("rendezvous", traceback.format_exc()))
         os._exit(0)
     heartbeat()
+    tqdm_std.tqdm.set_lock(threading.RLock())  # the launcher's may have been held at fork (see above)
     try:
         for start in _AT_START:  # e.g. the trace: a forked rank starts empty, not with the parent's events
             start()

@@ -2,11 +2,14 @@
 
 import json
 import os
+import threading
 import time
 
 import pytest
 import torch
 from _parity import assert_grads_match, assert_params_match
+from tqdm import std as tqdm_std
+from tqdm.auto import tqdm
 
 import minipar
 from minipar import comm, mappings, runtime, trace
@@ -322,3 +325,45 @@ def test_a_rank_without_progress_is_caught_by_the_progress_timeout():
     with pytest.raises(runtime.DeadlineExceeded, match="made no progress for 2 s"):
         minipar.launch(_steps_then_stall, 2, progress_timeout=2)
     assert time.time() - t < 20
+
+
+def _a_progress_bar():
+    return sum(1 for _ in tqdm(range(3), disable=False))
+
+
+def test_a_rank_forked_while_tqdm_is_locked_does_not_hang():
+    """A rank forked while another thread of the parent held tqdm's write lock inherited the lock,
+    held by nobody, and hung in its first progress bar (seen in the suite as a serving test that never
+    ended). Each rank now starts with fresh locks; the parent's lock is let go after 2 s."""
+    held = threading.Event()
+
+    def hold():
+        with tqdm_std.tqdm.get_lock():
+            held.set()
+            time.sleep(2)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait()
+    try:
+        assert minipar.launch(_a_progress_bar, 2, deadline=20) == [3, 3]
+    finally:
+        t.join()
+
+
+def _killed_holding_the_bar_lock():
+    if runtime.rank() == 1:
+        with tqdm_std.tqdm.get_lock():
+            os.kill(os.getpid(), 9)
+    return 0
+
+
+def test_a_rank_killed_holding_tqdms_lock_does_not_hang_the_next_launch():
+    """A rank SIGKILLed inside a progress bar's write (as --inject-fault does) must not leave a
+    lock that every later rank waits on forever. (tqdm shares its lock with the processes forked after
+    the launcher's first bar: reproduced so before the fix, the second launch hung.)"""
+    assert _a_progress_bar() == 3
+    with pytest.raises(runtime.RankError):
+        minipar.launch(_killed_holding_the_bar_lock, 2, deadline=20)
+    assert minipar.launch(_a_progress_bar, 2, deadline=20) == [3, 3]
+    assert _a_progress_bar() == 3  # nor the launcher's own bars
