@@ -1,17 +1,17 @@
 """Style is checked like everything else: ruff's lint and its formatter, configured in pyproject.toml
 ([tool.ruff]: line length 110; notebook sources are linted, not reformatted)."""
 
+import importlib.util
 import pathlib
-import shutil
 import subprocess
+import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _ruff(*args):
-    ruff = shutil.which("ruff")
-    assert ruff, "ruff is missing: python3 -m pip install -r requirements.txt"
-    return subprocess.run([ruff, *args], cwd=ROOT, capture_output=True, text=True)
+    assert importlib.util.find_spec("ruff"), "ruff is missing: python3 -m pip install -r requirements.txt"
+    return subprocess.run([sys.executable, "-m", "ruff", *args], cwd=ROOT, capture_output=True, text=True)
 
 
 def test_ruff_lint_passes():
