@@ -77,6 +77,10 @@ __all__ = [
 DEFAULT_TIMEOUT = 60.0  # seconds a collective may wait before gloo gives up
 DEADLOCK_AFTER = 5.0  # seconds every rank may sit blocked in communication at once
 RENDEZVOUS_TRIES = 3
+# Seconds the ranks may take to connect, whatever `timeout` the caller gave the collectives: a
+# loaded machine can take seconds to schedule a fresh process, and that is nobody's bug. The
+# deadline and progress clocks start only once every rank has connected (see _check_progress).
+RENDEZVOUS_TIMEOUT = 60.0
 _POLL = 0.25  # how often the parent looks at its ranks
 
 
@@ -142,6 +146,7 @@ class _Board:
     def __init__(self, ctx, n: int):
         self.since = ctx.RawArray(ctypes.c_double, n)
         self.beat = ctx.RawArray(ctypes.c_double, n)
+        self.joined = ctx.RawArray(ctypes.c_double, n)  # when each rank's process group formed
         self.text = ctx.RawArray(ctypes.c_char, n * self.WHAT)
 
     def what(self, r: int) -> str:
@@ -246,7 +251,7 @@ def launch(
         except _RendezvousFailed as e:  # nothing ran yet: start over with fresh processes
             failed = e
     raise RankError(
-        failed.rank,
+        max(failed.rank, 0),
         f"could not connect the {world_size} ranks after {RENDEZVOUS_TRIES} tries; "
         f"the last error:\n{failed.tb}",
     )
@@ -283,11 +288,12 @@ def _child(fn, args, kwargs, r, n, limits, conn, board, dump_path) -> None:
     timeout = timedelta(seconds=limits["timeout"])
     try:
         port = conn.recv()  # sent once every rank is forked and the parent's store is up
-        store = dist.TCPStore("127.0.0.1", port, n, is_master=False, timeout=timeout)
+        store = dist.TCPStore("127.0.0.1", port, n, is_master=False, timeout=_rendezvous_timeout(limits))
         dist.init_process_group("gloo", store=store, rank=r, world_size=n, timeout=timeout)
     except BaseException:  # noqa: BLE001 - the parent may simply try again
         conn.send(("rendezvous", traceback.format_exc()))
         os._exit(0)
+    board.joined[r] = time.monotonic()
     heartbeat()
     tqdm_std.tqdm.set_lock(threading.RLock())  # the launcher's may have been held at fork (see above)
     try:
@@ -425,10 +431,23 @@ def _exit_code(proc) -> int | None:
     return proc.exitcode
 
 
+def _rendezvous_timeout(limits) -> timedelta:
+    return timedelta(seconds=max(limits["timeout"], RENDEZVOUS_TIMEOUT))
+
+
 def _check_progress(procs, pending, board, dump_paths, limits, started, stop) -> None:
     now = time.monotonic()
     if stop["until"] is not None and now > stop["until"]:
         raise KeyboardInterrupt(f"the ranks did not stop within {limits['grace']:g} s of the signal")
+    # The clocks start when the last rank has connected: connecting is the launcher's business,
+    # not the launched function's (a grader must not charge a slow machine to a student). Until
+    # then only the rendezvous's own allowance applies (a rank stuck connecting is tried again).
+    joined = list(board.joined)
+    if not all(joined):
+        if now - started > _rendezvous_timeout(limits).total_seconds() + 5:
+            raise _RendezvousFailed(-1, f"the ranks did not connect within {now - started:.0f} s")
+        return
+    started = max(joined)
     if limits["deadline"] is not None and now - started > limits["deadline"]:
         stacks, where = _stacks(procs, pending, dump_paths, board)
         raise DeadlineExceeded(
@@ -489,14 +508,17 @@ def _launch_local(fn, world_size: int, args, kwargs, limits) -> list:
         # The parent hosts the rendezvous store on a port the OS hands it atomically (picking a free
         # port for rank 0 to bind later races with every other process on the host). It starts only
         # after every fork, so no child inherits the store's server thread mid-request.
-        store = dist.TCPStore(
-            "127.0.0.1",
-            0,
-            world_size,
-            is_master=True,
-            wait_for_workers=False,
-            timeout=timedelta(seconds=limits["timeout"]),
-        )
+        try:
+            store = dist.TCPStore(
+                "127.0.0.1",
+                0,
+                world_size,
+                is_master=True,
+                wait_for_workers=False,
+                timeout=_rendezvous_timeout(limits),
+            )
+        except Exception:  # noqa: BLE001 - e.g. its own client timed out on a loaded machine: try again
+            raise _RendezvousFailed(-1, traceback.format_exc()) from None
         for c in conns:
             c.send(store.port)
         results = _watch(procs, conns, board, dump_paths, limits, started)

@@ -367,3 +367,35 @@ def test_a_rank_killed_holding_tqdms_lock_does_not_hang_the_next_launch():
         minipar.launch(_killed_holding_the_bar_lock, 2, deadline=20)
     assert minipar.launch(_a_progress_bar, 2, deadline=20) == [3, 3]
     assert _a_progress_bar() == 3  # nor the launcher's own bars
+
+
+class _FlakyStore:
+    """dist.TCPStore whose parent-side (master) store fails the first `fail` times, and whose
+    rank-side clients take `delay` seconds to connect: a loaded machine, reproduced."""
+
+    def __init__(self, real, fail=0, delay=0.0):
+        self.real, self.fail, self.delay, self.masters = real, fail, delay, 0
+
+    def __call__(self, *args, is_master=False, **kwargs):
+        if is_master:
+            self.masters += 1
+            if self.masters <= self.fail:
+                raise RuntimeError("The client socket has timed out after 5000ms (simulated)")
+        else:
+            time.sleep(self.delay)
+        return self.real(*args, is_master=is_master, **kwargs)
+
+
+def test_a_rendezvous_store_that_fails_to_start_is_retried(monkeypatch):
+    flaky = _FlakyStore(runtime.dist.TCPStore, fail=1)
+    monkeypatch.setattr(runtime.dist, "TCPStore", flaky)
+    assert minipar.launch(runtime.rank, 2) == [0, 1]
+    assert flaky.masters == 2  # the first failed, the launch started over
+
+
+def test_a_slow_rendezvous_is_not_charged_to_the_deadline(monkeypatch):
+    # connecting takes 3 s here, the function itself a moment: a 2 s deadline is the function's
+    monkeypatch.setattr(runtime.dist, "TCPStore", _FlakyStore(runtime.dist.TCPStore, delay=3.0))
+    assert minipar.launch(runtime.rank, 2, deadline=2, timeout=2) == [0, 1]
+    with pytest.raises(runtime.DeadlineExceeded, match="did not finish within 2 s"):
+        minipar.launch(_spin, 2, deadline=2, timeout=2)  # and the function is still held to it

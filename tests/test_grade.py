@@ -13,6 +13,7 @@ import time
 import nbformat
 import pytest
 
+import minipar.grade as grader
 from minipar.grade import extract, load
 from minipar.grade.__main__ import main
 
@@ -210,3 +211,22 @@ def test_bad_command_lines_are_refused_one_line_each(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # argparse: SUBMISSION is required
         main(["--out", str(tmp_path / "g.csv")])
     assert e.value.code == 2
+
+
+def test_a_grading_process_that_fails_by_itself_is_run_again(tmp_path, monkeypatch):
+    # The grader's own failure (here: the first attempt for each student raises) is not the
+    # student's: they are graded again, and only a second failure reaches their grade.
+    real = grader.grade_student
+
+    def fails_once(files, *a):
+        marker = tmp_path / (os.path.basename(files[0]) + ".tried")
+        if not marker.exists():
+            marker.write_text("")
+            raise OSError("simulated: the machine ran out of ports")
+        return real(files, *a)
+
+    monkeypatch.setattr(grader, "grade_student", fails_once)
+    (tmp_path / "alice.py").write_text(MOE_RIGHT)
+    out = grader.grade({"alice": [str(tmp_path / "alice.py")]}, ["moe_topk_capacity"], 7, 1, 1.0, log=print)
+    assert out["alice"]["moe_topk_capacity"]["status"] == "passed", out
+    assert (tmp_path / "alice.py.tried").exists()

@@ -29,7 +29,7 @@ from multiprocessing.connection import wait
 
 import torch
 
-from ..exercises import EXERCISES, check
+from ..exercises import EXERCISES, check, load_all
 from .report import summary_line, write_csv, write_feedback
 from .submissions import SUFFIXES, Submission, extract, load
 
@@ -146,10 +146,12 @@ def grade(
 ) -> dict:
     """Grade `students` (name -> files), `jobs` at a time, each in a forked process. Returns
     name -> {exercise -> result}."""
+    load_all()
     torch.set_num_threads(1)  # forked children must not inherit an OpenMP pool
     _warm(students)
     ctx = get_context("fork")
     todo, running, results = list(students.items()), {}, {}
+    files_of, retried = dict(students), set()
     limit = _budget(exercises, deadline_scale)
     try:
         while todo or running:
@@ -168,6 +170,12 @@ def grade(
                 except EOFError:
                     status, data = "err", f"the grading process died (exit code {p.exitcode})"
                 p.join(5)
+                if status != "ok" and name not in retried:
+                    # the grader's own failure (a student's code cannot cause one: every case runs
+                    # in processes of its own), e.g. a machine out of ports: grade them again
+                    retried.add(name)
+                    todo.insert(0, (name, files_of[name]))
+                    continue
                 results[name] = (
                     data
                     if status == "ok"
