@@ -235,16 +235,7 @@ def validate(a) -> tuple[GPTConfig, ParallelConfig, RunConfig]:
     p.divides("heads", a.heads, "hidden", a.hidden, "each attention head is hidden/heads wide")
     if p:
         p.raise_if_any()
-    cfg = GPTConfig(
-        vocab=a.vocab,
-        seq=a.seq,
-        layers=a.layers,
-        heads=a.heads,
-        hidden=a.hidden,
-        experts=a.experts,
-        top_k=min(a.top_k, max(a.experts, 1)),
-        moe_groups=a.dp * a.ep * a.microbatches if a.experts else 1,
-    )
+    cfg = GPTConfig.from_flags(a, moe_groups=a.dp * a.ep * a.microbatches if a.experts else 1)
     pc = ParallelConfig(
         dp=a.dp,
         pp=a.pp,

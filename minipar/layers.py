@@ -100,6 +100,14 @@ class GPTConfig:
     def replace(self, **kw) -> "GPTConfig":
         return replace(self, **kw)
 
+    @classmethod
+    def from_flags(cls, a, **kw) -> "GPTConfig":
+        """The model of a command line's parsed flags (`--vocab --seq --layers --heads --hidden
+        --experts --top-k`, shared by `minipar.train` and `minipar.serve`). A dense model's top-k is
+        left at 1, whatever the flag says: it has nothing to choose from."""
+        shape = dict(vocab=a.vocab, seq=a.seq, layers=a.layers, heads=a.heads, hidden=a.hidden)
+        return cls(**shape, experts=a.experts, top_k=min(a.top_k, max(a.experts, 1)), **kw)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -12,7 +12,7 @@ ROOT = pathlib.Path(minipar.__file__).parent
 # modules of its own layer or of layers above it. Mirrors the table in DEVELOPING.md.
 LAYERS = [
     ["validation", "result"],  # leaves: no minipar imports
-    ["runtime"],  # starting ranks
+    ["watchdog", "runtime"],  # starting ranks, and watching them
     ["mesh"],  # named axes
     [
         "streams",

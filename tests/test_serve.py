@@ -32,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from minipar.mesh import Mesh
 from minipar.model import GPT, GPTConfig
 from minipar.plan import serving as S
+from minipar.runtime import DeadlineExceeded
 from minipar.serve import (
     BlockManager,
     Frontend,
@@ -337,3 +338,20 @@ def test_a_decode_steps_flops_counted_by_torch_equal_the_formula_exactly(batch, 
     ctx = sum(w.start + 1 for w in step.works)
     assert len(step.works) == batch and ctx == sum(prompt + i + 1 for i in range(batch))
     assert counter.get_total_flops() == 2 * m.matmul_params * batch + 4 * cfg.hidden * cfg.layers * ctx
+
+
+def _advance_then_spin(self, now, _real=Frontend.advance):
+    self.ticks = getattr(self, "ticks", 0) + 1
+    while self.ticks > 3:  # a scheduler bug: the fourth tick never ends, on every rank
+        pass
+    return _real(self, now)
+
+
+def test_a_tick_that_never_ends_stops_the_run_with_every_rank_s_line(monkeypatch):
+    """No communication is waiting, so only the progress clock can see it: serving beats once
+    per tick, and a tick longer than ServeConfig.timeout ends the run, naming the line."""
+    monkeypatch.setattr(Frontend, "advance", _advance_then_spin)
+    reqs = make_requests(4, DENSE.vocab, "2:4", "2:4", arrival_rate=0.0, seed=0)
+    with pytest.raises(DeadlineExceeded, match="made no progress for 3 s") as info:
+        serve(DENSE, reqs, ServeConfig(tp=2, timeout=3.0))
+    assert all("_advance_then_spin" in info.value.where[r] for r in (0, 1)), info.value.where

@@ -151,15 +151,7 @@ def configure(a) -> tuple[GPTConfig, ServeConfig, list]:
     lengths = (a.prompt_len[1], a.prompt_len[1] + a.max_new_tokens[1]) if ranges_ok else (None, None)
     check_serve(shape, sc, *lengths, p)
     p.raise_if_any("this serving run cannot start")
-    cfg = GPTConfig(
-        vocab=a.vocab,
-        seq=a.seq,
-        layers=a.layers,
-        heads=a.heads,
-        hidden=a.hidden,
-        experts=a.experts,
-        top_k=min(a.top_k, max(a.experts, 1)),
-    )
+    cfg = GPTConfig.from_flags(a)
     return cfg, sc, make_requests(a.requests, a.vocab, a.prompt_len, a.max_new_tokens, a.arrival_rate, a.seed)
 
 

@@ -65,7 +65,7 @@ class ServeConfig:
     num_blocks: int | None = None  # blocks per replica; None: max_batch longest requests per micro-batch
     policy: str = "continuous"  # or "static" (request-level batching, the baseline)
     seed: int = 0  # the weights' seed (the reference GPT(cfg, seed))
-    timeout: float = 120.0  # seconds any collective may wait
+    timeout: float = 120.0  # seconds any collective, or any one scheduler tick, may take
 
     @property
     def world_size(self) -> int:
@@ -206,6 +206,7 @@ class RankLoop:
         comm.barrier()
         self.t0 = runtime.wall()
         while not self.front.done:
+            runtime.heartbeat()  # a tick that never ends (a bug, a lost message) ends the run, with stacks
             self.history = [self.front.advance(_now(self.front, self.t0))] + self.history[: self.p]
             mine = self.history[self.s][self.me] if len(self.history) > self.s else None  # tick k - s
             act = self.exchange(mine)
@@ -331,7 +332,8 @@ def serve(
     )
     p.raise_if_any("this serving configuration cannot run")
     t = time.time()
-    out = launch(serve_rank, sc.world_size, cfg, sc, requests, progress, timeout=sc.timeout)
+    kw = dict(timeout=sc.timeout, progress_timeout=sc.timeout)
+    out = launch(serve_rank, sc.world_size, cfg, sc, requests, progress, **kw)
     records = sorted((r for o in out for r in o["records"]), key=lambda r: r.id)
     return ServeResult(
         records, out[0]["events"], sc, out[0]["cache_waits"], out[0]["free_blocks"], time.time() - t
