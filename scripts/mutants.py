@@ -42,6 +42,7 @@ class Mutant:
 
 
 T_ZERO = "tests/test_zero.py"
+T_FOUNDATION = "tests/test_foundation.py"
 T_TP = "tests/test_tp.py"
 T_CP = "tests/test_cp.py"
 T_MOE = "tests/test_moe.py"
@@ -319,6 +320,23 @@ MUTANTS = [
         "wire = S",
         "the trace's all-to-all wire bytes count the rows that stay on the rank",
         [f"{T_MOE}::test_all_to_all_bytes_handed_to_the_backend_are_the_rows_routing_sends"],
+    ),
+    # ---- the launcher
+    Mutant(
+        "runtime-deadline-counts-the-rendezvous",
+        "minipar/watchdog.py",
+        "    started = max(joined)",
+        "    pass",
+        "the deadline counts from the fork: a slow start is charged to the launched function",
+        [f"{T_FOUNDATION}::test_a_slow_rendezvous_is_not_charged_to_the_deadline"],
+    ),
+    Mutant(
+        "runtime-store-failure-not-retried",
+        "minipar/runtime.py",
+        "raise RendezvousFailed(-1, traceback.format_exc()) from None",
+        "raise",
+        "a rendezvous store that fails to start ends the launch instead of starting over",
+        [f"{T_FOUNDATION}::test_a_rendezvous_store_that_fails_to_start_is_retried"],
     ),
     # ---- pipelines
     Mutant(

@@ -393,9 +393,14 @@ def test_a_rendezvous_store_that_fails_to_start_is_retried(monkeypatch):
     assert flaky.masters == 2  # the first failed, the launch started over
 
 
+def _nap():
+    time.sleep(1.0)
+    return runtime.rank()
+
+
 def test_a_slow_rendezvous_is_not_charged_to_the_deadline(monkeypatch):
-    # connecting takes 3 s here, the function itself a moment: a 2 s deadline is the function's
+    # connecting takes 3 s here, the function itself 1 s: a 2 s deadline is the function's
     monkeypatch.setattr(runtime.dist, "TCPStore", _FlakyStore(runtime.dist.TCPStore, delay=3.0))
-    assert minipar.launch(runtime.rank, 2, deadline=2, timeout=2) == [0, 1]
+    assert minipar.launch(_nap, 2, deadline=2, timeout=2) == [0, 1]
     with pytest.raises(runtime.DeadlineExceeded, match="did not finish within 2 s"):
         minipar.launch(_spin, 2, deadline=2, timeout=2)  # and the function is still held to it
