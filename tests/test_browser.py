@@ -281,3 +281,4 @@ def test_widget_notebook_in_a_real_browser(lab, browser, name):
     assert page.locator(".jp-Notebook img").count() >= 1
     assert not [e for e in errors if "widget" in e.lower() or "render" in e.lower()], errors
     page.close()
+    _shut_down_kernels(lab)  # closing the page leaves its kernel running, busy beside the next test
