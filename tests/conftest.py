@@ -4,7 +4,11 @@ One intra-op thread in the test process too: the models here are tiny, the machi
 2 cores shared with forked ranks, and oversubscribed OpenMP threads make everything slower.
 """
 
+import importlib.util
+import os
+
 import matplotlib
+import pytest
 import torch
 
 matplotlib.use("Agg")
@@ -30,6 +34,7 @@ PARITY = {
 }
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by these markers
 def pytest_collection_modifyitems(items):
     for item in items:
         name = item.path.name
@@ -37,3 +42,32 @@ def pytest_collection_modifyitems(items):
             item.add_marker("notebook")
         elif name in PARITY:
             item.add_marker("parity")
+
+
+class _RunOnce:
+    """The browser test runs all of each widget notebook in JupyterLab and fails on any traceback,
+    which is what nbval checks. Where it will run (still selected after `-m`/`-k`, and chromium and
+    playwright are here, or CI requires them), nbval does not execute those notebooks a second
+    time: about a minute of the suite."""
+
+    @pytest.hookimpl(trylast=True)  # after `-m` and `-k` have deselected what they will
+    def pytest_collection_modifyitems(self, config, items):
+        browser = {
+            item.callspec.params["name"]
+            for item in items
+            if item.path.name == "test_browser.py" and hasattr(item, "callspec")
+            if (item.module.CHROMIUM and importlib.util.find_spec("playwright"))
+            or os.environ.get("MINIPAR_REQUIRE_BROWSER")
+        }
+        twice = [
+            i
+            for i in items
+            if i.path.suffix == ".ipynb" and i.path.parent.name == "notebooks" and i.path.stem in browser
+        ]
+        if twice:
+            config.hook.pytest_deselected(items=twice)
+            items[:] = [i for i in items if i not in twice]
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_RunOnce(), "minipar-run-once")

@@ -8,7 +8,7 @@ names a function listed in its exercise's `reveals`, and no line of the worked s
 
 Running them: a copy differs from its committed notebook only in its exercise cell and its
 dropped cells. A copy without dropped cells has exactly the code of its committed notebook, which
-runs end to end under nbval in this suite (checked here: the code is the same); the copies that
+runs end to end in this suite (nbval, or the browser test) (checked here: the code is the same); the copies that
 dropped cells run end to end here. Each checker must print NOT YET, and nothing may raise.
 """
 
@@ -158,7 +158,7 @@ def test_student_copies_run_and_say_not_yet(copies):
         if any(msc.NOTE in x.source for x in c.cells if x.cell_type == "markdown")
     }
     assert {"05_pipeline_parallel", "06_context_parallel", "07_moe_expert_parallel"} <= whole
-    for name in sorted(set(copies) - whole):  # the same code as the committed notebook, which nbval runs
+    for name in sorted(set(copies) - whole):  # the same code as the committed notebook, which the suite runs
         committed = nbformat.read(os.path.join(ROOT, "notebooks", name + ".ipynb"), as_version=4)
         assert [c.source for c in copies[name].cells if c.cell_type == "code"] == [
             c.source for c in committed.cells if c.cell_type == "code"

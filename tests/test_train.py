@@ -103,9 +103,9 @@ def assert_matches(r: Run, loss_tol: float = 2e-5):
     ids=["tp2-pp2-dp2-zero1-1f1b", "moe-ep2-tp2-dp2", "cp2-tp2-dp2"],
 )
 def test_8_rank_layouts_reproduce_the_single_device_gradients_and_loss_curve(flags):
-    r = run(flags)
+    r = run(flags, steps=10)  # the main job's 20-step curve is checked by the default-command test
     ref = ref_losses(r.cfg, r.rc)
-    assert len(r.losses) == 20 and ref[-1] < ref[0] - 0.3  # it trains
+    assert len(r.losses) == 10 and ref[-1] < ref[0] - 0.3  # it trains (the reference drops by 0.43)
     assert_matches(r, 1e-4)
 
 
