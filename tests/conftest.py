@@ -4,7 +4,6 @@ One intra-op thread in the test process too: the models here are tiny, the machi
 2 cores shared with forked ranks, and oversubscribed OpenMP threads make everything slower.
 """
 
-import importlib.util
 import os
 
 import matplotlib
@@ -56,8 +55,7 @@ class _RunOnce:
             item.callspec.params["name"]
             for item in items
             if item.path.name == "test_browser.py" and hasattr(item, "callspec")
-            if (item.module.CHROMIUM and importlib.util.find_spec("playwright"))
-            or os.environ.get("MINIPAR_REQUIRE_BROWSER")
+            if item.module.unavailable() is None or os.environ.get("MINIPAR_REQUIRE_BROWSER")
         }
         twice = [
             i

@@ -62,6 +62,16 @@ NOTEBOOKS = {
 }
 
 
+def unavailable() -> str | None:
+    """Why this test cannot run here (None: it can). tests/conftest.py asks too, to know whether
+    this test will execute the widget notebooks."""
+    if CHROMIUM is None:
+        return "Debian's chromium is not installed (apt-get install chromium)"
+    if importlib.util.find_spec("playwright") is None:
+        return "the playwright package is not installed (pip install -r requirements.txt)"
+    return None
+
+
 def _missing(reason: str):
     if os.environ.get("MINIPAR_REQUIRE_BROWSER"):
         pytest.fail(f"MINIPAR_REQUIRE_BROWSER is set but {reason}")
@@ -77,10 +87,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """JupyterLab serving copies of the widget notebooks, as a fresh clone: nothing trusted."""
-    if CHROMIUM is None:
-        _missing("Debian's chromium is not installed (apt-get install chromium)")
-    if importlib.util.find_spec("playwright") is None:
-        _missing("the playwright package is not installed (pip install -r requirements.txt)")
+    if why := unavailable():
+        _missing(why)
     root = tmp_path_factory.mktemp("lab")
     for name in NOTEBOOKS:
         shutil.copy(os.path.join(ROOT, "notebooks", name + ".ipynb"), root)

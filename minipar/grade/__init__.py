@@ -150,8 +150,7 @@ def grade(
     torch.set_num_threads(1)  # forked children must not inherit an OpenMP pool
     _warm(students)
     ctx = get_context("fork")
-    todo, running, results = list(students.items()), {}, {}
-    files_of, retried = dict(students), set()
+    todo, running, results, retried = list(students.items()), {}, {}, set()
     limit = _budget(exercises, deadline_scale)
     try:
         while todo or running:
@@ -174,7 +173,7 @@ def grade(
                     # the grader's own failure (a student's code cannot cause one: every case runs
                     # in processes of its own), e.g. a machine out of ports: grade them again
                     retried.add(name)
-                    todo.insert(0, (name, files_of[name]))
+                    todo.insert(0, (name, students[name]))
                     continue
                 results[name] = (
                     data

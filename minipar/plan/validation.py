@@ -265,7 +265,6 @@ def megatron_bridge_moe(assumptions=None) -> list[dict]:
     rows = []
     for name, gpu, n, B, b, t, p, v, ep, pub, rel in MEGATRON_BRIDGE_MOE:
         M = MOE_MODELS.get(name) or MODELS[name]
-        # estimate's positional arguments: layers hidden heads vocab seq B b n gpu
         shape = (M.layers, M.hidden, M.heads, M.vocab, M.seq, B, b, n, gpu)
         e = estimate(
             *shape,
@@ -288,7 +287,8 @@ _CACHE: dict = {}
 
 def estimate(*args, **kw):
     """`plan.estimate`, remembered: several tables share configurations (Korthikanti's Table 5 and its
-    MFU rows are the same runs)."""
+    MFU rows are the same runs). The tables below pass the model and batch as one `shape` tuple, in
+    estimate's positional order: layers, hidden, heads, vocab, seq, global batch, micro-batch, GPUs, GPU."""
     key = (args, tuple(sorted((k, repr(x)) for k, x in kw.items())))
     if key not in _CACHE:
         _CACHE[key] = _estimate(*args, **kw)
@@ -320,7 +320,7 @@ def megatron_table2(assumptions=None) -> list[dict]:
     for scheme, P, t, p, n, B, b, pub in MEGATRON_2021_TABLE2:
         l, h, a = _SHAPES[P]
         kw = dict(zero_stage=3, overlap_dp=True) if scheme == "ZeRO-3" else dict(zero_stage=0, v=_v(l // p))
-        shape = (l, h, a, 51200, 2048, B, b, n, "a100")  # layers hidden heads vocab seq B b n gpu
+        shape = (l, h, a, 51200, 2048, B, b, n, "a100")
         e = estimate(
             *shape,
             tp=t,
@@ -343,7 +343,7 @@ def korthikanti_table5(assumptions=None) -> list[dict]:
     for name, a, h, l, t, p, n, B, sel, full in KORTHIKANTI_2022_TABLE5:
         v = 1 if p == 1 else _v(l // p)
         for label, rc, sp, pub in (("selective+SP", "selective", True, sel), ("full", "full", False, full)):
-            shape = (l, h, a, 51200, 2048, B, 1, n, "a100")  # layers hidden heads vocab seq B b n gpu
+            shape = (l, h, a, 51200, 2048, B, 1, n, "a100")
             e = estimate(
                 *shape,
                 tp=t,
@@ -379,7 +379,6 @@ def llama3_table4(assumptions=None) -> list[dict]:
     the predicted MFU is converted to that count."""
     rows = []
     for n, t, c, p, d, s, tf, pub in LLAMA3_TABLE4:
-        # estimate's positional arguments: layers hidden heads vocab seq B b n gpu (16M-token batches)
         shape = (126, 16384, 128, 128256, s, 16 * 2**20 // s, 1, n, "h100")
         e = estimate(
             *shape,
@@ -409,7 +408,6 @@ def nemotron4_table2(assumptions=None) -> list[dict]:
     gradient/parameter overlap; v by the same rule as Megatron's tables (8 layers per stage: v = 2)."""
     M, rows = NEMOTRON4, []
     for n, d, B, t, _ in NEMOTRON4_TABLE2:
-        # estimate's positional arguments: layers hidden heads vocab seq B b n gpu
         shape = (M.layers, M.hidden, M.heads, M.vocab, M.seq, B, 1, n, "h100")
         e = estimate(
             *shape,
@@ -476,7 +474,7 @@ def megatron_table(assumptions=None) -> list[dict]:
     rows = []
     for P, a, h, l, t, p, n, B, pub in MEGATRON_2021_TABLE1:
         v = 1 if p == 1 else _v(l // p)
-        shape = (l, h, a, 51200, 2048, B, 1, n, "a100")  # layers hidden heads vocab seq B b n gpu
+        shape = (l, h, a, 51200, 2048, B, 1, n, "a100")
         e = estimate(
             *shape,
             tp=t,
@@ -513,7 +511,7 @@ def korthikanti_mfu_table(assumptions=None) -> list[dict]:
     rows = []
     for name, a, h, l, t, p, n, B, pub in KORTHIKANTI_2022_MFU:
         v = 1 if p == 1 else _v(l // p)
-        shape = (l, h, a, 51200, 2048, B, 1, n, "a100")  # layers hidden heads vocab seq B b n gpu
+        shape = (l, h, a, 51200, 2048, B, 1, n, "a100")
         e = estimate(
             *shape,
             tp=t,

@@ -332,8 +332,16 @@ def serve(
     )
     p.raise_if_any("this serving configuration cannot run")
     t = time.time()
-    kw = dict(timeout=sc.timeout, progress_timeout=sc.timeout)
-    out = launch(serve_rank, sc.world_size, cfg, sc, requests, progress, **kw)
+    out = launch(
+        serve_rank,
+        sc.world_size,
+        cfg,
+        sc,
+        requests,
+        progress,
+        timeout=sc.timeout,
+        progress_timeout=sc.timeout,
+    )
     records = sorted((r for o in out for r in o["records"]), key=lambda r: r.id)
     return ServeResult(
         records, out[0]["events"], sc, out[0]["cache_waits"], out[0]["free_blocks"], time.time() - t
